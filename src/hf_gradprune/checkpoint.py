@@ -1,0 +1,147 @@
+"""Checkpoint I/O: reload models whose layers were pruned to different sizes, strictly."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from huggingface_hub import snapshot_download
+from safetensors.torch import load_file
+from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers.initialization import no_init_weights
+
+from .record import PruningRecord, strip_record
+from .surgery import prune_heads
+
+HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download")
+LOAD_KWARGS = ("dtype",)
+
+
+def resolve_folder(path_or_repo_id: str | os.PathLike, **hub_kwargs: Any) -> Path:
+    """A local folder as is; otherwise a Hub repo id downloaded with ``huggingface_hub.snapshot_download``."""
+    path = Path(path_or_repo_id)
+    if path.is_dir():
+        return path
+    return Path(snapshot_download(str(path_or_repo_id), **hub_kwargs))
+
+
+def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of the safetensors weights in ``folder`` (single file or sharded)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(
+            f"No model.safetensors in {folder.name!r}: hf_gradprune reads safetensors checkpoints only "
+            "(save with `model.save_pretrained(path)`)."
+        )
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state.update(load_file(folder / shard))
+    return state
+
+
+def _model_class(
+    config: PretrainedConfig, model_class: type[PreTrainedModel] | None
+) -> type[PreTrainedModel]:
+    if model_class is not None:
+        return model_class
+    names = getattr(config, "architectures", None) or []
+    found = [getattr(transformers, name) for name in names if hasattr(transformers, name)]
+    if not found:
+        raise ValueError(
+            f"config.json names no transformers architecture (architectures={names}): "
+            "pass `model_class=`, e.g. `model_class=BertForSequenceClassification`."
+        )
+    return found[0]
+
+
+def load_strict(model: PreTrainedModel, state: dict[str, torch.Tensor], record: PruningRecord) -> None:
+    """Load ``state`` into ``model``: any missing, unexpected or mis-shaped key is an error."""
+    expected = model.state_dict()
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    missing = sorted(set(expected) - set(state) - tied)
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)}, expected {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = [
+        (f"missing keys {missing}" if missing else ""),
+        (f"unexpected keys {unexpected}" if unexpected else ""),
+        (
+            f"shapes that disagree with the pruning record {record.to_dict()}: {mismatched}"
+            if mismatched
+            else ""
+        ),
+    ]
+    problems = [p for p in problems if p]
+    if problems:
+        raise ValueError(
+            "The checkpoint does not match its pruning record; nothing is re-initialised silently: "
+            + "; ".join(problems)
+            + "."
+        )
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+
+
+def load_pruned(
+    path_or_repo_id: str | os.PathLike,
+    model_class: type[PreTrainedModel] | None = None,
+    **from_pretrained_kwargs: Any,
+) -> PreTrainedModel:
+    """Load a checkpoint saved after :func:`hf_gradprune.prune_heads`, from a folder or a Hub repo id.
+
+    The model is built from ``config.json``, the recorded pruning is replayed, and the safetensors
+    weights are loaded strictly. A checkpoint without a pruning record goes through plain
+    ``model_class.from_pretrained``.
+
+    Args:
+        path_or_repo_id (`str` or `os.PathLike`): a local folder or a Hub repository id.
+        model_class (`type[PreTrainedModel]`, *optional*): defaults to ``config.architectures[0]``.
+        from_pretrained_kwargs: ``revision``, ``token``, ``cache_dir``, ``local_files_only``,
+            ``force_download`` (for the download) and ``dtype``.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> import tempfile
+        >>> from hf_gradprune import prune_heads
+        >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        ...                              intermediate_size=37, vocab_size=99))
+        >>> _ = prune_heads(model, {1: [0, 2]})
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     model.save_pretrained(folder)
+        ...     again = load_pruned(folder)
+        >>> again.encoder.layer[1].attention.self.key.out_features
+        16
+    """
+    allowed = HUB_KWARGS + LOAD_KWARGS
+    unknown = sorted(set(from_pretrained_kwargs) - set(allowed))
+    if unknown:
+        raise TypeError(
+            f"load_pruned() got unsupported keyword arguments {unknown}; allowed: {', '.join(allowed)}."
+        )
+    hub_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in HUB_KWARGS}
+    folder = resolve_folder(path_or_repo_id, **hub_kwargs)
+    config = AutoConfig.from_pretrained(folder)
+    cls = _model_class(config, model_class)
+    record = PruningRecord.from_config(config)
+    dtype = from_pretrained_kwargs.get("dtype")
+    if not record.pruned_heads:
+        return cls.from_pretrained(folder, **({"dtype": dtype} if dtype else {}))
+    with no_init_weights():
+        model = cls._from_config(strip_record(config), dtype=dtype or getattr(config, "dtype", None))
+    prune_heads(model, record.pruned_heads)
+    record.save_to_config(model.config)
+    load_strict(model, read_state_dict(folder), record)
+    if model.can_generate() and (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model.eval()
