@@ -2,13 +2,13 @@
 
 __version__ = "0.1.0"
 
-from .adapters import ArchitectureAdapter, get_adapter, register_adapter, supported_model_types  # noqa: E402
-from .checkpoint import load_pruned  # noqa: E402
-from .gates import HeadGates, add_head_gates  # noqa: E402
-from .importance import compute_head_importance  # noqa: E402
-from .record import PruningRecord  # noqa: E402
-from .selection import select_heads_to_prune  # noqa: E402
-from .surgery import prune_heads  # noqa: E402
+from .adapters import ArchitectureAdapter, get_adapter, register_adapter, supported_model_types
+from .checkpoint import load_pruned
+from .gates import HeadGates, add_head_gates
+from .importance import compute_head_importance
+from .record import PruningRecord
+from .selection import select_heads_to_prune
+from .surgery import prune_heads
 
 __all__ = [
     "ArchitectureAdapter",

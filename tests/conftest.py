@@ -1,0 +1,74 @@
+"""Shared fixtures: every registered family, the real shipped models and corpus."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from hf_gradprune import supported_model_types
+from hf_gradprune.testing import load_rotten_tomatoes, minilm_path, smollm2_gguf
+
+from .helpers import TINY_MODELS, load_minilm
+
+
+@pytest.fixture(params=supported_model_types())
+def model_type(request: pytest.FixtureRequest) -> str:
+    """Every registered model type (a family without a tiny builder fails here)."""
+    assert request.param in TINY_MODELS, f"add a tiny config for {request.param!r} to tests/conftest.py"
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    return minilm_path()
+
+
+@pytest.fixture(scope="session")
+def rotten_tomatoes():
+    return load_rotten_tomatoes()
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer(minilm_dir: Path):
+    return transformers.AutoTokenizer.from_pretrained(minilm_dir)
+
+
+@pytest.fixture
+def minilm() -> transformers.BertForSequenceClassification:
+    return load_minilm()
+
+
+@pytest.fixture
+def review_batches(rotten_tomatoes, minilm_tokenizer) -> Callable[[int, int], list[dict]]:
+    """``make(num_batches, batch_size)``: real tokenized rotten_tomatoes batches with labels."""
+
+    def make(num_batches: int = 3, batch_size: int = 8) -> list[dict]:
+        rows = rotten_tomatoes["train"].select(range(num_batches * batch_size))
+        batches = []
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            encoded = minilm_tokenizer(
+                chunk["text"], padding=True, truncation=True, max_length=64, return_tensors="pt"
+            )
+            batches.append({**encoded, "labels": torch.tensor(chunk["label"])})
+        return batches
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M (GGUF, dequantised to float32), loaded once per session."""
+    pytest.importorskip("gguf")
+    folder, gguf_file = smollm2_gguf()
+    # dequantize=True gives a plain dense model (a model still tied to its GGUF quantizer cannot be saved).
+    dequantized = transformers.GgufConfig(dequantize=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=gguf_file, quantization_config=dequantized
+    ).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    return model, tokenizer

@@ -1,0 +1,124 @@
+"""Plain helpers for the tests: tiny models of every family, batches, fresh processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from transformers import PreTrainedModel
+
+from hf_gradprune.testing import minilm_path
+
+VOCAB = 99
+# A wide initializer makes heads matter visibly in logits (0.02 leaves them near zero).
+INIT = {"initializer_range": 0.3}
+TINY = {**INIT, "vocab_size": VOCAB, "num_hidden_layers": 3, "intermediate_size": 37}
+ENCODER = {**TINY, "hidden_size": 32, "num_attention_heads": 4}
+DECODER = {**ENCODER, "num_key_value_heads": 2, "pad_token_id": 0}
+
+# model_type -> (model class, config class, config kwargs). Every registered family must appear here.
+TINY_MODELS: dict[str, tuple[str, str, dict]] = {
+    "bert": ("BertForSequenceClassification", "BertConfig", ENCODER),
+    "roberta": (
+        "RobertaForSequenceClassification",
+        "RobertaConfig",
+        {**ENCODER, "max_position_embeddings": 40},
+    ),
+    "distilbert": (
+        "DistilBertForSequenceClassification",
+        "DistilBertConfig",
+        {**INIT, "vocab_size": VOCAB, "dim": 32, "n_layers": 3, "n_heads": 4, "hidden_dim": 37},
+    ),
+    "gpt2": (
+        "GPT2LMHeadModel",
+        "GPT2Config",
+        {
+            **INIT,
+            "vocab_size": VOCAB,
+            "n_embd": 32,
+            "n_layer": 3,
+            "n_head": 4,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
+    ),
+    "llama": ("LlamaForCausalLM", "LlamaConfig", DECODER),
+    "mistral": ("MistralForCausalLM", "MistralConfig", DECODER),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", DECODER),
+}
+
+
+def build_tiny(model_type: str, seed: int = 0) -> PreTrainedModel:
+    """A tiny random model of ``model_type`` in eval mode."""
+    model_name, config_name, kwargs = TINY_MODELS[model_type]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_name)(**kwargs)
+    return getattr(transformers, model_name)(config).eval()
+
+
+def is_causal_lm(model: PreTrainedModel) -> bool:
+    return "CausalLM" in type(model).__name__ or "LMHead" in type(model).__name__
+
+
+def tiny_batch(model: PreTrainedModel, batch_size: int = 2, length: int = 7, seed: int = 0) -> dict:
+    """Random token ids with labels suited to the model's head."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, (batch_size, length), generator=generator)
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if is_causal_lm(model):
+        batch["labels"] = input_ids.clone()
+    else:
+        batch["labels"] = torch.randint(0, 2, (batch_size,), generator=generator)
+    return batch
+
+
+def logits(model: PreTrainedModel, batch: dict) -> torch.Tensor:
+    """Logits of ``model`` on ``batch`` without labels, no grad."""
+    with torch.no_grad():
+        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+
+def load_minilm(seed: int = 0) -> transformers.BertForSequenceClassification:
+    """The real MiniLM encoder with a (seeded) 2-label classification head, eval mode."""
+    torch.manual_seed(seed)
+    return transformers.BertForSequenceClassification.from_pretrained(minilm_path(), num_labels=2).eval()
+
+
+def run_fresh(script: str, *args: str, env: dict[str, str] | None = None, timeout: int = 600) -> str:
+    """Run ``script`` in a fresh Python process (``sys.executable``) and return its stdout; fail on error."""
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+    if result.returncode != 0:
+        pytest.fail(f"fresh process failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result.stdout
+
+
+RELOAD_LOGITS = """
+import sys, torch
+from hf_gradprune import load_pruned
+model = load_pruned(sys.argv[1])
+batch = torch.load(sys.argv[2])
+with torch.no_grad():
+    out = model(**batch).logits
+torch.save(out, sys.argv[3])
+"""
+
+
+def fresh_reload_logits(
+    folder: str | Path, batch: dict, tmp_path: Path, env: dict | None = None
+) -> torch.Tensor:
+    """Logits of ``load_pruned(folder)`` computed in a fresh process on ``batch`` (labels dropped)."""
+    torch.save({k: v for k, v in batch.items() if k != "labels"}, tmp_path / "batch.pt")
+    run_fresh(RELOAD_LOGITS, str(folder), str(tmp_path / "batch.pt"), str(tmp_path / "logits.pt"), env=env)
+    return torch.load(tmp_path / "logits.pt")

@@ -1,0 +1,94 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import BertForSequenceClassification
+
+from hf_gradprune import load_pruned, prune_heads
+
+from .helpers import build_tiny, fresh_reload_logits, logits, tiny_batch
+from .test_surgery import removable
+
+
+def pruned_checkpoint(model_type: str, folder) -> tuple:
+    model = build_tiny(model_type)
+    prune_heads(model, removable(model_type)[0])
+    model.save_pretrained(folder)
+    return model, tiny_batch(model)
+
+
+def test_load_pruned_fresh_process_gives_identical_logits(model_type, tmp_path):
+    model, batch = pruned_checkpoint(model_type, tmp_path / "ckpt")
+    reloaded = fresh_reload_logits(tmp_path / "ckpt", batch, tmp_path)
+    torch.testing.assert_close(reloaded, logits(model, batch), atol=0, rtol=0)
+
+
+def test_load_pruned_restores_every_tensor(model_type, tmp_path):
+    model, _ = pruned_checkpoint(model_type, tmp_path / "ckpt")
+    again = load_pruned(tmp_path / "ckpt")
+    expected, got = model.state_dict(), again.state_dict()
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert again.config.to_dict()["hf_gradprune"] == model.config.to_dict()["hf_gradprune"]
+
+
+def test_load_pruned_keeps_bf16(tmp_path):
+    model = build_tiny("llama").to(torch.bfloat16)
+    prune_heads(model, {1: [0, 1]})
+    model.save_pretrained(tmp_path)
+    assert {p.dtype for p in load_pruned(tmp_path).parameters()} == {torch.bfloat16}
+
+
+def test_load_pruned_unpruned_checkpoint_loads_plainly(tmp_path):
+    model = build_tiny("bert")
+    model.save_pretrained(tmp_path)
+    batch = tiny_batch(model)
+    torch.testing.assert_close(logits(load_pruned(tmp_path), batch), logits(model, batch), atol=0, rtol=0)
+
+
+def test_plain_from_pretrained_refuses_pruned_checkpoint(tmp_path):
+    pruned_checkpoint("bert", tmp_path)
+    with pytest.raises(RuntimeError, match=r"size mismatch|mismatched"):
+        BertForSequenceClassification.from_pretrained(tmp_path)
+
+
+def test_load_pruned_record_disagreeing_with_weights_is_an_error(tmp_path):
+    pruned_checkpoint("bert", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["hf_gradprune"]["pruned_heads"]["2"] = [0]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"does not match its pruning record.*encoder\.layer\.2\.attention"):
+        load_pruned(tmp_path)
+
+
+def test_load_pruned_missing_key_is_an_error(tmp_path):
+    pruned_checkpoint("bert", tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["bert.encoder.layer.0.attention.self.query.bias"]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        ValueError, match=r"missing keys \['bert\.encoder\.layer\.0\.attention\.self\.query\.bias'\]"
+    ):
+        load_pruned(tmp_path)
+
+
+def test_load_pruned_unexpected_key_is_an_error(tmp_path):
+    pruned_checkpoint("bert", tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["extra.weight"] = torch.zeros(2)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"unexpected keys \['extra\.weight'\]"):
+        load_pruned(tmp_path)
+
+
+def test_load_pruned_without_safetensors_is_an_error(tmp_path):
+    pruned_checkpoint("bert", tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"No model\.safetensors"):
+        load_pruned(tmp_path)
+
+
+def test_load_pruned_unknown_keyword_is_a_type_error(tmp_path):
+    with pytest.raises(TypeError, match=r"unsupported keyword arguments \['ignore_mismatched_sizes'\]"):
+        load_pruned(tmp_path, ignore_mismatched_sizes=True)

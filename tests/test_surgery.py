@@ -1,0 +1,115 @@
+import pytest
+import torch
+
+from hf_gradprune import PruningRecord, get_adapter, prune_heads
+
+from .helpers import build_tiny, logits, tiny_batch
+
+
+def removable(model_type: str) -> tuple[dict, dict]:
+    """Two successive cuts for the tiny model (whole kv groups of 2 under GQA)."""
+    config = build_tiny(model_type).config
+    adapter = get_adapter(config)
+    if adapter.num_key_value_heads(config) < adapter.num_heads(config):
+        return {0: [0, 1], 1: [2, 3]}, {2: [0, 1]}
+    return {0: [1], 1: [3]}, {0: [2], 2: [0, 1, 2]}
+
+
+def test_prune_heads_twice_composes(model_type):
+    first, second = removable(model_type)
+    once, twice = build_tiny(model_type), build_tiny(model_type)
+    union = {
+        layer: sorted(set(first.get(layer, [])) | set(second.get(layer, []))) for layer in {*first, *second}
+    }
+    prune_heads(once, union)
+    prune_heads(twice, first)
+    prune_heads(twice, second)
+    batch = tiny_batch(once)
+    torch.testing.assert_close(logits(twice, batch), logits(once, batch), atol=1e-5, rtol=0)
+    assert PruningRecord.from_config(twice.config).pruned_heads == union
+
+
+def test_prune_heads_updates_shapes_and_head_counts(model_type):
+    model = build_tiny(model_type)
+    adapter = get_adapter(model)
+    first, _ = removable(model_type)
+    prune_heads(model, first)
+    head_dim, group = adapter.head_dim(model.config), 4 // adapter.num_key_value_heads(model.config)
+    for layer in range(3):
+        kept = 4 - len(first.get(layer, []))
+        parts = adapter.attention_parts(model, layer)
+        out_features = parts.output.weight.shape[0 if parts.qkv is not None else 1]
+        assert out_features == kept * head_dim
+        if parts.qkv is None:
+            assert parts.key.out_features == kept // group * head_dim
+        for attr in adapter.num_heads_attrs:
+            assert getattr(parts.attention, attr) == kept
+        for attr in adapter.width_attrs:
+            assert getattr(parts.attention, attr) == kept * head_dim
+
+
+def test_prune_heads_gqa_keeps_head_dim_and_group_ratio():
+    model = build_tiny("qwen2")  # q/k/v biases too
+    prune_heads(model, {0: [0, 1]})
+    attention = model.model.layers[0].self_attn
+    assert attention.head_dim == 8 and attention.num_key_value_groups == 2
+    assert (attention.q_proj.out_features, attention.k_proj.out_features, attention.q_proj.bias.shape[0]) == (
+        16,
+        8,
+        16,
+    )
+
+
+def test_prune_heads_keeps_dtype_device_and_requires_grad():
+    model = build_tiny("bert").to(torch.bfloat16)
+    model.bert.encoder.layer[0].attention.self.value.weight.requires_grad_(False)
+    prune_heads(model, {0: [1]})
+    attention = model.bert.encoder.layer[0].attention
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert not attention.self.value.weight.requires_grad and attention.self.query.weight.requires_grad
+
+
+def test_prune_heads_generate_still_runs_on_gqa_decoder():
+    model = build_tiny("llama")
+    prune_heads(model, {0: [0, 1], 2: [2, 3]})
+    out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 7)
+
+
+@pytest.mark.parametrize(
+    ("heads", "match"),
+    [
+        ({0: [4]}, r"`heads_to_prune\[0\]` head must be an int in \[0, 3\].*got 4"),
+        ({0: [-1]}, r"`heads_to_prune\[0\]` head must be an int in \[0, 3\].*got -1"),
+        ({3: [0]}, r"`heads_to_prune` layer must be an int in \[0, 2\], got 3"),
+        ({1: [0, 1, 2, 3]}, r"would remove every head of layer 1"),
+    ],
+)
+def test_prune_heads_bad_input_is_a_clear_error_and_changes_nothing(heads, match):
+    model = build_tiny("bert")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        prune_heads(model, {2: [0], **heads})
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert PruningRecord.from_config(model.config).pruned_heads == {}
+
+
+def test_prune_heads_every_head_over_two_calls_is_an_error():
+    model = build_tiny("bert")
+    prune_heads(model, {1: [0, 1, 2]})
+    with pytest.raises(ValueError, match=r"would remove every head of layer 1 \(1 left\)"):
+        prune_heads(model, {1: [3]})
+
+
+def test_prune_heads_gqa_partial_group_is_an_error():
+    with pytest.raises(ValueError, match=r"whole key/value groups of 2 query heads.*groups \[0\]"):
+        prune_heads(build_tiny("mistral"), {0: [1]})
+
+
+def test_prune_heads_already_removed_warns_and_is_ignored():
+    model = build_tiny("bert")
+    prune_heads(model, {0: [1]})
+    with pytest.warns(UserWarning, match=r"already removed are ignored: \[\(0, 1\)\]"):
+        prune_heads(model, {0: [1, 2]})
+    assert PruningRecord.from_config(model.config).pruned_heads == {0: [1, 2]}
