@@ -113,3 +113,23 @@ def test_prune_heads_already_removed_warns_and_is_ignored():
     with pytest.warns(UserWarning, match=r"already removed are ignored: \[\(0, 1\)\]"):
         prune_heads(model, {0: [1, 2]})
     assert PruningRecord.from_config(model.config).pruned_heads == {0: [1, 2]}
+
+
+def test_prune_heads_remaps_optimizer_state_of_kept_rows():
+    model = build_tiny("bert").train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for seed in range(2):
+        model(**tiny_batch(model, seed=seed)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    query = model.bert.encoder.layer[0].attention.self.query
+    old_state = {k: v.clone() for k, v in optimizer.state[query.weight].items()}
+    prune_heads(model, {0: [1]}, optimizer=optimizer)
+    kept_rows = [*range(0, 8), *range(16, 32)]
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
+    assert len(optimizer.state) == len(list(model.parameters()))
+    new_state = optimizer.state[query.weight]
+    torch.testing.assert_close(new_state["exp_avg"], old_state["exp_avg"][kept_rows], atol=0, rtol=0)
+    torch.testing.assert_close(new_state["step"], old_state["step"])
+    model(**tiny_batch(model, seed=3)).loss.backward()
+    optimizer.step()

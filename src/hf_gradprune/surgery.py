@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -25,28 +26,62 @@ def _weight_dims(module: nn.Module) -> tuple[int, int]:
     )
 
 
-def cut_linear(module: nn.Module, keep: torch.Tensor, side: str) -> None:
+class Replacement(NamedTuple):
+    """A parameter swapped by surgery: ``new == old.index_select(dim, keep)``."""
+
+    old: nn.Parameter
+    new: nn.Parameter
+    dim: int
+    keep: torch.Tensor
+
+
+def _replace(module: nn.Module, name: str, dim: int, keep: torch.Tensor) -> Replacement:
+    old = getattr(module, name)
+    new = nn.Parameter(old.detach().index_select(dim, keep).clone(), requires_grad=old.requires_grad)
+    setattr(module, name, new)
+    return Replacement(old, new, dim, keep)
+
+
+def cut_linear(module: nn.Module, keep: torch.Tensor, side: str) -> list[Replacement]:
     """Keep only the ``keep`` outputs (``side="out"``) or inputs (``side="in"``) of a linear layer, in place.
 
     The module object, its hooks, dtype, device and ``requires_grad`` stay; its parameters are new tensors.
+
+    Returns:
+        `list[Replacement]`: the swapped parameters, for :func:`remap_optimizer`.
     """
     out_dim, in_dim = _weight_dims(module)
-    dim = out_dim if side == "out" else in_dim
-    weight = module.weight
-    keep = keep.to(weight.device)
-    module.weight = nn.Parameter(
-        weight.detach().index_select(dim, keep).clone(), requires_grad=weight.requires_grad
-    )
+    keep = keep.to(module.weight.device)
+    replaced = [_replace(module, "weight", out_dim if side == "out" else in_dim, keep)]
     if side == "out" and module.bias is not None:
-        bias = module.bias
-        module.bias = nn.Parameter(
-            bias.detach().index_select(0, keep).clone(), requires_grad=bias.requires_grad
-        )
+        replaced.append(_replace(module, "bias", 0, keep))
     if isinstance(module, Conv1D):
         module.nf = module.weight.shape[1]
         module.nx = module.weight.shape[0]
     else:
         module.out_features, module.in_features = module.weight.shape
+    return replaced
+
+
+def remap_optimizer(optimizer: torch.optim.Optimizer, replacements: Sequence[Replacement]) -> None:
+    """Point ``optimizer`` at the new parameters; state of kept rows is kept, state of removed rows dropped.
+
+    Works in place on the optimizer (and on an accelerate ``AcceleratedOptimizer`` wrapping one), so a
+    learning-rate scheduler holding it stays valid.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)
+    swap = {id(r.old): r for r in replacements}
+    for group in inner.param_groups:
+        group["params"] = [swap[id(p)].new if id(p) in swap else p for p in group["params"]]
+    for r in replacements:
+        state = inner.state.pop(r.old, None)
+        if state is not None:
+            inner.state[r.new] = {
+                k: v.index_select(r.dim, r.keep.to(v.device))
+                if torch.is_tensor(v) and v.shape == r.old.shape
+                else v
+                for k, v in state.items()
+            }
 
 
 def _rows(positions: Sequence[int], head_dim: int) -> torch.Tensor:
@@ -100,7 +135,11 @@ def _validate(
     return new
 
 
-def prune_heads(model: PreTrainedModel, heads_to_prune: Mapping[int, Sequence[int]]) -> PruningRecord:
+def prune_heads(
+    model: PreTrainedModel,
+    heads_to_prune: Mapping[int, Sequence[int]],
+    optimizer: torch.optim.Optimizer | None = None,
+) -> PruningRecord:
     """Remove attention heads structurally; indices are those of the original model, so calls compose.
 
     q/k/v lose the rows of removed heads, the output projection their columns. Under grouped-query
@@ -111,6 +150,8 @@ def prune_heads(model: PreTrainedModel, heads_to_prune: Mapping[int, Sequence[in
     Args:
         model (`PreTrainedModel`): a model of a registered family.
         heads_to_prune (`Mapping[int, Sequence[int]]`): layer index to original query-head indices.
+        optimizer (`torch.optim.Optimizer`, *optional*): an optimizer over ``model``'s parameters, remapped
+            in place to the new parameters (see :func:`remap_optimizer`).
 
     Returns:
         `PruningRecord`: the model's updated record.
@@ -130,6 +171,7 @@ def prune_heads(model: PreTrainedModel, heads_to_prune: Mapping[int, Sequence[in
     group, head_dim = num_heads // num_kv, adapter.head_dim(config)
     record = PruningRecord.from_config(config)
     new = _validate(heads_to_prune, record, len(adapter.blocks(model)), num_heads, group)
+    replaced: list[Replacement] = []
     for layer, fresh in new.items():
         before = record.kept_heads(layer, num_heads)
         after = [h for h in before if h not in fresh]
@@ -139,13 +181,17 @@ def prune_heads(model: PreTrainedModel, heads_to_prune: Mapping[int, Sequence[in
         parts = adapter.attention_parts(model, layer)
         if parts.qkv is not None:
             width = len(before) * head_dim
-            cut_linear(parts.qkv, torch.cat([q_rows, kv_rows + width, kv_rows + 2 * width]), "out")
+            replaced += cut_linear(
+                parts.qkv, torch.cat([q_rows, kv_rows + width, kv_rows + 2 * width]), "out"
+            )
         else:
-            cut_linear(parts.query, q_rows, "out")
-            cut_linear(parts.key, kv_rows, "out")
-            cut_linear(parts.value, kv_rows, "out")
-        cut_linear(parts.output, q_rows, "in")
+            replaced += cut_linear(parts.query, q_rows, "out")
+            replaced += cut_linear(parts.key, kv_rows, "out")
+            replaced += cut_linear(parts.value, kv_rows, "out")
+        replaced += cut_linear(parts.output, q_rows, "in")
         adapter.set_head_count(parts.attention, len(after), head_dim)
         record.pruned_heads[layer] = sorted(set(record.pruned_heads.get(layer, [])) | set(fresh))
     record.save_to_config(config)
+    if optimizer is not None:
+        remap_optimizer(optimizer, replaced)
     return record

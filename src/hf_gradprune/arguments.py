@@ -1,0 +1,210 @@
+"""``PruningArguments``: the pruning flags, one dataclass that ``HfArgumentParser`` turns into a CLI."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+HEAD_NORMALIZE_CHOICES = ("layer_sum", "l2", "none")
+HEAD_ACCUMULATE_CHOICES = ("abs_of_sum", "sum_of_abs")
+WEIGHT_IMPORTANCE_CHOICES = ("magnitude", "gradient", "taylor", "fisher", "combined", "wanda")
+SPARSITY_SCOPE_CHOICES = ("per_tensor", "per_layer", "global")
+SPARSITY_SCHEDULE_CHOICES = ("one_shot", "linear", "cubic")
+PATTERN_FORM = re.compile(r"^(unstructured|(\d+):(\d+))$")
+
+
+@dataclass
+class PruningArguments:
+    """What to prune, by which importance, and when.
+
+    Example:
+        >>> from transformers import HfArgumentParser
+        >>> (args,) = HfArgumentParser(PruningArguments).parse_args_into_dataclasses(
+        ...     ["--prune_heads_per_layer", "1", "--weight_sparsity", "0.5", "--prune_steps", "0,500"])
+        >>> args.prune_heads_per_layer, args.weight_sparsity, args.prune_step_list
+        (1, 0.5, [0, 500])
+    """
+
+    # --- heads ---
+    prune_heads_per_layer: int | None = field(
+        default=None,
+        metadata={"help": "Heads to remove from every layer (key/value groups for grouped-query models)."},
+    )
+    prune_heads_fraction: float | None = field(
+        default=None,
+        metadata={"help": "Fraction in [0, 1) of all heads to remove, ranked across layers."},
+    )
+    prune_min_heads_per_layer: int = field(
+        default=1, metadata={"help": "Heads (key/value groups) every layer keeps."}
+    )
+    head_importance_normalize: str = field(
+        default="layer_sum",
+        metadata={"help": "Per-layer normalisation of head importance.", "choices": HEAD_NORMALIZE_CHOICES},
+    )
+    head_importance_accumulate: str = field(
+        default="abs_of_sum",
+        metadata={
+            "help": "Absolute value of the summed gradient, or sum of absolute values per batch.",
+            "choices": HEAD_ACCUMULATE_CHOICES,
+        },
+    )
+    # --- weights ---
+    weight_sparsity: float = field(
+        default=0.0, metadata={"help": "Target fraction in [0, 1) of zero weights in the targeted matrices."}
+    )
+    weight_importance: str = field(
+        default="taylor",
+        metadata={
+            "help": "|w| (magnitude), |g| (gradient), |w*g| (taylor), g^2 (fisher), combined "
+            "(normalised |w| + |g|) or wanda (|w| * ||x||).",
+            "choices": WEIGHT_IMPORTANCE_CHOICES,
+        },
+    )
+    sparsity_scope: str = field(
+        default="per_tensor",
+        metadata={"help": "Where the threshold is set.", "choices": SPARSITY_SCOPE_CHOICES},
+    )
+    sparsity_pattern: str = field(
+        default="unstructured",
+        metadata={"help": "`unstructured` or N:M, e.g. `2:4` (keep N of every M inputs)."},
+    )
+    prune_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Regular expressions of module names to prune weights in (default: the linear "
+            "layers of attention and FFN; never embeddings, norms or the classifier)."
+        },
+    )
+    # --- when ---
+    prune_steps: str = field(
+        default="0",
+        metadata={
+            "help": "Comma-separated optimizer steps at which to prune (0 = before the first step). "
+            "Heads are spread over these steps; one_shot weight sparsity is reached at the first."
+        },
+    )
+    sparsity_schedule: str = field(
+        default="one_shot",
+        metadata={
+            "help": "one_shot at --prune_steps, or a linear/cubic ramp of the weight sparsity.",
+            "choices": SPARSITY_SCHEDULE_CHOICES,
+        },
+    )
+    sparsity_schedule_start: int = field(default=0, metadata={"help": "First step of a linear/cubic ramp."})
+    sparsity_schedule_end: int | None = field(
+        default=None, metadata={"help": "Step at which a linear/cubic ramp reaches --weight_sparsity."}
+    )
+    sparsity_schedule_frequency: int = field(
+        default=100, metadata={"help": "Steps between two updates of a linear/cubic ramp."}
+    )
+    importance_batches: int = field(default=8, metadata={"help": "Training batches per importance pass."})
+
+    def __post_init__(self) -> None:
+        self.prune_steps = ",".join(str(s) for s in self._parse_steps(self.prune_steps))
+        self._validate_args()
+
+    @staticmethod
+    def _parse_steps(value: str | int | list[int]) -> list[int]:
+        items = value if isinstance(value, list) else str(value).split(",")
+        try:
+            steps = sorted({int(str(s).strip()) for s in items if str(s).strip()})
+        except ValueError:
+            raise ValueError(
+                f"`--prune_steps` must be comma-separated non-negative integers such as 0,500, got {value!r}."
+            ) from None
+        if not steps or steps[0] < 0:
+            raise ValueError(f"`--prune_steps` needs at least one step, all >= 0, got {value!r}.")
+        return steps
+
+    def _validate_args(self) -> None:
+        choices = {
+            "head_importance_normalize": HEAD_NORMALIZE_CHOICES,
+            "head_importance_accumulate": HEAD_ACCUMULATE_CHOICES,
+            "weight_importance": WEIGHT_IMPORTANCE_CHOICES,
+            "sparsity_scope": SPARSITY_SCOPE_CHOICES,
+            "sparsity_schedule": SPARSITY_SCHEDULE_CHOICES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"`--{name}` must be one of {', '.join(allowed)}, got {getattr(self, name)!r}."
+                )
+        if self.prune_heads_per_layer is not None and self.prune_heads_fraction is not None:
+            raise ValueError(
+                "Give at most one of `--prune_heads_per_layer` and `--prune_heads_fraction`, got "
+                f"{self.prune_heads_per_layer} and {self.prune_heads_fraction}."
+            )
+        if self.prune_heads_per_layer is not None and self.prune_heads_per_layer < 0:
+            raise ValueError(f"`--prune_heads_per_layer` must be >= 0, got {self.prune_heads_per_layer}.")
+        if self.prune_heads_fraction is not None and not 0.0 <= self.prune_heads_fraction < 1.0:
+            raise ValueError(f"`--prune_heads_fraction` must be in [0, 1), got {self.prune_heads_fraction}.")
+        if self.prune_min_heads_per_layer < 1:
+            raise ValueError(
+                f"`--prune_min_heads_per_layer` must be >= 1, got {self.prune_min_heads_per_layer}."
+            )
+        if not 0.0 <= self.weight_sparsity < 1.0:
+            raise ValueError(f"`--weight_sparsity` must be in [0, 1), got {self.weight_sparsity}.")
+        self._validate_pattern()
+        if self.importance_batches < 1:
+            raise ValueError(f"`--importance_batches` must be >= 1, got {self.importance_batches}.")
+        if self.sparsity_schedule != "one_shot":
+            end = self.sparsity_schedule_end
+            if end is None or end <= self.sparsity_schedule_start or self.sparsity_schedule_start < 0:
+                raise ValueError(
+                    f"`--sparsity_schedule {self.sparsity_schedule}` needs 0 <= `--sparsity_schedule_start` "
+                    f"< `--sparsity_schedule_end`, got start={self.sparsity_schedule_start} and end={end}."
+                )
+            if self.sparsity_schedule_frequency < 1:
+                raise ValueError(
+                    f"`--sparsity_schedule_frequency` must be >= 1, got {self.sparsity_schedule_frequency}."
+                )
+        if not self.prunes_heads and not self.prunes_weights:
+            warnings.warn(
+                "PruningArguments prune nothing: set `--prune_heads_per_layer`, `--prune_heads_fraction` or "
+                "`--weight_sparsity`.",
+                stacklevel=3,
+            )
+
+    def _validate_pattern(self) -> None:
+        match = PATTERN_FORM.match(self.sparsity_pattern)
+        n_m = match and match.group(2) and (int(match.group(2)), int(match.group(3)))
+        if not match or (n_m and not 0 < n_m[0] < n_m[1]):
+            raise ValueError(
+                f"`--sparsity_pattern` must be `unstructured` or N:M with 0 < N < M (e.g. 2:4), "
+                f"got {self.sparsity_pattern!r}."
+            )
+        if n_m:
+            implied = 1 - n_m[0] / n_m[1]
+            if self.weight_sparsity == 0.0:
+                self.weight_sparsity = implied
+            elif abs(self.weight_sparsity - implied) > 1e-9:
+                raise ValueError(
+                    f"`--sparsity_pattern {self.sparsity_pattern}` implies `--weight_sparsity` {implied:g}, "
+                    f"got {self.weight_sparsity}; leave `--weight_sparsity` unset or set it to {implied:g}."
+                )
+            if self.sparsity_schedule != "one_shot":
+                raise ValueError(
+                    f"`--sparsity_pattern {self.sparsity_pattern}` is applied at once: use "
+                    f"`--sparsity_schedule one_shot`, got {self.sparsity_schedule!r}."
+                )
+
+    @property
+    def prune_step_list(self) -> list[int]:
+        """``prune_steps`` as sorted integers."""
+        return self._parse_steps(self.prune_steps)
+
+    @property
+    def prunes_heads(self) -> bool:
+        """Whether any head is to be removed."""
+        return bool(self.prune_heads_per_layer) or bool(self.prune_heads_fraction)
+
+    @property
+    def prunes_weights(self) -> bool:
+        """Whether any weight is to be masked."""
+        return self.weight_sparsity > 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The arguments as a JSON-ready dict (for model cards and logs)."""
+        return asdict(self)
