@@ -3,17 +3,23 @@
 __version__ = "0.1.0"
 
 from .adapters import ArchitectureAdapter, get_adapter, register_adapter, supported_model_types
+from .arguments import PruningArguments
+from .callback import GradientPruningCallback
 from .checkpoint import load_pruned
 from .gates import HeadGates, add_head_gates
 from .importance import compute_head_importance
 from .record import PruningRecord
 from .selection import select_heads_to_prune
 from .surgery import prune_heads
+from .trainer import PruningTrainer
 
 __all__ = [
     "ArchitectureAdapter",
+    "GradientPruningCallback",
     "HeadGates",
+    "PruningArguments",
     "PruningRecord",
+    "PruningTrainer",
     "__version__",
     "add_head_gates",
     "compute_head_importance",

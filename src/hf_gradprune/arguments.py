@@ -7,12 +7,18 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-HEAD_NORMALIZE_CHOICES = ("layer_sum", "l2", "none")
-HEAD_ACCUMULATE_CHOICES = ("abs_of_sum", "sum_of_abs")
-WEIGHT_IMPORTANCE_CHOICES = ("magnitude", "gradient", "taylor", "fisher", "combined", "wanda")
-SPARSITY_SCOPE_CHOICES = ("per_tensor", "per_layer", "global")
-SPARSITY_SCHEDULE_CHOICES = ("one_shot", "linear", "cubic")
+HEAD_NORMALIZATIONS = ("layer_sum", "l2", "none")
+HEAD_ACCUMULATIONS = ("abs_of_sum", "sum_of_abs")
+WEIGHT_IMPORTANCES = ("magnitude", "gradient", "taylor", "fisher", "combined", "wanda")
+SPARSITY_SCOPES = ("per_tensor", "per_layer", "global")
+SPARSITY_SCHEDULES = ("one_shot", "linear", "cubic")
 PATTERN_FORM = re.compile(r"^(unstructured|(\d+):(\d+))$")
+
+
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    """Raise a ``ValueError`` naming ``name`` and the allowed values unless ``value`` is one of them."""
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}, got {value!r}.")
 
 
 @dataclass
@@ -41,13 +47,13 @@ class PruningArguments:
     )
     head_importance_normalize: str = field(
         default="layer_sum",
-        metadata={"help": "Per-layer normalisation of head importance.", "choices": HEAD_NORMALIZE_CHOICES},
+        metadata={"help": "Per-layer normalisation of head importance.", "choices": HEAD_NORMALIZATIONS},
     )
     head_importance_accumulate: str = field(
         default="abs_of_sum",
         metadata={
             "help": "Absolute value of the summed gradient, or sum of absolute values per batch.",
-            "choices": HEAD_ACCUMULATE_CHOICES,
+            "choices": HEAD_ACCUMULATIONS,
         },
     )
     # --- weights ---
@@ -59,12 +65,12 @@ class PruningArguments:
         metadata={
             "help": "|w| (magnitude), |g| (gradient), |w*g| (taylor), g^2 (fisher), combined "
             "(normalised |w| + |g|) or wanda (|w| * ||x||).",
-            "choices": WEIGHT_IMPORTANCE_CHOICES,
+            "choices": WEIGHT_IMPORTANCES,
         },
     )
     sparsity_scope: str = field(
         default="per_tensor",
-        metadata={"help": "Where the threshold is set.", "choices": SPARSITY_SCOPE_CHOICES},
+        metadata={"help": "Where the threshold is set.", "choices": SPARSITY_SCOPES},
     )
     sparsity_pattern: str = field(
         default="unstructured",
@@ -89,7 +95,7 @@ class PruningArguments:
         default="one_shot",
         metadata={
             "help": "one_shot at --prune_steps, or a linear/cubic ramp of the weight sparsity.",
-            "choices": SPARSITY_SCHEDULE_CHOICES,
+            "choices": SPARSITY_SCHEDULES,
         },
     )
     sparsity_schedule_start: int = field(default=0, metadata={"help": "First step of a linear/cubic ramp."})
@@ -120,11 +126,11 @@ class PruningArguments:
 
     def _validate_args(self) -> None:
         choices = {
-            "head_importance_normalize": HEAD_NORMALIZE_CHOICES,
-            "head_importance_accumulate": HEAD_ACCUMULATE_CHOICES,
-            "weight_importance": WEIGHT_IMPORTANCE_CHOICES,
-            "sparsity_scope": SPARSITY_SCOPE_CHOICES,
-            "sparsity_schedule": SPARSITY_SCHEDULE_CHOICES,
+            "head_importance_normalize": HEAD_NORMALIZATIONS,
+            "head_importance_accumulate": HEAD_ACCUMULATIONS,
+            "weight_importance": WEIGHT_IMPORTANCES,
+            "sparsity_scope": SPARSITY_SCOPES,
+            "sparsity_schedule": SPARSITY_SCHEDULES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

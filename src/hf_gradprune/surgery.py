@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from .adapters import get_adapter
+from .masks import apply_masks, get_masks
 from .record import PruningRecord
 
 
@@ -144,7 +145,8 @@ def prune_heads(
 
     q/k/v lose the rows of removed heads, the output projection their columns. Under grouped-query
     attention only whole key/value groups may go (``head_dim`` and the query-per-kv ratio stay). Module
-    attributes holding head counts are updated, and the record in ``model.config`` is extended so that
+    attributes holding head counts are updated, weight masks (:func:`hf_gradprune.masks.apply_masks`) are
+    cut with their weights, and the record in ``model.config`` is extended so that
     :func:`hf_gradprune.load_pruned` can rebuild the shapes. All input is checked before anything changes.
 
     Args:
@@ -172,6 +174,7 @@ def prune_heads(
     record = PruningRecord.from_config(config)
     new = _validate(heads_to_prune, record, len(adapter.blocks(model)), num_heads, group)
     replaced: list[Replacement] = []
+    masks, names = get_masks(model), {id(p): n for n, p in model.named_parameters()}
     for layer, fresh in new.items():
         before = record.kept_heads(layer, num_heads)
         after = [h for h in before if h not in fresh]
@@ -192,6 +195,20 @@ def prune_heads(
         adapter.set_head_count(parts.attention, len(after), head_dim)
         record.pruned_heads[layer] = sorted(set(record.pruned_heads.get(layer, [])) | set(fresh))
     record.save_to_config(config)
+    if masks:
+        apply_masks(model, _cut_masks(masks, names, replaced))
     if optimizer is not None:
         remap_optimizer(optimizer, replaced)
     return record
+
+
+def _cut_masks(
+    masks: dict[str, torch.Tensor], names: dict[int, str], replaced: Sequence[Replacement]
+) -> dict[str, torch.Tensor]:
+    """Weight masks with the rows/columns surgery removed from their parameters removed too."""
+    cut = dict(masks)
+    for r in replaced:
+        name = names[id(r.old)]
+        if name in cut:
+            cut[name] = cut[name].index_select(r.dim, r.keep.to(cut[name].device))
+    return cut

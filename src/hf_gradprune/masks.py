@@ -1,0 +1,292 @@
+"""Persistent weight masks: pruned weights stay exactly zero through training, state-dict keys unchanged.
+
+A zero weight still receives a gradient, so zeroing it once is not pruning. :func:`apply_masks` does three
+things per masked parameter ``<name>`` of a module:
+
+- stores the mask as a non-persistent buffer ``<name>_mask`` on the module, so ``state_dict()`` keys, and
+  with them ``save_pretrained``/``from_pretrained``, are the model's own (no ``weight_orig`` as in
+  ``torch.nn.utils.prune``); the mask moves with ``model.to()``;
+- zeroes the masked entries in place;
+- registers a hook on the parameter that zeroes the gradient of the masked entries. It acts on every
+  gradient before it reaches ``.grad`` (and on ``torch.autograd.grad`` too), so it holds under gradient
+  accumulation, clipping and mixed precision, and an optimizer that only ever sees zero gradients for an
+  entry keeps zero state for it: Adam's ``exp_avg`` and ``exp_avg_sq`` of pruned entries stay 0.
+
+The hook alone is not enough: weights move without a gradient, above all through momentum gathered
+before the mask was applied (Adam keeps stepping an entry whose ``exp_avg`` is not zero), but also through
+optimizers or wrappers that write weights back from their own copies. Call :func:`reapply_masks` after
+every optimizer step.
+
+A new mask for a parameter replaces its old one, it is not combined with it: masks are expected to be
+monotone, so when pruning gradually pass the AND of the old and the new mask (entries a new mask keeps
+again resume training from zero). Masks are saved in a safetensors file of their own,
+:data:`MASKS_FILENAME`, next to the checkpoint.
+
+``copy.deepcopy`` and pickling keep the mask buffers but, like every tensor hook, not the gradient hooks:
+give a copy its hooks back with ``apply_masks(copy, get_masks(copy))``.
+
+Example:
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    >>> apply_masks(model, {"0.weight": torch.tensor([[True, False] * 2] * 2)})
+    >>> model.state_dict().keys()
+    odict_keys(['0.weight', '0.bias'])
+    >>> compute_sparsity(model)["overall"]
+    0.5
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+MASKS_FILENAME = "pruning_masks.safetensors"
+_METADATA = {"format": "pt", "hf_gradprune": "weight_masks"}
+# Attribute of a masked module: parameter short name -> handle of its gradient hook.
+_HOOKS = "_hf_gradprune_mask_hooks"
+
+
+def _buffer_name(attr: str) -> str:
+    return f"{attr}_mask"
+
+
+def _masked(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
+    """``(parameter name, owning module, parameter short name)`` of every masked parameter of ``model``."""
+    for prefix, module in model.named_modules():
+        for attr in vars(module).get(_HOOKS, {}):
+            yield (f"{prefix}.{attr}" if prefix else attr), module, attr
+
+
+def _zero_masked(module: nn.Module, attr: str) -> None:
+    with torch.no_grad():
+        getattr(module, attr).masked_fill_(getattr(module, _buffer_name(attr)).logical_not(), 0)
+
+
+def _check_mask(name: str, mask: object) -> None:
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        kind = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"The mask of {name!r} must be a torch.bool tensor (True keeps), got {kind}.")
+
+
+def _parameters(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Parameter]:
+    """The named parameters of ``model``; unknown names raise, listing a few valid ones."""
+    params = dict(model.named_parameters())
+    unknown = [name for name in names if name not in params]
+    if unknown:
+        raise ValueError(
+            f"{type(model).__name__} has no parameter {unknown[:3]} ({len(unknown)} unknown in all): "
+            f"use names from `model.named_parameters()`, such as {list(params)[:3]}."
+        )
+    return {name: params[name] for name in names}
+
+
+class _GradientMask:
+    """Gradient hook zeroing the masked entries; it reads the buffer at each call to follow ``model.to()``."""
+
+    def __init__(self, module: nn.Module, attr: str):
+        self.module = module
+        self.buffer = _buffer_name(attr)
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        return torch.where(getattr(self.module, self.buffer), grad, 0.0)
+
+
+def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Prune ``model`` persistently: zero the masked weights and their gradients from now on.
+
+    Every name and mask is checked before the model changes. A parameter masked before gets the new mask
+    instead of the old one (pass ``old & new`` to keep both) and a single hook.
+
+    Args:
+        model (`nn.Module`): the model to prune.
+        masks (`Mapping[str, torch.Tensor]`): parameter name (as in ``model.named_parameters()``) to a bool
+            mask of the parameter's shape, ``True`` keeps; on any device.
+
+    Raises:
+        ValueError: an unknown name, a mask of the wrong shape, a parameter that does not require grad, or
+            a module with a ``<name>_mask`` attribute of its own (e.g. from ``torch.nn.utils.prune``).
+        TypeError: a mask that is not a bool tensor.
+
+    Example:
+        >>> import torch
+        >>> from transformers import BertConfig, BertForSequenceClassification
+        >>> model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2,
+        ...     num_attention_heads=4, intermediate_size=37, vocab_size=99))
+        >>> name = "bert.encoder.layer.0.intermediate.dense.weight"
+        >>> mask = torch.rand(37, 32) > 0.5
+        >>> apply_masks(model, {name: mask})
+        >>> bool((model.get_parameter(name)[~mask] == 0).all()), is_masked(model)
+        (True, True)
+    """
+    params = _parameters(model, masks)
+    owners: dict[str, tuple[nn.Module, str]] = {}
+    for name, mask in masks.items():
+        _check_mask(name, mask)
+        param = params[name]
+        if mask.shape != param.shape:
+            raise ValueError(
+                f"The mask of {name!r} has shape {tuple(mask.shape)}, the parameter {tuple(param.shape)}."
+            )
+        if not param.requires_grad:
+            raise ValueError(
+                f"{name!r} does not require grad and its gradient hook needs it: set requires_grad=True "
+                "before apply_masks (the parameter may be frozen again after)."
+            )
+        prefix, _, attr = name.rpartition(".")
+        module = model.get_submodule(prefix)
+        if hasattr(module, _buffer_name(attr)) and attr not in vars(module).get(_HOOKS, {}):
+            raise ValueError(
+                f"{prefix or type(model).__name__!r} already has a `{_buffer_name(attr)}` attribute of its "
+                "own (from torch.nn.utils.prune?): remove it before apply_masks."
+            )
+        owners[name] = module, attr
+    for name, mask in masks.items():
+        module, attr = owners[name]
+        param = params[name]
+        hooks = vars(module).setdefault(_HOOKS, {})
+        if attr in hooks:
+            hooks.pop(attr).remove()
+        module.register_buffer(
+            _buffer_name(attr), mask.detach().to(param.device, copy=True), persistent=False
+        )
+        _zero_masked(module, attr)
+        hooks[attr] = param.register_hook(_GradientMask(module, attr))
+
+
+def reapply_masks(model: nn.Module) -> None:
+    """Zero every masked weight again: call after each optimizer step.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> apply_masks(model, {"weight": torch.tensor([[True, False]])})
+        >>> with torch.no_grad():
+        ...     _ = model.weight.fill_(1.0)
+        >>> reapply_masks(model)
+        >>> model.weight.tolist()
+        [[1.0, 0.0]]
+    """
+    for _, module, attr in _masked(model):
+        _zero_masked(module, attr)
+
+
+def remove_masks(model: nn.Module) -> None:
+    """Remove every mask buffer and gradient hook; the weights keep their zeros.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> apply_masks(model, {"weight": torch.tensor([[True, False]])})
+        >>> remove_masks(model)
+        >>> is_masked(model), model.weight[0, 1].item()
+        (False, 0.0)
+    """
+    for module in model.modules():
+        for attr, handle in vars(module).pop(_HOOKS, {}).items():
+            handle.remove()
+            delattr(module, _buffer_name(attr))
+
+
+def is_masked(module: nn.Module) -> bool:
+    """Whether ``module`` or any module below it carries a mask from :func:`apply_masks`.
+
+    Example:
+        >>> is_masked(torch.nn.Linear(2, 1))
+        False
+    """
+    return next(_masked(module), None) is not None
+
+
+def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameter name to a CPU copy of its bool mask, for every masked parameter of ``model``.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> apply_masks(model, {"weight": torch.tensor([[True, False]])})
+        >>> get_masks(model)
+        {'weight': tensor([[ True, False]])}
+    """
+    return {
+        name: getattr(module, _buffer_name(attr)).to("cpu", copy=True)
+        for name, module, attr in _masked(model)
+    }
+
+
+def compute_sparsity(model: nn.Module, param_names: Iterable[str] | None = None) -> dict[str, float]:
+    """The real fraction of exact zeros per parameter, counted in the weights (not taken from the masks).
+
+    Args:
+        model (`nn.Module`): the model.
+        param_names (`Iterable[str]`, *optional*): parameters to measure (a masks dict works too);
+            default: the masked ones.
+
+    Returns:
+        `dict[str, float]`: ``"overall"`` (zeros over entries of all the parameters together) first, then
+        each parameter name.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 2)
+        >>> apply_masks(model, {"weight": torch.tensor([[True, False], [False, False]])})
+        >>> compute_sparsity(model)
+        {'overall': 0.75, 'weight': 0.75}
+    """
+    names = [name for name, _, _ in _masked(model)] if param_names is None else list(param_names)
+    if not names:
+        raise ValueError("`model` has no masks and `param_names` is empty: name the parameters to measure.")
+    params = _parameters(model, names)
+    zeros = {name: int((param == 0).sum()) for name, param in params.items()}
+    overall = sum(zeros.values()) / sum(param.numel() for param in params.values())
+    return {"overall": overall, **{name: zeros[name] / params[name].numel() for name in names}}
+
+
+def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Write ``masks`` to a safetensors file, never half-written (temporary file, then ``os.replace``).
+
+    Masks are stored as uint8 with metadata ``{"format": "pt", "hf_gradprune": "weight_masks"}``;
+    :data:`MASKS_FILENAME` is the file's conventional name in a checkpoint folder.
+
+    Args:
+        masks (`Mapping[str, torch.Tensor]`): parameter name to bool mask, as from :func:`get_masks`.
+        path (`str` or `os.PathLike`): the file to write; its folder must exist.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     save_masks({"weight": torch.tensor([True, False])}, Path(folder) / MASKS_FILENAME)
+        ...     load_masks(Path(folder) / MASKS_FILENAME)
+        {'weight': tensor([ True, False])}
+    """
+    for name, mask in masks.items():
+        _check_mask(name, mask)
+    tensors = {name: mask.detach().to("cpu", torch.uint8).contiguous() for name, mask in masks.items()}
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, partial, metadata=_METADATA)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read masks written by :func:`save_masks`: parameter name to bool mask on the CPU.
+
+    Args:
+        path (`str` or `os.PathLike`): the masks file.
+
+    Raises:
+        ValueError: the file was not written by :func:`save_masks`.
+    """
+    with safe_open(path, framework="pt") as masks_file:
+        metadata = masks_file.metadata() or {}
+        if metadata.get("hf_gradprune") != _METADATA["hf_gradprune"]:
+            raise ValueError(
+                f"{os.fspath(path)!r} is not a masks file of hf_gradprune (metadata {metadata}): "
+                "write it with `save_masks`."
+            )
+        names = masks_file.keys()
+        return {name: masks_file.get_tensor(name).bool() for name in names}

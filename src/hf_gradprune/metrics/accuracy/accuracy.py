@@ -1,0 +1,36 @@
+"""Accuracy as an `evaluate` metric module, shipped so that no metric is fetched from the Hub."""
+
+import datasets
+import evaluate
+
+_DESCRIPTION = "Accuracy: the fraction of predictions equal to their reference."
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions (`list[int]`): predicted labels.
+    references (`list[int]`): true labels.
+Returns:
+    accuracy (`float`): in [0, 1].
+Example:
+    >>> metric.compute(predictions=[0, 1, 1], references=[0, 1, 0])
+    {'accuracy': 0.6666666666666666}
+"""
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+class Accuracy(evaluate.Metric):
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation="",
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=datasets.Features(
+                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
+            ),
+        )
+
+    def _compute(self, predictions: list[int], references: list[int]) -> dict[str, float]:
+        if not references:
+            raise ValueError("`references` is empty: accuracy needs at least one example.")
+        return {
+            "accuracy": sum(p == r for p, r in zip(predictions, references, strict=True)) / len(references)
+        }

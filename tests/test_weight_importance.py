@@ -1,0 +1,225 @@
+"""Weight importance: target modules and every scoring method against a direct computation."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from hf_gradprune.adapters import get_adapter
+from hf_gradprune.importance import (
+    compute_weight_importance,
+    target_linear_modules,
+    weight_input_dims,
+    weight_layer_groups,
+)
+
+from .helpers import build_tiny, tiny_batch
+
+GRADIENT_METHODS = ("gradient", "taylor", "fisher", "combined")
+
+
+def batches(model, count=2):
+    return [tiny_batch(model, seed=seed) for seed in range(count)]
+
+
+def direct_gradients(model, data):
+    """Per batch, parameter name to its gradient from a plain ``loss.backward()`` on a copy in eval mode."""
+    probe = copy.deepcopy(model).eval()
+    gradients = []
+    for batch in data:
+        probe.zero_grad(set_to_none=True)
+        probe(**batch).loss.backward()
+        gradients.append({name: p.grad.clone() for name, p in probe.named_parameters() if p.grad is not None})
+    return gradients
+
+
+def direct_score(method, weight, gradients):
+    total = sum(gradients)
+    if method == "gradient":
+        return total.abs()
+    if method == "taylor":
+        return (weight * total).abs()
+    if method == "fisher":
+        return sum(g * g for g in gradients)
+    return weight.abs() / weight.abs().mean() + total.abs() / total.abs().mean()
+
+
+def test_target_linear_modules_default_follows_adapter(model_type):
+    model = build_tiny(model_type)
+    adapter = get_adapter(model)
+    paths = [adapter.query, adapter.key, adapter.value, adapter.qkv, adapter.output, *adapter.ffn]
+    prefix = f"{model.base_model_prefix}.{adapter.layers}"
+    expected = {f"{prefix}.{layer}.{path}" for layer in range(3) for path in paths if path}
+    found = target_linear_modules(model)
+    assert set(found) == expected
+    assert all(isinstance(module, (nn.Linear, Conv1D)) for module in found.values())
+
+
+def test_target_linear_modules_keeps_named_modules_order():
+    model = build_tiny("llama")
+    found = target_linear_modules(model)
+    assert list(found) == [name for name, _ in model.named_modules() if name in found]
+
+
+def test_target_linear_modules_default_excludes_head():
+    found = target_linear_modules(build_tiny("bert"))
+    assert not [name for name in found if "classifier" in name or "pooler" in name or "embeddings" in name]
+
+
+def test_target_linear_modules_regex_selects_linears():
+    found = target_linear_modules(
+        build_tiny("bert"), [r"layer\.1\.attention\.self\.(query|key)$", "classifier"]
+    )
+    assert list(found) == [
+        "bert.encoder.layer.1.attention.self.query",
+        "bert.encoder.layer.1.attention.self.key",
+        "classifier",
+    ]
+
+
+def test_target_linear_modules_regex_skips_non_linear():
+    assert list(target_linear_modules(build_tiny("gpt2"), ["h.0"])) == [
+        "transformer.h.0.attn.c_attn",
+        "transformer.h.0.attn.c_proj",
+        "transformer.h.0.mlp.c_fc",
+        "transformer.h.0.mlp.c_proj",
+    ]
+
+
+def test_target_linear_modules_no_match_raises():
+    with pytest.raises(ValueError, match=r"`target_modules` \['nothing_here'\] matched no nn.Linear"):
+        target_linear_modules(build_tiny("bert"), ["nothing_here"])
+
+
+def test_target_linear_modules_string_raises():
+    with pytest.raises(TypeError, match="wrap it in a list"):
+        target_linear_modules(build_tiny("bert"), "query")
+
+
+def test_target_linear_modules_invalid_regex_raises():
+    with pytest.raises(ValueError, match=r"entry 'query\(' is not a valid regular expression"):
+        target_linear_modules(build_tiny("bert"), ["query("])
+
+
+def test_weight_input_dims_conv1d_is_zero():
+    dims = weight_input_dims(build_tiny("gpt2"))
+    assert set(dims.values()) == {0}
+    assert weight_input_dims(build_tiny("bert"))["bert.encoder.layer.0.attention.self.query.weight"] == 1
+
+
+def test_weight_layer_groups_maps_blocks():
+    groups = weight_layer_groups(build_tiny("llama"))
+    assert groups["model.layers.0.mlp.down_proj.weight"] == "layer.0"
+    assert groups["model.layers.1.self_attn.q_proj.weight"] == "layer.1"
+    assert groups["model.layers.2.self_attn.o_proj.weight"] == "layer.2"
+    assert len(groups) == 3 * 7
+
+
+@pytest.mark.parametrize("method", GRADIENT_METHODS)
+def test_compute_weight_importance_matches_direct(model_type, method):
+    model = build_tiny(model_type)
+    data = batches(model)
+    gradients = direct_gradients(model, data)
+    scores = compute_weight_importance(model, data, method=method, show_progress=False)
+    params = dict(model.named_parameters())
+    assert list(scores) == [f"{name}.weight" for name in target_linear_modules(model)]
+    for name, score in scores.items():
+        expected = direct_score(method, params[name].detach(), [g[name] for g in gradients])
+        torch.testing.assert_close(score, expected)
+
+
+def test_compute_weight_importance_magnitude_is_abs_weight():
+    model = build_tiny("gpt2")
+    scores = compute_weight_importance(model, method="magnitude")
+    weight = model.transformer.h[1].mlp.c_fc.weight
+    torch.testing.assert_close(scores["transformer.h.1.mlp.c_fc.weight"], weight.detach().abs())
+
+
+def test_compute_weight_importance_wanda_linear():
+    model = build_tiny("bert")
+    data = batches(model)
+    scores = compute_weight_importance(model, data, method="wanda", show_progress=False)
+    square_sum = 0
+    for batch in data:
+        hidden = model.eval().bert(batch["input_ids"], output_hidden_states=True).hidden_states[1]
+        square_sum = square_sum + hidden.detach().pow(2).sum(dim=(0, 1))
+    weight = model.bert.encoder.layer[1].attention.self.query.weight.detach()
+    expected = weight.abs() * square_sum.sqrt()[None, :]
+    torch.testing.assert_close(scores["bert.encoder.layer.1.attention.self.query.weight"], expected)
+
+
+def test_compute_weight_importance_wanda_conv1d_scores_input_rows():
+    model = build_tiny("gpt2")
+    data = batches(model)
+    scores = compute_weight_importance(model, data, method="wanda", show_progress=False)
+    block = model.transformer.h[0]
+    square_sum = 0
+    for batch in data:
+        embedded = model.eval().transformer(batch["input_ids"], output_hidden_states=True).hidden_states[0]
+        square_sum = square_sum + block.ln_1(embedded).detach().pow(2).sum(dim=(0, 1))
+    expected = block.attn.c_attn.weight.detach().abs() * square_sum.sqrt()[:, None]
+    torch.testing.assert_close(scores["transformer.h.0.attn.c_attn.weight"], expected)
+
+
+def test_compute_weight_importance_wanda_removes_hooks():
+    model = build_tiny("llama")
+    data = batches(model)
+    compute_weight_importance(model, data, method="wanda", show_progress=False)
+    assert not any(module._forward_pre_hooks for module in model.modules())
+
+
+def test_compute_weight_importance_leaves_model_untouched():
+    model = build_tiny("bert")
+    data = batches(model)
+    model.train()
+    model.bert.embeddings.requires_grad_(False)
+    model(**data[0]).loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    compute_weight_importance(model, data, method="taylor", show_progress=False)
+    assert model.training
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    for name, p in model.named_parameters():
+        if name in grads:
+            assert torch.equal(p.grad, grads[name])
+        else:
+            assert p.grad is None
+
+
+def test_compute_weight_importance_num_batches_limits():
+    model = build_tiny("bert")
+    data = batches(model, 3)
+    scores = compute_weight_importance(model, data, method="fisher", num_batches=1, show_progress=False)
+    expected = compute_weight_importance(model, data[:1], method="fisher", show_progress=False)
+    for name in scores:
+        torch.testing.assert_close(scores[name], expected[name])
+
+
+def test_compute_weight_importance_target_modules():
+    model = build_tiny("bert")
+    data = batches(model)
+    scores = compute_weight_importance(model, data, "gradient", ["classifier"], show_progress=False)
+    assert list(scores) == ["classifier.weight"]
+
+
+def test_compute_weight_importance_needs_dataloader():
+    with pytest.raises(ValueError, match="method='taylor' needs a `dataloader`"):
+        compute_weight_importance(build_tiny("bert"), method="taylor")
+
+
+def test_compute_weight_importance_empty_dataloader_raises():
+    with pytest.raises(ValueError, match="`dataloader` yielded no batches"):
+        compute_weight_importance(build_tiny("bert"), [], method="wanda", show_progress=False)
+
+
+def test_compute_weight_importance_unknown_method_raises():
+    with pytest.raises(ValueError, match="`method` must be one of 'magnitude'"):
+        compute_weight_importance(build_tiny("bert"), method="hessian")
+
+
+def test_compute_weight_importance_magnitude_warns_on_data():
+    model = build_tiny("bert")
+    with pytest.warns(UserWarning, match="ignored with method='magnitude'"):
+        compute_weight_importance(model, batches(model), method="magnitude")
