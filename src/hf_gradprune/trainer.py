@@ -6,17 +6,21 @@ import os
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import CommitInfo, HfApi, get_token
 from transformers import AutoConfig, Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
 from .arguments import PruningArguments
 from .callback import GradientPruningCallback
+from .cards import create_pruning_model_card, save_head_importance_heatmap
+from .hub import push_folder_to_hub
 from .masks import get_masks
 from .record import PruningRecord
 from .surgery import prune_heads
 
 TRAINING_ARGS_JSON = "training_args.json"
+HEATMAP_FILENAME = "head_importance.png"
 
 
 class PruningTrainer(Trainer):
@@ -24,10 +28,14 @@ class PruningTrainer(Trainer):
 
     Differences from ``Trainer``: the pruning callback is added; ``train(resume_from_checkpoint=...)``
     first replays the checkpoint's head pruning and restores its masks; saves write the weight masks and
-    the schedule position next to the safetensors weights and the training arguments as JSON (no pickle).
+    the schedule position next to the safetensors weights and the training arguments as JSON (no pickle);
+    ``save_model`` and ``push_to_hub`` also write a model card (``README.md``) and the head-importance
+    heatmap; ``push_to_hub`` uploads the output folder in one commit. Evaluation results are remembered
+    as "before" until something is pruned and as "after" from then on, for the card.
 
     Args:
         pruning_args (`PruningArguments`): what, how and when to prune.
+        dataset_name (`str`, *optional*): the Hub id of the training data, for the model card.
         *args, **kwargs: as for ``transformers.Trainer``.
 
     Example:
@@ -36,11 +44,18 @@ class PruningTrainer(Trainer):
         >>> # trainer.train(); trainer.save_model()
     """
 
-    def __init__(self, *args: Any, pruning_args: PruningArguments, **kwargs: Any):
+    def __init__(
+        self, *args: Any, pruning_args: PruningArguments, dataset_name: str | None = None, **kwargs: Any
+    ):
         self.pruning_callback = GradientPruningCallback(pruning_args)
         super().__init__(*args, **kwargs)
         self.add_callback(self.pruning_callback)
         self.pruning_args = pruning_args
+        self.params_before = self.model.num_parameters()
+        self.eval_before: dict[str, float] | None = None
+        self.eval_after: dict[str, float] | None = None
+        self.speedup: float | None = None
+        self.dataset_name = dataset_name
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         """``Trainer.train``, after replaying the checkpoint's pruning when resuming."""
@@ -78,3 +93,82 @@ class PruningTrainer(Trainer):
     def has_pruned(self) -> bool:
         """Whether any head or weight has been pruned so far."""
         return bool(PruningRecord.from_config(self.model.config).pruned_heads or get_masks(self.model))
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """``Trainer.evaluate``; the metrics are kept as ``eval_before`` or ``eval_after`` pruning."""
+        metrics = super().evaluate(*args, **kwargs)
+        if self.has_pruned():
+            self.eval_after = dict(metrics)
+        else:
+            self.eval_before = dict(metrics)
+        return metrics
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model``, plus the model card and heatmap (not in periodic checkpoints)."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if not _internal_call:
+            self.write_model_card(output_dir)
+
+    def write_model_card(self, output_dir: str | None = None, repo_id: str | None = None, **card_kwargs: Any):
+        """Write ``README.md`` (and ``head_importance.png`` when heads were scored) into ``output_dir``.
+
+        Args:
+            output_dir (`str`, *optional*): defaults to ``args.output_dir``.
+            repo_id (`str`, *optional*): the Hub id the "How to load" snippet names.
+            card_kwargs: more arguments of :func:`hf_gradprune.cards.create_pruning_model_card`.
+        """
+        if not self.is_world_process_zero():
+            return
+        folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        heatmap = None
+        if self.pruning_callback.head_importance is not None:
+            shown = (
+                self.pruning_callback.head_importance.clone()
+            )  # scores at the last cut; removed heads grey
+            for layer, heads in PruningRecord.from_config(self.model.config).pruned_heads.items():
+                shown[layer, heads] = float("nan")
+            save_head_importance_heatmap(shown, folder / HEATMAP_FILENAME)
+            heatmap = HEATMAP_FILENAME
+        card = create_pruning_model_card(
+            self.model,
+            base_model=getattr(self.model.config, "_name_or_path", None) or None,
+            pruning_args=self.pruning_args.to_dict(),
+            params_before=self.params_before,
+            eval_before=self.eval_before,
+            eval_after=self.eval_after,
+            speedup=self.speedup,
+            heatmap_filename=heatmap,
+            repo_id=repo_id or self.args.hub_model_id,
+            **{"dataset_name": self.dataset_name, **card_kwargs},
+        )
+        card.save(folder / "README.md")
+
+    def push_to_hub(
+        self,
+        commit_message: str = "Upload pruned model with hf_gradprune",
+        token: str | None = None,
+        revision: str | None = None,
+        **card_kwargs: Any,
+    ) -> CommitInfo | None:
+        """Save model, masks, card and heatmap into ``args.output_dir`` and upload it in one commit.
+
+        The repository is ``args.hub_model_id`` (default: the output folder's name in the token owner's
+        namespace). Checkpoints, logs and pickles stay local. Returns the commit (``None`` off rank 0).
+        """
+        token = token or self.args.hub_token or get_token()
+        repo_id = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+        if token and "/" not in repo_id:
+            repo_id = f"{HfApi(token=token).whoami()['name']}/{repo_id}"
+        super().save_model(_internal_call=True)
+        self.write_model_card(repo_id=repo_id, **card_kwargs)
+        if not self.is_world_process_zero():
+            return None
+        return push_folder_to_hub(
+            self.args.output_dir,
+            repo_id,
+            token=token,
+            private=self.args.hub_private_repo,
+            commit_message=commit_message,
+            revision=revision or self.args.hub_revision,
+        )

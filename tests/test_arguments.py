@@ -1,0 +1,71 @@
+import pytest
+from transformers import HfArgumentParser
+
+from hf_gradprune import PruningArguments
+
+
+def parse(*flags: str) -> PruningArguments:
+    (args,) = HfArgumentParser(PruningArguments).parse_args_into_dataclasses(list(flags))
+    return args
+
+
+def test_pruning_arguments_parse_flags():
+    args = parse(
+        "--prune_heads_per_layer",
+        "1",
+        "--weight_sparsity",
+        "0.5",
+        "--prune_steps",
+        "500,0",
+        "--prune_target_modules",
+        "query",
+        "value",
+        "--sparsity_scope",
+        "global",
+    )
+    assert (args.prune_heads_per_layer, args.weight_sparsity, args.sparsity_scope) == (1, 0.5, "global")
+    assert args.prune_step_list == [0, 500] and args.prune_target_modules == ["query", "value"]
+
+
+def test_pruning_arguments_n_m_sets_sparsity():
+    assert parse("--sparsity_pattern", "2:4").weight_sparsity == 0.5
+
+
+def test_pruning_arguments_choices_reach_the_cli():
+    with pytest.raises(SystemExit):
+        parse("--weight_importance", "random")
+
+
+def test_pruning_arguments_nothing_to_prune_warns():
+    with pytest.warns(UserWarning, match="prune nothing"):
+        PruningArguments()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"prune_heads_per_layer": 1, "prune_heads_fraction": 0.1},
+            "at most one of `--prune_heads_per_layer`",
+        ),
+        ({"prune_heads_per_layer": -1}, r"`--prune_heads_per_layer` must be >= 0, got -1"),
+        ({"prune_heads_fraction": 1.0}, r"`--prune_heads_fraction` must be in \[0, 1\), got 1.0"),
+        ({"weight_sparsity": 1.2}, r"`--weight_sparsity` must be in \[0, 1\), got 1.2"),
+        (
+            {"weight_sparsity": 0.5, "weight_importance": "l1"},
+            r"`--weight_importance` must be one of .*got 'l1'",
+        ),
+        (
+            {"weight_sparsity": 0.5, "sparsity_pattern": "4:2"},
+            r"`--sparsity_pattern` must be `unstructured` or N:M",
+        ),
+        ({"weight_sparsity": 0.7, "sparsity_pattern": "2:4"}, r"implies `--weight_sparsity` 0.5, got 0.7"),
+        ({"weight_sparsity": 0.5, "prune_steps": "0,x"}, r"`--prune_steps` must be comma-separated"),
+        ({"weight_sparsity": 0.5, "prune_steps": "-5"}, r"`--prune_steps` needs at least one step, all >= 0"),
+        ({"weight_sparsity": 0.5, "sparsity_schedule": "cubic"}, r"needs 0 <= `--sparsity_schedule_start`"),
+        ({"weight_sparsity": 0.5, "importance_batches": 0}, r"`--importance_batches` must be >= 1, got 0"),
+    ],
+)
+def test_pruning_arguments_bad_input_is_a_clear_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PruningArguments(**kwargs)

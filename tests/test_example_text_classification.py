@@ -1,0 +1,71 @@
+"""The example script as a user runs it, on the real MiniLM encoder and the real rotten_tomatoes reviews."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_gradprune import load_pruned
+from hf_gradprune.masks import compute_sparsity
+from hf_gradprune.trainer import TRAINING_ARGS_JSON
+
+pytestmark = [pytest.mark.real, pytest.mark.slow]
+
+SCRIPT = Path(__file__).parents[1] / "examples" / "text_classification.py"
+
+
+def test_example_prunes_heads_and_weights_and_reloads(tmp_path):
+    out = tmp_path / "run"
+    flags = [
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "8",
+        "--per_device_eval_batch_size",
+        "32",
+        "--max_train_samples",
+        "64",
+        "--max_eval_samples",
+        "64",
+        "--max_seq_length",
+        "48",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--disable_tqdm",
+        "true",
+        "--prune_heads_per_layer",
+        "1",
+        "--weight_sparsity",
+        "0.5",
+        "--weight_importance",
+        "taylor",
+        "--importance_batches",
+        "2",
+        "--learning_rate",
+        "1e-4",
+    ]
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((out / "pruning_results.json").read_text())
+    assert results["heads_per_layer"] == [11] * 6
+    assert {"eval_accuracy", "eval_f1"} <= results["eval_before"].keys() & results["eval_after"].keys()
+    assert results["params_after"] < results["params_before"]
+    assert (out / TRAINING_ARGS_JSON).is_file() and not (out / "training_args.bin").exists()
+
+    model = load_pruned(out)
+    layers = model.bert.encoder.layer
+    assert [layer.attention.self.num_attention_heads for layer in layers] == [11] * 6
+    targets = [n for n, p in model.named_parameters() if n.startswith("bert.encoder.layer") and p.dim() == 2]
+    sparsity = compute_sparsity(model, targets)
+    assert len(targets) == 36 and all(sparsity[name] == 0.5 for name in targets), sparsity
+    assert torch.count_nonzero(model.bert.embeddings.word_embeddings.weight) > 0
+    assert torch.count_nonzero(model.classifier.weight) == model.classifier.weight.numel()
