@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
         "heads_per_layer": heads_per_layer(reloaded),
         "weight_sparsity": compute_sparsity(reloaded, targets) if pruning_args.prunes_weights else None,
     }
+    if training_args.push_to_hub:
+        commit = trainer.push_to_hub()
+        results["hub"] = {"repo_id": commit.repo_url.repo_id, "commit": commit.oid} if commit else None
     if training_args.should_save:
         path = Path(training_args.output_dir) / "pruning_results.json"
         path.write_text(json.dumps(results, indent=2))
