@@ -13,6 +13,7 @@ import torch
 import transformers
 from transformers import PreTrainedModel
 
+from hf_gradprune import get_adapter
 from hf_gradprune.testing import minilm_path
 
 VOCAB = 99
@@ -60,6 +61,15 @@ def build_tiny(model_type: str, seed: int = 0) -> PreTrainedModel:
     torch.manual_seed(seed)
     config = getattr(transformers, config_name)(**kwargs)
     return getattr(transformers, model_name)(config).eval()
+
+
+def removable(model_type: str) -> tuple[dict, dict]:
+    """Two successive cuts for the tiny model (whole kv groups of 2 under GQA)."""
+    config = build_tiny(model_type).config
+    adapter = get_adapter(config)
+    if adapter.num_key_value_heads(config) < adapter.num_heads(config):
+        return {0: [0, 1], 1: [2, 3]}, {2: [0, 1]}
+    return {0: [1], 1: [3]}, {0: [2], 2: [0, 1, 2]}
 
 
 def is_causal_lm(model: PreTrainedModel) -> bool:

@@ -126,7 +126,7 @@ def test_trainer_logs_pruning_to_log_history(tmp_path):
     assert entry["prune/sparsity_layer_0"] == 0.5
 
 
-def test_trainer_checkpoint_holds_masks_state_and_no_pickled_args(tmp_path):
+def test_trainer_checkpoint_holds_masks_state_and_no_pickle(tmp_path):
     pruning = PruningArguments(weight_sparsity=0.5, importance_batches=1)
     trainer = PruningTrainer(
         model=build_tiny("bert").train(),
@@ -136,7 +136,8 @@ def test_trainer_checkpoint_holds_masks_state_and_no_pickled_args(tmp_path):
     )
     trainer.train()
     checkpoint = tmp_path / "out" / "checkpoint-2"
-    assert not (checkpoint / "training_args.bin").exists() and (checkpoint / "training_args.json").is_file()
+    assert (checkpoint / "training_args.json").is_file() and (checkpoint / "optimizer.safetensors").is_file()
+    assert not [p.name for p in checkpoint.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".pkl"}]
     assert json.loads((checkpoint / "pruning_state.json").read_text())["weight_sparsity"] == 0.5
     masks, weights = load_masks(checkpoint / MASKS_FILENAME), load_file(checkpoint / "model.safetensors")
     assert set(weights) == set(build_tiny("bert").state_dict())  # the model's own keys, no *_mask/*_orig
@@ -175,3 +176,29 @@ def test_trainer_resume_reaches_the_same_final_masks(tmp_path):
     assert all(int((~m).sum()) == round(0.6 * m.numel()) for m in masks.values())
     for key, value in weights.items():
         torch.testing.assert_close(resumed_weights[key], value, atol=1e-5, rtol=1e-4)
+
+
+def test_trainer_logs_pruning_to_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pruning = PruningArguments(prune_heads_per_layer=1, weight_sparsity=0.5, importance_batches=1)
+    trainer = PruningTrainer(
+        model=build_tiny("bert").train(),
+        args=training_args(tmp_path, max_steps=2, report_to=["tensorboard"]),
+        train_dataset=tiny_dataset(),
+        pruning_args=pruning,
+    )
+    trainer.train()
+    events = EventAccumulator(
+        str(tmp_path / "out" / "runs" / "pruning"), size_guidance={"images": 0}
+    ).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {
+        "prune/sparsity",
+        "prune/sparsity_layer_2",
+        "prune/heads_layer_0",
+        "prune/heads_layer_2",
+    } <= scalars
+    assert events.Scalars("prune/heads_layer_1")[0].value == 3
+    assert events.Scalars("prune/sparsity")[0].value == pytest.approx(0.5)
+    assert "prune/head_importance" in events.Tags()["images"]

@@ -1,14 +1,16 @@
 import json
+import random
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import BertForSequenceClassification
 
 from hf_gradprune import load_pruned, prune_heads
+from hf_gradprune.checkpoint import load_state, save_state
 
-from .helpers import build_tiny, fresh_reload_logits, logits, tiny_batch
-from .test_surgery import removable
+from .helpers import build_tiny, fresh_reload_logits, logits, removable, tiny_batch
 
 
 def pruned_checkpoint(model_type: str, folder) -> tuple:
@@ -92,3 +94,28 @@ def test_load_pruned_without_safetensors_is_an_error(tmp_path):
 def test_load_pruned_unknown_keyword_is_a_type_error(tmp_path):
     with pytest.raises(TypeError, match=r"unsupported keyword arguments \['ignore_mismatched_sizes'\]"):
         load_pruned(tmp_path, ignore_mismatched_sizes=True)
+
+
+def test_save_state_round_trips_nested_training_state_without_pickle(tmp_path):
+    model = build_tiny("bert").train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.8, 0.9))
+    model(**tiny_batch(model)).loss.backward()
+    optimizer.step()
+    state = {"optimizer": optimizer.state_dict(), "python": random.getstate(), "numpy": np.random.get_state()}
+    save_state(state, tmp_path, "state")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "state.safetensors"]
+    back = load_state(tmp_path, "state")
+    assert (
+        back["python"] == state["python"]
+        and back["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    )
+    assert all(np.array_equal(a, b) for a, b in zip(back["numpy"], state["numpy"], strict=True))
+    for index, moments in state["optimizer"]["state"].items():
+        assert all(torch.equal(back["optimizer"]["state"][index][k], v) for k, v in moments.items())
+    optimizer.load_state_dict(back["optimizer"])
+
+
+def test_save_state_refuses_objects_that_need_pickle(tmp_path):
+    with pytest.raises(TypeError, match=r"Cannot store object at 'state\.x' without pickle"):
+        save_state({"x": object()}, tmp_path, "state")
+    assert not list(tmp_path.iterdir())

@@ -3,16 +3,7 @@ import torch
 
 from hf_gradprune import PruningRecord, get_adapter, prune_heads
 
-from .helpers import build_tiny, logits, tiny_batch
-
-
-def removable(model_type: str) -> tuple[dict, dict]:
-    """Two successive cuts for the tiny model (whole kv groups of 2 under GQA)."""
-    config = build_tiny(model_type).config
-    adapter = get_adapter(config)
-    if adapter.num_key_value_heads(config) < adapter.num_heads(config):
-        return {0: [0, 1], 1: [2, 3]}, {2: [0, 1]}
-    return {0: [1], 1: [3]}, {0: [2], 2: [0, 1, 2]}
+from .helpers import build_tiny, logits, removable, tiny_batch
 
 
 def test_prune_heads_twice_composes(model_type):

@@ -22,6 +22,9 @@ monotone, so when pruning gradually pass the AND of the old and the new mask (en
 again resume training from zero). Masks are saved in a safetensors file of their own,
 :data:`MASKS_FILENAME`, next to the checkpoint.
 
+Under DDP the mask buffers, like every module buffer, are broadcast from rank 0 before each forward: masks
+must agree across ranks, which the pruning callback ensures by all-reducing importance before selection.
+
 ``copy.deepcopy`` and pickling keep the mask buffers but, like every tensor hook, not the gradient hooks:
 give a copy its hooks back with ``apply_masks(copy, get_masks(copy))``.
 

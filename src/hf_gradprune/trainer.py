@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from huggingface_hub import CommitInfo, HfApi, get_token
 from transformers import AutoConfig, Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
@@ -14,6 +17,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .arguments import PruningArguments
 from .callback import GradientPruningCallback
 from .cards import create_pruning_model_card, save_head_importance_heatmap
+from .checkpoint import has_state, load_state, save_state
 from .hub import push_folder_to_hub
 from .masks import get_masks
 from .record import PruningRecord
@@ -28,7 +32,8 @@ class PruningTrainer(Trainer):
 
     Differences from ``Trainer``: the pruning callback is added; ``train(resume_from_checkpoint=...)``
     first replays the checkpoint's head pruning and restores its masks; saves write the weight masks and
-    the schedule position next to the safetensors weights and the training arguments as JSON (no pickle);
+    the schedule position next to the safetensors weights, and the training arguments, optimizer, scheduler
+    and RNG states as JSON and safetensors (no pickle; DeepSpeed and FSDP keep their own formats);
     ``save_model`` and ``push_to_hub`` also write a model card (``README.md``) and the head-importance
     heatmap; ``push_to_hub`` uploads the output folder in one commit. Evaluation results are remembered
     as "before" until something is pruned and as "after" from then on, for the card.
@@ -89,6 +94,67 @@ class PruningTrainer(Trainer):
         pickled.unlink(missing_ok=True)
         (folder / TRAINING_ARGS_JSON).write_text(self.args.to_json_string())
         self.pruning_callback.save_pruning_state(self.model, folder)
+
+    # --- training state without pickle ----------------------------------------------------------------
+    def _own_state_format(self) -> bool:
+        return not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self._own_state_format():
+            return super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            save_state(self.optimizer.state_dict(), output_dir, "optimizer")
+            save_state(self.lr_scheduler.state_dict(), output_dir, "scheduler")
+        return None
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not has_state(checkpoint, "optimizer"):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        self.optimizer.load_state_dict(load_state(checkpoint, "optimizer"))
+        self.lr_scheduler.load_state_dict(load_state(checkpoint, "scheduler"))
+        return None
+
+    def _rng_stem(self) -> str:
+        return "rng_state" if self.args.world_size <= 1 else f"rng_state_{self.args.process_index}"
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        if not self._own_state_format():
+            return super()._save_rng_state(output_dir)
+        states = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "cpu": torch.random.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            states["cuda"] = torch.cuda.random.get_rng_state_all()
+        os.makedirs(output_dir, exist_ok=True)
+        save_state(states, output_dir, self._rng_stem())
+        return None
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not has_state(checkpoint, self._rng_stem()):
+            return super()._load_rng_state(checkpoint)
+        states = load_state(checkpoint, self._rng_stem())
+        random.setstate(states["python"])
+        np.random.set_state(states["numpy"])
+        torch.random.set_rng_state(states["cpu"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.random.set_rng_state_all(states["cuda"])
+        return None
+
+    def _save_scaler(self, output_dir: str) -> None:
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is None or not self._own_state_format():
+            return super()._save_scaler(output_dir)
+        if self.args.should_save:
+            save_state(scaler.state_dict(), output_dir, "scaler")
+        return None
+
+    def _load_scaler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not has_state(checkpoint, "scaler"):
+            return super()._load_scaler(checkpoint)
+        self.accelerator.scaler.load_state_dict(load_state(checkpoint, "scaler"))
+        return None
 
     def has_pruned(self) -> bool:
         """Whether any head or weight has been pruned so far."""
