@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import secrets
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from hf_gradprune.testing import LocalHub
 
 HERE = Path(__file__).resolve().parent
 REPO_ID = "demo-user/minilm-rotten-tomatoes-pruned"
@@ -36,92 +36,33 @@ print(json.dumps({"max_abs_diff": diff, "identical": bool(torch.equal(hub, disk)
 """
 
 
-def free_port() -> int:
-    """A free TCP port on the loopback interface."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--output_dir", default="runs/demo", help="Where the model, logs and the Hub live.")
-    parser.add_argument("--max_steps", type=int, default=80, help="Fine-tuning steps.")
+    parser.add_argument("--max_steps", type=int, default=120, help="Fine-tuning steps.")
+    parser.add_argument(
+        "--prune_step", type=int, default=40, help="Step at which heads and weights are pruned."
+    )
     options = parser.parse_args()
     out = Path(options.output_dir).resolve()
     token = secrets.token_hex(16)
-    port = free_port()
-    # The Hub client reads these at import: set them before anything imports huggingface_hub.
-    env = {
-        **os.environ,
-        "HF_ENDPOINT": f"http://127.0.0.1:{port}",
-        "HF_HUB_DISABLE_XET": "1",
-        "HF_HOME": str(out / "hf_home"),
-        "HF_TOKEN": token,
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-    }
-    hub_log = out / "hub.log"
-    out.mkdir(parents=True, exist_ok=True)
-    with hub_log.open("w") as log:
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "hf_gradprune.testing.hub",
-                "--root",
-                str(out / "hub"),
-                "--port",
-                str(port),
-                "--token",
-                token,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-            env=env,
-        )
-    try:
-        endpoint = server.stdout.readline().strip()
+    with LocalHub(out / "hub", token=token) as hub:
+        endpoint = hub.endpoint
+        env = hub.client_env(out / "hf_home", token)  # child processes talk to this hub, with this token
         print(f"Local Hub at {endpoint}")
+        # The classic flow: fine-tune, score heads and weights at --prune_step, prune, fine-tune on. The
+        # evaluation at that step (dense, fine-tuned) is "before pruning", the final one "after".
         flags = [
-            "--output_dir",
-            str(out / "model"),
-            "--max_steps",
-            str(options.max_steps),
-            "--learning_rate",
-            "1e-4",
-            "--warmup_steps",
-            "5",
-            "--per_device_train_batch_size",
-            "16",
-            "--per_device_eval_batch_size",
-            "64",
-            "--max_seq_length",
-            "96",
-            "--max_eval_samples",
-            "400",
-            "--logging_steps",
-            "10",
-            "--save_strategy",
-            "no",
-            "--report_to",
-            "tensorboard",
-            "--seed",
-            "0",
-            "--prune_heads_per_layer",
-            "1",
-            "--weight_sparsity",
-            "0.5",
-            "--weight_importance",
-            "taylor",
-            "--importance_batches",
-            "8",
-            "--push_to_hub",
-            "true",
-            "--hub_model_id",
-            REPO_ID,
+            *("--output_dir", str(out / "model"), "--hub_model_id", REPO_ID, "--push_to_hub", "true"),
+            *f"--max_steps {options.max_steps} --prune_steps {options.prune_step}".split(),
+            *f"--eval_strategy steps --eval_steps {options.prune_step} --max_eval_samples 400".split(),
+            *["--learning_rate", "2e-4", "--warmup_steps", "10", "--seed", "0", "--max_seq_length", "96"],
+            *["--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "64"],
+            *["--logging_steps", "10", "--save_strategy", "no", "--report_to", "tensorboard"],
+            *["--prune_heads_per_layer", "1", "--weight_sparsity", "0.5", "--weight_importance", "taylor"],
+            *["--importance_batches", "8"],
         ]
         subprocess.run([sys.executable, str(HERE / "text_classification.py"), *flags], check=True, env=env)
         results = json.loads((out / "model" / "pruning_results.json").read_text())
@@ -133,9 +74,6 @@ def main() -> None:
             text=True,
         )
         reload = json.loads(check.stdout.strip().splitlines()[-1])
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     before, after = results["eval_before"], results["eval_after"]
     print("\n=== hf_gradprune demo ===")
     print(f"Heads per layer: {results['heads_per_layer']}  (12 before)")
@@ -143,7 +81,7 @@ def main() -> None:
     print(f"Parameters: {results['params_before']:,} -> {results['params_after']:,}")
     print(
         f"Accuracy: {before['eval_accuracy']:.4f} -> {after['eval_accuracy']:.4f}   "
-        f"F1: {before['eval_f1']:.4f} -> {after['eval_f1']:.4f}  (before: pretrained encoder, untrained head)"
+        f"F1: {before['eval_f1']:.4f} -> {after['eval_f1']:.4f} (before: step {options.prune_step}, unpruned)"
     )
     print(f"Pushed to {endpoint}/{REPO_ID} at commit {results['hub']['commit']}")
     print(

@@ -118,9 +118,10 @@ def main(argv: list[str] | None = None) -> dict:
         dataset_name="rotten_tomatoes",
     )
     params_before = model.num_parameters()
-    before = trainer.evaluate()
-    trainer.train()
+    trainer.evaluate()
+    trainer.train()  # with --eval_strategy steps, an evaluation just before a pruning step becomes "before"
     after = trainer.evaluate()
+    before = trainer.eval_before
     trainer.save_model()
 
     reloaded = load_pruned(training_args.output_dir)

@@ -7,7 +7,6 @@ whose environment points at the local hub and holds nothing of the machine's Hug
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -42,18 +41,7 @@ def run_client(
 
     The script sees ``args`` (a dict) and ``emit(value)``; ``HF_TOKEN`` is set only if ``hf_token`` is given.
     """
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGING_FACE_"))}
-    env.update(
-        HF_ENDPOINT=hub.endpoint,
-        HF_HUB_DISABLE_XET="1",
-        HF_HOME=str(tmp_path / "hf_home"),
-        HF_HUB_DISABLE_TELEMETRY="1",
-        HF_HUB_DISABLE_PROGRESS_BARS="1",
-        NO_PROXY="127.0.0.1,localhost",
-        no_proxy="127.0.0.1,localhost",
-    )
-    if hf_token is not None:
-        env["HF_TOKEN"] = hf_token
+    env = hub.client_env(tmp_path / "hf_home", hf_token)
     prelude = (
         "import json, sys\nargs = json.loads(sys.argv[1])\nemit = lambda value: print(json.dumps(value))\n"
     )

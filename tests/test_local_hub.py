@@ -9,7 +9,6 @@ byte ranges, concurrent commits).
 import base64
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -51,21 +50,6 @@ def hub(tmp_path: Path) -> Iterator[LocalHub]:
         yield running_hub
 
 
-def client_env(hub: LocalHub, tmp_path: Path) -> dict[str, str]:
-    """Environment for a client process: this hub as endpoint, no Xet, nothing from the machine's HF setup."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGING_FACE_"))}
-    env.update(
-        HF_ENDPOINT=hub.endpoint,
-        HF_HUB_DISABLE_XET="1",
-        HF_HOME=str(tmp_path / "hf_home"),
-        HF_HUB_DISABLE_TELEMETRY="1",
-        HF_HUB_DISABLE_PROGRESS_BARS="1",
-        NO_PROXY="127.0.0.1,localhost",
-        no_proxy="127.0.0.1,localhost",
-    )
-    return env
-
-
 def run_client(hub: LocalHub, tmp_path: Path, code: str, token: str | bool = TOKEN, **args: Any) -> Any:
     """Run `code` with the real client in a fresh interpreter and return the JSON it `emit`-ted last.
 
@@ -75,7 +59,7 @@ def run_client(hub: LocalHub, tmp_path: Path, code: str, token: str | bool = TOK
     payload = json.dumps({"token": token, **args})
     result = subprocess.run(
         [sys.executable, "-c", script, payload],
-        env=client_env(hub, tmp_path),
+        env=hub.client_env(tmp_path / "hf_home"),
         capture_output=True,
         text=True,
         timeout=120,

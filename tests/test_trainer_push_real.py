@@ -1,8 +1,6 @@
 """PruningTrainer.push_to_hub on the real MiniLM, against the local Hub-protocol server, read back fresh."""
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
@@ -73,24 +71,9 @@ print(json.dumps({
 """
 
 
-def client_env(endpoint: str, home: Path, token: str | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(
-        {
-            "HF_ENDPOINT": endpoint,
-            "HF_HUB_DISABLE_XET": "1",
-            "HF_HOME": str(home),
-            "HF_HUB_DISABLE_TELEMETRY": "1",
-        }
-    )
-    if token:
-        env["HF_TOKEN"] = token
-    return env
-
-
 def test_trainer_push_to_hub_then_fresh_load_pruned_by_repo_id_and_revision(tmp_path):
     with LocalHub(tmp_path / "hub", token=TOKEN) as hub:
-        env = client_env(hub.endpoint, tmp_path / "home", TOKEN)
+        env = hub.client_env(tmp_path / "home", TOKEN)
         pushed = json.loads(run_fresh(TRAIN_AND_PUSH, str(tmp_path / "run"), REPO, env=env).splitlines()[-1])
         back = json.loads(
             run_fresh(
@@ -98,7 +81,7 @@ def test_trainer_push_to_hub_then_fresh_load_pruned_by_repo_id_and_revision(tmp_
                 REPO,
                 str(tmp_path / "run" / "expected.pt"),
                 pushed["first"],
-                env=client_env(hub.endpoint, tmp_path / "home2", None),
+                env=hub.client_env(tmp_path / "home2"),
             ).splitlines()[-1]
         )
     assert back["latest_equal"] and back["first_equal"]
@@ -143,7 +126,7 @@ print(HfApi().repo_exists(sys.argv[1]))
 
 def test_trainer_push_without_token_is_a_clear_error_and_leaves_nothing(tmp_path):
     with LocalHub(tmp_path / "hub", token=TOKEN) as hub:
-        env = client_env(hub.endpoint, tmp_path / "home", None)
+        env = hub.client_env(tmp_path / "home")
         message = run_fresh(PUSH_WITHOUT_TOKEN, str(tmp_path / "run"), REPO, env=env)
         exists = run_fresh(REPO_EXISTS, REPO, env=env).strip()
     assert "No Hugging Face token" in message and "HF_TOKEN" in message

@@ -125,22 +125,18 @@ class GradientPruningCallback(TrainerCallback):
         self.head_importance = importance
         num_kv = adapter.num_key_value_heads(model.config)
         if args.prune_heads_per_layer is not None:
-            heads = select_heads_to_prune(
-                importance,
-                per_layer=units,
-                min_heads_per_layer=args.prune_min_heads_per_layer,
-                num_key_value_heads=num_kv,
-            )
+            amount = {"per_layer": units}
         else:
             group = adapter.num_heads(model.config) // num_kv
             remaining = int((~importance.isnan()).sum()) // group
             # select_heads_to_prune removes int(fraction * remaining) units: aim at the middle of the unit.
-            heads = select_heads_to_prune(
-                importance,
-                fraction=min((units + 0.5) / remaining, 0.999999),
-                min_heads_per_layer=args.prune_min_heads_per_layer,
-                num_key_value_heads=num_kv,
-            )
+            amount = {"fraction": min((units + 0.5) / remaining, 0.999999)}
+        heads = select_heads_to_prune(
+            importance,
+            min_heads_per_layer=args.prune_min_heads_per_layer,
+            num_key_value_heads=num_kv,
+            **amount,
+        )
         prune_heads(model, heads, optimizer=optimizer)
         return heads
 

@@ -831,6 +831,30 @@ class LocalHub:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
+    def client_env(self, hf_home: str | os.PathLike, token: str | None = None) -> dict[str, str]:
+        """Environment for a process whose ``huggingface_hub`` client should talk to this server.
+
+        The machine's own ``HF_*`` settings (tokens, caches) are left out; ``HF_TOKEN`` is ``token`` when
+        given. The client reads these when it is imported, so pass them to a new process.
+
+        Args:
+            hf_home (`str` or `os.PathLike`): the client's ``HF_HOME`` (its cache and stored token).
+            token (`str`, *optional*): the client's ``HF_TOKEN``.
+        """
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_"))}
+        env.update(
+            HF_ENDPOINT=self.endpoint,
+            HF_HUB_DISABLE_XET="1",
+            HF_HOME=os.fspath(hf_home),
+            HF_HUB_DISABLE_TELEMETRY="1",
+            HF_HUB_DISABLE_PROGRESS_BARS="1",
+            NO_PROXY="127.0.0.1,localhost",
+            no_proxy="127.0.0.1,localhost",
+        )
+        if token is not None:
+            env["HF_TOKEN"] = token
+        return env
+
     def start(self) -> "LocalHub":
         """Start serving in a background thread and return `self`."""
         if self._server is not None:
