@@ -96,19 +96,30 @@ def test_plain_trainer_masks_persist_through_adamw_clipping_accumulation_bf16(mo
         assert torch.count_nonzero(params[name].detach()[mask]) > 0.9 * mask.sum()  # kept weights trained on
 
 
-def test_trainer_prunes_heads_mid_training_and_remaps_optimizer(tmp_path):
-    model = build_tiny("bert").train()
-    pruning = PruningArguments(prune_heads_per_layer=1, prune_steps="4", importance_batches=2)
+@pytest.mark.parametrize(("model_type", "removed"), [("bert", 1), ("gpt2", 1), ("llama", 2)])
+def test_trainer_prunes_heads_mid_training_and_remaps_optimizer(model_type, removed, tmp_path):
+    model = build_tiny(model_type).train()
+    pruning = PruningArguments(
+        prune_heads_per_layer=1, prune_steps="4", weight_sparsity=0.3, importance_batches=2
+    )
     trainer = PruningTrainer(
-        model=model, args=training_args(tmp_path), train_dataset=tiny_dataset(), pruning_args=pruning
+        model=model,
+        args=training_args(tmp_path),
+        train_dataset=tiny_dataset(causal=model_type != "bert"),
+        pruning_args=pruning,
     )
     trainer.pruning_callback.show_progress = False
     trainer.train()
-    assert all(len(heads) == 1 for heads in PruningRecord.from_config(model.config).pruned_heads.values())
+    pruned = PruningRecord.from_config(model.config).pruned_heads
+    assert sorted(pruned) == [0, 1, 2] and all(len(heads) == removed for heads in pruned.values())
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert optimized == {id(p) for p in model.parameters()}
-    assert set(map(id, trainer.optimizer.state)) <= optimized
-    assert model.bert.encoder.layer[0].attention.self.query.weight.shape == (24, 32)
+    params = dict(model.named_parameters())
+    for param in trainer.optimizer.state:
+        assert trainer.optimizer.state[param]["exp_avg"].shape == param.shape
+    for name, mask in get_masks(model).items():  # masks were cut with their weights and still hold
+        assert mask.shape == params[name].shape and int((~mask).sum()) == round(0.3 * mask.numel())
+        assert torch.count_nonzero(params[name].detach()[~mask]) == 0
 
 
 def test_trainer_logs_pruning_to_log_history(tmp_path):

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from hf_gradprune import PruningRecord, get_adapter, prune_heads
+from hf_gradprune.masks import apply_masks, get_masks
 
 from .helpers import build_tiny, logits, removable, tiny_batch
 
@@ -124,3 +125,31 @@ def test_prune_heads_remaps_optimizer_state_of_kept_rows():
     torch.testing.assert_close(new_state["step"], old_state["step"])
     model(**tiny_batch(model, seed=3)).loss.backward()
     optimizer.step()
+
+
+@pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama"])
+def test_prune_heads_cuts_weight_masks_with_their_weights(model_type):
+    model = build_tiny(model_type)
+    adapter = get_adapter(model)
+    generator = torch.Generator().manual_seed(0)
+    masks = {
+        n: torch.rand(p.shape, generator=generator) > 0.5
+        for n, p in model.named_parameters()
+        if p.dim() == 2 and ".0." in n and "embed" not in n and "wte" not in n and "wpe" not in n
+    }
+    apply_masks(model, masks)
+    reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+    prune_heads(model, removable(model_type)[0])
+    params = dict(model.named_parameters())
+    cut = get_masks(model)
+    assert cut.keys() == masks.keys()
+    for name, mask in cut.items():
+        assert mask.shape == params[name].shape
+        assert torch.count_nonzero(params[name].detach()[~mask]) == 0
+    output = adapter.attention_parts(model, 0).output
+    out_name = next(n for n, p in params.items() if p is output.weight)
+    removed = removable(model_type)[0][0]
+    kept = torch.tensor([h * 8 + i for h in range(4) if h not in removed for i in range(8)])
+    in_dim = 0 if model_type == "gpt2" else 1  # Conv1D stores (in, out)
+    assert torch.equal(cut[out_name], masks[out_name].index_select(in_dim, kept))
+    assert torch.equal(params[out_name].detach(), reference[out_name].index_select(in_dim, kept))
