@@ -80,18 +80,20 @@ class GradientPruningCallback(TrainerCallback):
         self._writer = None
 
     # --- schedule -------------------------------------------------------------------------------
-    def head_units_to_remove(self, step: int, total_per_layer: int, total_units: int) -> int | None:
-        """Units to remove at ``step`` (spread evenly over the prune steps), or ``None`` off-schedule."""
-        steps = self.pruning_args.prune_step_list
-        if not self.pruning_args.prunes_heads or step not in steps:
+    def head_units_to_remove(self, step: int, num_units: int) -> int | None:
+        """Heads (key/value groups under GQA) to remove at ``step``, or ``None`` off-schedule.
+
+        The target (``prune_heads_per_layer`` per layer, or ``prune_heads_fraction`` of the ``num_units``
+        of the original model) is spread evenly over the prune steps.
+        """
+        args, steps = self.pruning_args, self.pruning_args.prune_step_list
+        if not args.prunes_heads or step not in steps:
             return None
-        done, now = steps.index(step), steps.index(step) + 1
-        if self.pruning_args.prune_heads_per_layer is not None:
-            return round(total_per_layer * now / len(steps)) - round(total_per_layer * done / len(steps))
-        fraction = self.pruning_args.prune_heads_fraction
-        return round(fraction * total_units * now / len(steps)) - round(
-            fraction * total_units * done / len(steps)
-        )
+        target = args.prune_heads_per_layer
+        if target is None:
+            target = args.prune_heads_fraction * num_units
+        done = steps.index(step)
+        return round(target * (done + 1) / len(steps)) - round(target * done / len(steps))
 
     def weight_sparsity_at(self, step: int) -> float | None:
         """The weight sparsity to reach at ``step``, or ``None`` when the weights are not pruned then."""
@@ -188,9 +190,8 @@ class GradientPruningCallback(TrainerCallback):
         adapter = get_adapter(model) if self.pruning_args.prunes_heads else None
         units = None
         if adapter is not None:
-            per_layer = self.pruning_args.prune_heads_per_layer or 0
-            num_kv = adapter.num_key_value_heads(model.config)
-            units = self.head_units_to_remove(step, per_layer, num_kv * len(adapter.blocks(model)))
+            num_units = adapter.num_key_value_heads(model.config) * len(adapter.blocks(model))
+            units = self.head_units_to_remove(step, num_units)
         sparsity = self.weight_sparsity_at(step)
         if not units and sparsity is None:
             return
