@@ -9,6 +9,7 @@ from transformers import BertForSequenceClassification
 
 from hf_gradprune import load_pruned, prune_heads
 from hf_gradprune.checkpoint import load_state, save_state
+from hf_gradprune.masks import MASKS_FILENAME, apply_masks, get_masks, save_masks
 
 from .helpers import build_tiny, fresh_reload_logits, logits, removable, tiny_batch
 
@@ -119,3 +120,23 @@ def test_save_state_refuses_objects_that_need_pickle(tmp_path):
     with pytest.raises(TypeError, match=r"Cannot store object at 'state\.x' without pickle"):
         save_state({"x": object()}, tmp_path, "state")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("heads", [{0: [1]}, {}])
+def test_load_pruned_reapplies_saved_masks_so_training_keeps_zeros(heads, tmp_path):
+    model = build_tiny("bert")
+    prune_heads(model, heads)
+    query = "bert.encoder.layer.0.attention.self.query.weight"
+    mask = torch.rand(model.get_parameter(query).shape, generator=torch.Generator().manual_seed(0)) > 0.5
+    apply_masks(model, {query: mask})
+    model.save_pretrained(tmp_path)
+    save_masks(get_masks(model), tmp_path / MASKS_FILENAME)
+    again = load_pruned(tmp_path).train()
+    assert torch.equal(get_masks(again)[query], mask)
+    optimizer = torch.optim.AdamW(again.parameters(), lr=0.1)
+    for seed in range(3):
+        again(**tiny_batch(again, seed=seed)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert torch.count_nonzero(again.get_parameter(query).detach()[~mask]) == 0
+    assert not get_masks(load_pruned(tmp_path, apply_weight_masks=False))

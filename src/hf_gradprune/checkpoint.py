@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
+from .masks import MASKS_FILENAME, apply_masks, load_masks
 from .record import PruningRecord, strip_record
 from .surgery import prune_heads
 
@@ -97,17 +98,21 @@ def load_strict(model: PreTrainedModel, state: dict[str, torch.Tensor], record: 
 def load_pruned(
     path_or_repo_id: str | os.PathLike,
     model_class: type[PreTrainedModel] | None = None,
+    apply_weight_masks: bool = True,
     **from_pretrained_kwargs: Any,
 ) -> PreTrainedModel:
     """Load a checkpoint saved after :func:`hf_gradprune.prune_heads`, from a folder or a Hub repo id.
 
     The model is built from ``config.json``, the recorded pruning is replayed, and the safetensors
     weights are loaded strictly. A checkpoint without a pruning record goes through plain
-    ``model_class.from_pretrained``.
+    ``model_class.from_pretrained``. Weight masks saved beside the weights (``pruning_masks.safetensors``)
+    are applied again, so pruned weights stay zero if the model is trained further.
 
     Args:
         path_or_repo_id (`str` or `os.PathLike`): a local folder or a Hub repository id.
         model_class (`type[PreTrainedModel]`, *optional*): defaults to ``config.architectures[0]``.
+        apply_weight_masks (`bool`, *optional*, defaults to `True`): re-apply saved weight masks (set
+            `False` for inference only: the masks cost one byte per masked weight).
         from_pretrained_kwargs: ``revision``, ``token``, ``cache_dir``, ``local_files_only``,
             ``force_download`` (for the download) and ``dtype``.
 
@@ -136,15 +141,18 @@ def load_pruned(
     cls = _model_class(config, model_class)
     record = PruningRecord.from_config(config)
     dtype = from_pretrained_kwargs.get("dtype")
-    if not record.pruned_heads:
-        return cls.from_pretrained(folder, **({"dtype": dtype} if dtype else {}))
-    with no_init_weights():
-        model = cls._from_config(strip_record(config), dtype=dtype or getattr(config, "dtype", None))
-    prune_heads(model, record.pruned_heads)
-    record.save_to_config(model.config)
-    load_strict(model, read_state_dict(folder), record)
-    if model.can_generate() and (folder / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(folder)
+    if record.pruned_heads:
+        with no_init_weights():
+            model = cls._from_config(strip_record(config), dtype=dtype or getattr(config, "dtype", None))
+        prune_heads(model, record.pruned_heads)
+        record.save_to_config(model.config)
+        load_strict(model, read_state_dict(folder), record)
+        if model.can_generate() and (folder / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(folder)
+    else:
+        model = cls.from_pretrained(folder, **({"dtype": dtype} if dtype else {}))
+    if apply_weight_masks and (folder / MASKS_FILENAME).is_file():
+        apply_masks(model, load_masks(folder / MASKS_FILENAME))
     return model.eval()
 
 
