@@ -1,14 +1,16 @@
 """Worker of tests/test_distributed.py, one process per rank under ``torchrun``: a pruning Trainer on gloo.
 
 Usage: ``torchrun --nproc_per_node 2 tests/distributed_worker.py OUT_DIR MODE`` with MODE one of
-``one_shot`` (weight sparsity 0.5 at step 0), ``linear`` (0 -> 0.5 over steps 0..6, every 2 steps) or
-``heads`` (structural head pruning, which the callback refuses in multi-process training).
+``one_shot`` (weight sparsity 0.5 at step 0), ``linear`` (0 -> 0.5 over steps 0..6, every 2 steps),
+``heads0`` (PruningTrainer: one head per layer cut before training, then weight sparsity 0.5) or ``heads``
+(a head cut at step 3, mid-training, which the callback refuses in multi-process training).
 
 Each rank writes into OUT_DIR:
 
 - ``batches_rank{R}.safetensors``: the ``input_ids`` of the importance batches the callback draws at step 0;
 - ``masks_rank{R}_step{S}.safetensors``: the masks right after each step ``S`` at which they changed;
 - ``masks_rank{R}.safetensors`` and ``weights_rank{R}.safetensors``: masks and parameters after training;
+- ``heads_rank{R}.json``: the pruned heads of the model's pruning record;
 - in ``heads`` mode, ``error_rank{R}.txt`` with the message of the ``ValueError`` (then re-raised).
 
 ``HF_GRADPRUNE_TEST_NO_ALLREDUCE=1`` replaces ``hf_gradprune.importance.all_reduce_sum`` by the identity
@@ -17,6 +19,7 @@ before training, so each rank selects from its own shard only: the control that 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -30,7 +33,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `tests.helpers`
 
 import hf_gradprune.importance
-from hf_gradprune import GradientPruningCallback, PruningArguments
+from hf_gradprune import GradientPruningCallback, PruningArguments, PruningRecord, PruningTrainer
 from hf_gradprune.callback import take_batches
 from hf_gradprune.masks import get_masks, save_masks
 from tests.helpers import VOCAB, build_tiny
@@ -46,7 +49,8 @@ PRUNING = {
         "sparsity_schedule_end": 6,
         "sparsity_schedule_frequency": 2,
     },
-    "heads": {"prune_heads_per_layer": 1, "prune_steps": "0"},
+    "heads0": {"prune_heads_per_layer": 1, "prune_steps": "0", "weight_sparsity": 0.5},
+    "heads": {"prune_heads_per_layer": 1, "prune_steps": "3"},
 }
 
 
@@ -103,15 +107,14 @@ def main() -> None:
     )
     rank = args.process_index
     model = build_tiny("bert").train()
-    pruning = GradientPruningCallback(
-        PruningArguments(importance_batches=IMPORTANCE_BATCHES, **PRUNING[mode]), show_progress=False
-    )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=random_dataset(),
-        callbacks=[pruning, Recorder(out, rank)],
-    )
+    pruning_args = PruningArguments(importance_batches=IMPORTANCE_BATCHES, **PRUNING[mode])
+    common = {"model": model, "args": args, "train_dataset": random_dataset()}
+    if mode == "heads0":  # PruningTrainer cuts step-0 heads before DDP wraps the model
+        trainer = PruningTrainer(**common, pruning_args=pruning_args, callbacks=[Recorder(out, rank)])
+        trainer.pruning_callback.show_progress = False
+    else:
+        pruning = GradientPruningCallback(pruning_args, show_progress=False)
+        trainer = Trainer(**common, callbacks=[pruning, Recorder(out, rank)])
     try:
         trainer.train()
     except ValueError as error:
@@ -121,6 +124,8 @@ def main() -> None:
         dist.barrier()  # both ranks have written their file before either exits
         raise
     save_masks(get_masks(model), out / f"masks_rank{rank}.safetensors")
+    heads = PruningRecord.from_config(model.config).pruned_heads
+    (out / f"heads_rank{rank}.json").write_text(json.dumps(heads))
     weights = {name: p.detach().contiguous() for name, p in model.named_parameters()}
     save_file(weights, out / f"weights_rank{rank}.safetensors")
     dist.barrier()

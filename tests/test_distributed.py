@@ -10,6 +10,7 @@ look equal across ranks even without the all-reduce; the weights, zeroed by each
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import socket
 import subprocess
@@ -32,9 +33,9 @@ pytestmark = [
 ]
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
-HEAD_REFUSAL = "Structural head pruning in multi-process training is not supported"
+HEAD_REFUSAL = "Structural head pruning during multi-process training is not supported"
 # Step -> weight sparsity reached there, for the schedules of distributed_worker.PRUNING.
-PRUNE_STEPS = {"one_shot": {0: 0.5}, "linear": {2: 0.5 / 3, 4: 1.0 / 3, 6: 0.5}}
+PRUNE_STEPS = {"one_shot": {0: 0.5}, "linear": {2: 0.5 / 3, 4: 1.0 / 3, 6: 0.5}, "heads0": {0: 0.5}}
 
 
 def free_port() -> int:
@@ -93,6 +94,13 @@ def test_distributed_importance_batches_differ_per_rank(run):
     assert different_tensors(first, second) == list(first)
 
 
+def test_distributed_heads_equal_across_ranks(run):
+    mode, out = run
+    first, second = (json.loads((out / f"heads_rank{rank}.json").read_text()) for rank in (0, 1))
+    assert first == second
+    assert [len(heads) for heads in first.values()] == ([1, 1, 1] if mode == "heads0" else [])
+
+
 def test_distributed_masks_equal_across_ranks_at_every_pruning_step(run):
     mode, out = run
     targets = {f"{name}.weight" for name in target_linear_modules(build_tiny("bert"))}
@@ -126,6 +134,10 @@ def test_distributed_weights_equal_across_ranks(run):
     assert first.keys() == initial.keys()
     assert different_tensors(first, second) == []
     assert not torch.equal(first["classifier.weight"], initial["classifier.weight"].detach()), "no training"
+    if run[0] == "heads0":  # the cut is structural on both ranks: one head (8 rows) fewer per layer
+        assert all(
+            first[f"bert.encoder.layer.{i}.attention.self.query.weight"].shape == (24, 32) for i in range(3)
+        )
 
 
 def test_distributed_without_all_reduce_masks_differ(tmp_path):

@@ -77,6 +77,8 @@ class GradientPruningCallback(TrainerCallback):
         self.head_importance: torch.Tensor | None = None
         self.weight_sparsity = 0.0
         self._restored_masks: dict[str, torch.Tensor] | None = None
+        self._heads_done_before_training = False
+        self._pending_logs: dict[str, float] = {}
         self._writer = None
 
     # --- schedule -------------------------------------------------------------------------------
@@ -170,15 +172,52 @@ class GradientPruningCallback(TrainerCallback):
             zero_pruned_optimizer_state(optimizer, model, masks)
         self.weight_sparsity = sparsity
 
+    def prune_heads_before_training(self, model: PreTrainedModel, dataloader: Iterable) -> None:
+        """Make the step-0 head cut now, before the Trainer builds its optimizer and wraps the model.
+
+        ``PruningTrainer.train`` calls this; it is what makes step-0 head pruning work under DDP, which
+        cannot follow parameters that change shape once it wraps the model.
+        """
+        if not self.pruning_args.prunes_heads or 0 not in self.pruning_args.prune_step_list:
+            return
+        units = self.head_units_to_remove(0, self._num_units(model))
+        if units:
+            self.prune_heads_now(model, take_batches(dataloader, self.pruning_args.importance_batches), units)
+            self._pending_logs.update(self.head_logs(model))
+        self._heads_done_before_training = True
+
+    @staticmethod
+    def _num_units(model: PreTrainedModel) -> int:
+        """Prunable head units (key/value groups) in the original model."""
+        adapter = get_adapter(model)
+        return adapter.num_key_value_heads(model.config) * len(adapter.blocks(model))
+
+    @staticmethod
+    def head_logs(model: PreTrainedModel) -> dict[str, float]:
+        """Heads left in each layer."""
+        adapter = get_adapter(model)
+        record, num_heads = PruningRecord.from_config(model.config), adapter.num_heads(model.config)
+        return {
+            f"prune/heads_layer_{layer}": len(record.kept_heads(layer, num_heads))
+            for layer in range(len(adapter.blocks(model)))
+        }
+
+    def _head_steps_left(self, step: int) -> list[int]:
+        done = {0} if self._heads_done_before_training else set()
+        return [s for s in self.pruning_args.prune_step_list if s >= step and s not in done]
+
     # --- events -----------------------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         model = kwargs["model"]
-        pending = [s for s in self.pruning_args.prune_step_list if s >= state.global_step]
-        if self.pruning_args.prunes_heads and args.world_size > 1 and pending:
+        if (
+            self.pruning_args.prunes_heads
+            and args.world_size > 1
+            and self._head_steps_left(state.global_step)
+        ):
             raise ValueError(
-                "Structural head pruning in multi-process training is not supported: DDP cannot follow "
-                "parameters that change shape. Prune heads in one process (`hf_gradprune.prune_heads`), then "
-                "train on several with weight pruning only."
+                "Structural head pruning during multi-process training is not supported: DDP cannot follow "
+                "parameters that change shape. Use PruningTrainer with `--prune_steps 0` (heads are cut "
+                "before DDP wraps the model), or prune heads in one process first."
             )
         if self._restored_masks:
             apply_masks(model, self._restored_masks)
@@ -187,28 +226,23 @@ class GradientPruningCallback(TrainerCallback):
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         model, optimizer = kwargs["model"], kwargs.get("optimizer")
         step = state.global_step
-        adapter = get_adapter(model) if self.pruning_args.prunes_heads else None
         units = None
-        if adapter is not None:
-            num_units = adapter.num_key_value_heads(model.config) * len(adapter.blocks(model))
-            units = self.head_units_to_remove(step, num_units)
+        if self.pruning_args.prunes_heads and step in self._head_steps_left(step):
+            units = self.head_units_to_remove(step, self._num_units(model))
         sparsity = self.weight_sparsity_at(step)
-        if not units and sparsity is None:
-            return
-        batches = take_batches(kwargs["train_dataloader"], self.pruning_args.importance_batches)
-        logs: dict[str, float] = {}
-        if units:
-            self.prune_heads_now(model, batches, units, optimizer=optimizer)
-            record = PruningRecord.from_config(model.config)
-            num_heads = adapter.num_heads(model.config)
-            for layer in range(len(adapter.blocks(model))):
-                logs[f"prune/heads_layer_{layer}"] = len(record.kept_heads(layer, num_heads))
-        if sparsity is None and units and self.weight_sparsity > 0:
-            sparsity = self.weight_sparsity  # surgery removed masked rows: restore the exact sparsity
-        if sparsity is not None:
-            self.prune_weights_now(model, batches, sparsity, optimizer=optimizer)
-            logs.update(self.sparsity_logs(model))
-        self._log(args, state, logs)
+        if units and sparsity is None and self.weight_sparsity > 0:
+            sparsity = self.weight_sparsity  # surgery removes masked rows: restore the exact sparsity
+        logs, self._pending_logs = self._pending_logs, {}
+        if units or sparsity is not None:
+            batches = take_batches(kwargs["train_dataloader"], self.pruning_args.importance_batches)
+            if units:
+                self.prune_heads_now(model, batches, units, optimizer=optimizer)
+                logs.update(self.head_logs(model))
+            if sparsity is not None:
+                self.prune_weights_now(model, batches, sparsity, optimizer=optimizer)
+                logs.update(self.sparsity_logs(model))
+        if logs:
+            self._log(args, state, logs)
 
     def on_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs

@@ -53,8 +53,9 @@ class PruningTrainer(Trainer):
         self, *args: Any, pruning_args: PruningArguments, dataset_name: str | None = None, **kwargs: Any
     ):
         self.pruning_callback = GradientPruningCallback(pruning_args)
+        # Before the user's callbacks, so that they see each step's pruning done.
+        kwargs["callbacks"] = [self.pruning_callback, *(kwargs.get("callbacks") or [])]
         super().__init__(*args, **kwargs)
-        self.add_callback(self.pruning_callback)
         self.pruning_args = pruning_args
         self.params_before = self.model.num_parameters()
         self.eval_before: dict[str, float] | None = None
@@ -63,7 +64,8 @@ class PruningTrainer(Trainer):
         self.dataset_name = dataset_name
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
-        """``Trainer.train``, after replaying the checkpoint's pruning when resuming."""
+        """``Trainer.train``, after replaying the checkpoint's pruning when resuming, or making the step-0
+        head cut before the optimizer exists and DDP wraps the model."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
@@ -72,6 +74,8 @@ class PruningTrainer(Trainer):
                 )
         if resume_from_checkpoint:
             self._replay_pruning(resume_from_checkpoint)
+        elif self.state.global_step == 0:
+            self.pruning_callback.prune_heads_before_training(self.model, self.get_train_dataloader())
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _replay_pruning(self, checkpoint: str | os.PathLike) -> None:
