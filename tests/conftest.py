@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def review_batches(rotten_tomatoes, minilm_tokenizer) -> Callable[[int, int], li
 
 
 @pytest.fixture(scope="session")
-def smollm2():
+def _smollm2_loaded():
     """The real SmolLM2-135M (GGUF, dequantised to float32), loaded once per session."""
     pytest.importorskip("gguf")
     folder, gguf_file = smollm2_gguf()
@@ -72,3 +73,10 @@ def smollm2():
     ).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     return model, tokenizer
+
+
+@pytest.fixture
+def smollm2(_smollm2_loaded):
+    """A fresh copy of the real SmolLM2-135M and its tokenizer (tests prune it in place)."""
+    model, tokenizer = _smollm2_loaded
+    return copy.deepcopy(model), tokenizer
