@@ -52,7 +52,8 @@ print(json.dumps({"first": first.oid, "second": second.oid, "eval_loss": after["
 
 LOAD_BACK = """
 import json, sys, torch
-from huggingface_hub import HfApi, ModelCard
+from pathlib import Path
+from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from hf_gradprune import load_pruned
 repo, expected_path, first = sys.argv[1], sys.argv[2], sys.argv[3]
 expected = torch.load(expected_path)
@@ -60,12 +61,13 @@ with torch.no_grad():
     latest = load_pruned(repo)(**expected["batch"]).logits
     old = load_pruned(repo, revision=first)(**expected["batch"]).logits
 card = ModelCard.load(repo)
+texts = [Path(hf_hub_download(repo, name)).read_text() for name in ("config.json", "training_args.json")]
 commits = [c.title for c in HfApi().list_repo_commits(repo)]
 files = sorted(HfApi().list_repo_files(repo))
 print(json.dumps({
     "latest_equal": bool(torch.equal(latest, expected["second"])),
     "first_equal": bool(torch.equal(old, expected["first"])),
-    "commits": commits, "files": files, "card": card.text,
+    "commits": commits, "files": files, "card": card.text, "texts": texts,
     "metadata": card.data.to_dict(),
 }))
 """
@@ -100,7 +102,8 @@ def test_trainer_push_to_hub_then_fresh_load_pruned_by_repo_id_and_revision(tmp_
     assert metadata["datasets"] == ["rotten_tomatoes"]
     assert f"{pushed['params']:,}" in back["card"]
     assert f'load_pruned("{REPO}")' in back["card"]
-    assert str(tmp_path) not in back["card"] and TOKEN not in back["card"]
+    for text in [back["card"], *back["texts"]]:
+        assert str(tmp_path) not in text and TOKEN not in text
 
 
 PUSH_WITHOUT_TOKEN = """

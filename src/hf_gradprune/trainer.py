@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -96,8 +97,17 @@ class PruningTrainer(Trainer):
         folder = Path(output_dir if output_dir is not None else self.args.output_dir)
         pickled = folder / TRAINING_ARGS_NAME
         pickled.unlink(missing_ok=True)
-        (folder / TRAINING_ARGS_JSON).write_text(self.args.to_json_string())
+        (folder / TRAINING_ARGS_JSON).write_text(self._portable_args_json())
         self.pruning_callback.save_pruning_state(self.model, folder)
+
+    def _portable_args_json(self) -> str:
+        """The training arguments as JSON, absolute local paths reduced to their last component (the file
+        may be pushed to the Hub; tokens are already masked by ``TrainingArguments.to_dict``)."""
+        args = {
+            k: Path(v).name if isinstance(v, str) and os.path.isabs(v) else v
+            for k, v in self.args.to_dict().items()
+        }
+        return json.dumps(args, indent=2, sort_keys=True)
 
     # --- training state without pickle ----------------------------------------------------------------
     def _own_state_format(self) -> bool:
