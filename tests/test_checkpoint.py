@@ -140,3 +140,11 @@ def test_load_pruned_reapplies_saved_masks_so_training_keeps_zeros(heads, tmp_pa
         optimizer.zero_grad()
     assert torch.count_nonzero(again.get_parameter(query).detach()[~mask]) == 0
     assert not get_masks(load_pruned(tmp_path, apply_weight_masks=False))
+
+
+@pytest.mark.parametrize("where", ["missing/run/ckpt", "./ckpt", "/no/such/folder", "model.safetensors"])
+def test_load_pruned_local_path_that_is_no_folder_is_a_clear_error(where, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"`path_or_repo_id` .* is not a folder"):
+        load_pruned(where)

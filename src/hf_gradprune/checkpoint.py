@@ -28,7 +28,13 @@ def resolve_folder(path_or_repo_id: str | os.PathLike, **hub_kwargs: Any) -> Pat
     path = Path(path_or_repo_id)
     if path.is_dir():
         return path
-    return Path(snapshot_download(str(path_or_repo_id), **hub_kwargs))
+    text = os.fspath(path_or_repo_id)
+    if path.exists() or path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1:
+        raise FileNotFoundError(
+            f"`path_or_repo_id` {text!r} is not a folder (a Hub repo id looks like 'user/name'): "
+            "pass the folder given to `save_pretrained`."
+        )
+    return Path(snapshot_download(text, **hub_kwargs))
 
 
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
