@@ -4,9 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import datasets
 import evaluate
 
 METRICS_DIR = Path(__file__).parent
+
+
+def label_metric_info(description: str, inputs_description: str) -> evaluate.MetricInfo:
+    """``MetricInfo`` of a metric over integer ``predictions`` and ``references`` (the shipped modules')."""
+    features = datasets.Features(
+        {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
+    )
+    return evaluate.MetricInfo(
+        description=description, citation="", inputs_description=inputs_description, features=features
+    )
 
 
 def load_metric(name: str) -> evaluate.EvaluationModule:

@@ -1,7 +1,8 @@
 """Accuracy as an `evaluate` metric module, shipped so that no metric is fetched from the Hub."""
 
-import datasets
 import evaluate
+
+from hf_gradprune.metrics import label_metric_info
 
 _DESCRIPTION = "Accuracy: the fraction of predictions equal to their reference."
 _KWARGS_DESCRIPTION = """
@@ -19,14 +20,7 @@ Example:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class Accuracy(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
-            ),
-        )
+        return label_metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION)
 
     def _compute(self, predictions: list[int], references: list[int]) -> dict[str, float]:
         if not references:

@@ -1,7 +1,8 @@
 """F1 as an `evaluate` metric module (binary or macro), shipped so that nothing is fetched from the Hub."""
 
-import datasets
 import evaluate
+
+from hf_gradprune.metrics import label_metric_info
 
 _DESCRIPTION = "F1: the harmonic mean of precision and recall."
 _KWARGS_DESCRIPTION = """
@@ -30,14 +31,7 @@ def _f1(predictions: list[int], references: list[int], label: int) -> float:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class F1(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
-            ),
-        )
+        return label_metric_info(_DESCRIPTION, _KWARGS_DESCRIPTION)
 
     def _compute(
         self, predictions: list[int], references: list[int], average: str = "binary", pos_label: int = 1
