@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from .adapters import get_adapter
+from .adapters import get_adapter, weight_dims
 from .arguments import HEAD_ACCUMULATIONS, HEAD_NORMALIZATIONS, WEIGHT_IMPORTANCES, check_choice
 from .gates import HeadGates
 from .record import PruningRecord
@@ -153,11 +153,6 @@ def compute_head_importance(
     return normalize_per_layer(scores, normalize)
 
 
-def _input_dim(module: nn.Module) -> int:
-    """The input dimension of ``module.weight``: 1 for ``nn.Linear`` (out, in), 0 for ``Conv1D`` (in, out)."""
-    return 0 if isinstance(module, Conv1D) else 1
-
-
 def _block_linears(model: PreTrainedModel) -> Iterator[nn.Module]:
     """The attention projections and FFN linears of every block, as the family's adapter declares them."""
     adapter = get_adapter(model)
@@ -243,7 +238,7 @@ def weight_input_dims(model: PreTrainedModel, target_modules: Sequence[str] | No
         0
     """
     modules = target_linear_modules(model, target_modules)
-    return {f"{name}.weight": _input_dim(module) for name, module in modules.items()}
+    return {f"{name}.weight": weight_dims(module)[1] for name, module in modules.items()}
 
 
 def weight_layer_groups(
@@ -314,7 +309,7 @@ def _input_square_sums(
 ) -> tuple[list[torch.Tensor], int]:
     """Per module, the float32 sum over all tokens of its squared inputs, one entry per input; batch count."""
     sums = [
-        torch.zeros(m.weight.shape[_input_dim(m)], dtype=torch.float32, device=m.weight.device)
+        torch.zeros(m.weight.shape[weight_dims(m)[1]], dtype=torch.float32, device=m.weight.device)
         for m in modules.values()
     ]
     handles = [
@@ -336,7 +331,7 @@ def _input_square_sums(
 def _finalize(method: str, module: nn.Module, total: torch.Tensor) -> torch.Tensor:
     """The score of ``module.weight`` from its all-reduced accumulator (reused in place)."""
     if method == "wanda":
-        return _magnitude(module).mul_(total.sqrt_().unsqueeze(1 - _input_dim(module)))
+        return _magnitude(module).mul_(total.sqrt_().unsqueeze(1 - weight_dims(module)[1]))
     if method == "fisher":
         return total
     if method == "taylor":

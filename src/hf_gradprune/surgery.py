@@ -11,20 +11,9 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from .adapters import get_adapter
+from .adapters import get_adapter, weight_dims
 from .masks import apply_masks, get_masks
 from .record import PruningRecord
-
-
-def _weight_dims(module: nn.Module) -> tuple[int, int]:
-    """``(output_dim, input_dim)`` of the weight: (0, 1) for ``nn.Linear``, (1, 0) for ``Conv1D``."""
-    if isinstance(module, Conv1D):
-        return 1, 0
-    if isinstance(module, nn.Linear):
-        return 0, 1
-    raise TypeError(
-        f"Cannot cut a {type(module).__name__}: only nn.Linear and transformers Conv1D are supported."
-    )
 
 
 class Replacement(NamedTuple):
@@ -51,7 +40,7 @@ def cut_linear(module: nn.Module, keep: torch.Tensor, side: str) -> list[Replace
     Returns:
         `list[Replacement]`: the swapped parameters, for :func:`remap_optimizer`.
     """
-    out_dim, in_dim = _weight_dims(module)
+    out_dim, in_dim = weight_dims(module)
     keep = keep.to(module.weight.device)
     replaced = [_replace(module, "weight", out_dim if side == "out" else in_dim, keep)]
     if side == "out" and module.bias is not None:

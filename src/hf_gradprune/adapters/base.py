@@ -6,11 +6,24 @@ from dataclasses import dataclass
 
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module:
     """Return the module at dotted ``path`` below ``root`` (``""`` is ``root`` itself)."""
     return root.get_submodule(path) if path else root
+
+
+def weight_dims(module: nn.Module) -> tuple[int, int]:
+    """``(output_dim, input_dim)`` of ``module.weight``: (0, 1) for ``nn.Linear``, (1, 0) for ``Conv1D``."""
+    if isinstance(module, Conv1D):
+        return 1, 0
+    if isinstance(module, nn.Linear):
+        return 0, 1
+    raise TypeError(
+        f"{type(module).__name__} is not a linear layer: only nn.Linear and transformers Conv1D are "
+        "supported."
+    )
 
 
 @dataclass(frozen=True)
