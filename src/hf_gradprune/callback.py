@@ -26,8 +26,8 @@ from .importance import (
 from .masks import (
     MASKS_FILENAME,
     apply_masks,
-    compute_sparsity,
     get_masks,
+    grouped_sparsity,
     load_masks,
     reapply_masks,
     save_masks,
@@ -292,18 +292,11 @@ class GradientPruningCallback(TrainerCallback):
 
     def sparsity_logs(self, model: PreTrainedModel) -> dict[str, float]:
         """Real zero fractions of the target weights: overall and per block."""
-        measured = compute_sparsity(model, self.target_weight_names(model))
-        logs = {"prune/sparsity": measured.pop("overall")}
-        groups = weight_layer_groups(model, self.pruning_args.prune_target_modules)
-        params = dict(model.named_parameters())
-        zeros: dict[str, list[float]] = {}
-        for name, fraction in measured.items():
-            numel = params[name].numel()
-            total = zeros.setdefault(groups[name], [0.0, 0.0])
-            total[0] += fraction * numel
-            total[1] += numel
-        for group, (zero, numel) in zeros.items():
-            logs[f"prune/sparsity_{group.replace('.', '_')}"] = zero / numel
+        counts = grouped_sparsity(model, weight_layer_groups(model, self.pruning_args.prune_target_modules))
+        zeros, entries = sum(c[2] for c in counts.values()), sum(c[1] for c in counts.values())
+        logs = {"prune/sparsity": zeros / entries}
+        for group, (_, n, group_zeros) in counts.items():
+            logs[f"prune/sparsity_{group.replace('.', '_')}"] = group_zeros / n
         return logs
 
     def _log(self, args: TrainingArguments, state: TrainerState, logs: dict[str, float]) -> None:

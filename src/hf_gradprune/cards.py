@@ -32,7 +32,7 @@ from transformers import PreTrainedModel
 from . import __version__
 from .adapters import get_adapter
 from .importance import target_linear_modules
-from .masks import compute_sparsity
+from .masks import grouped_sparsity
 from .record import PruningRecord
 
 TEMPLATE_PATH = Path(__file__).parent / "model_cards" / "pruned_model.md"
@@ -294,25 +294,18 @@ def _sparsity_rows(model: PreTrainedModel, pruning_args: Mapping[str, Any] | Non
     in_block = {
         id(sub): path for block in get_adapter(model).blocks(model) for path, sub in block.named_modules()
     }
-    names = [f"{name}.weight" for name in modules]
-    fractions = compute_sparsity(model, names)
-    groups: dict[str, list[int]] = {}
-    for module_name, module in modules.items():
-        numel = module.weight.numel()
-        kind = in_block.get(id(module)) or module_name.rsplit(".", 1)[-1]
-        group = groups.setdefault(kind, [0, 0, 0])
-        group[0] += 1
-        group[1] += numel
-        group[2] += round(fractions[f"{module_name}.weight"] * numel)
+    kinds = {f"{name}.weight": in_block.get(id(m)) or name.rsplit(".", 1)[-1] for name, m in modules.items()}
+    counts = grouped_sparsity(model, kinds)
     rows = [
-        {"name": name, "matrices": matrices, "weights": f"{weights:,}", "zero": f"{zero / weights:.2%}"}
-        for name, (matrices, weights, zero) in groups.items()
+        {"name": kind, "matrices": matrices, "weights": f"{entries:,}", "zero": f"{zeros / entries:.2%}"}
+        for kind, (matrices, entries, zeros) in counts.items()
     ]
+    entries, zeros = sum(c[1] for c in counts.values()), sum(c[2] for c in counts.values())
     return {
         "sparsity": rows,
         "sparsity_matrices": len(modules),
-        "sparsity_weights": f"{sum(m.weight.numel() for m in modules.values()):,}",
-        "overall_sparsity": f"{fractions['overall']:.2%}",
+        "sparsity_weights": f"{entries:,}",
+        "overall_sparsity": f"{zeros / entries:.2%}",
     }
 
 

@@ -240,10 +240,31 @@ def compute_sparsity(model: nn.Module, param_names: Iterable[str] | None = None)
     names = [name for name, _, _ in _masked(model)] if param_names is None else list(param_names)
     if not names:
         raise ValueError("`model` has no masks and `param_names` is empty: name the parameters to measure.")
-    params = _parameters(model, names)
-    zeros = {name: int((param == 0).sum()) for name, param in params.items()}
-    overall = sum(zeros.values()) / sum(param.numel() for param in params.values())
-    return {"overall": overall, **{name: zeros[name] / params[name].numel() for name in names}}
+    counts = grouped_sparsity(model, {name: name for name in names})
+    overall = sum(zeros for _, _, zeros in counts.values()) / sum(n for _, n, _ in counts.values())
+    return {"overall": overall, **{name: zeros / n for name, (_, n, zeros) in counts.items()}}
+
+
+def grouped_sparsity(model: nn.Module, groups: Mapping[str, str]) -> dict[str, tuple[int, int, int]]:
+    """Exact zero counts in the weights, summed per group: group key to ``(tensors, entries, zeros)``.
+
+    Args:
+        model (`nn.Module`): the model.
+        groups (`Mapping[str, str]`): parameter name to its group key; groups keep first-seen order.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 2)
+        >>> apply_masks(model, {"weight": torch.tensor([[True, False], [False, False]])})
+        >>> grouped_sparsity(model, {"weight": "linear", "bias": "linear"})
+        {'linear': (2, 6, 3)}
+    """
+    totals: dict[str, list[int]] = {}
+    for name, param in _parameters(model, groups).items():
+        total = totals.setdefault(groups[name], [0, 0, 0])
+        total[0] += 1
+        total[1] += param.numel()
+        total[2] += int((param == 0).sum())
+    return {group: (tensors, entries, zeros) for group, (tensors, entries, zeros) in totals.items()}
 
 
 def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
