@@ -2,7 +2,7 @@ import pytest
 from transformers import OPTConfig, OPTForCausalLM
 
 from hf_gradprune import get_adapter, register_adapter, supported_model_types
-from hf_gradprune.adapters import ArchitectureAdapter
+from hf_gradprune.adapters import ArchitectureAdapter, weight_dims
 
 from .helpers import build_tiny
 
@@ -13,19 +13,21 @@ def test_registry_covers_required_families():
     )
 
 
-def test_adapter_finds_every_projection(model_type):
+def test_adapter_structures_match_layer_shapes(model_type):
     model = build_tiny(model_type)
     adapter = get_adapter(model)
     config = model.config
-    width = adapter.num_heads(config) * adapter.head_dim(config)
-    kv_width = adapter.num_key_value_heads(config) * adapter.head_dim(config)
-    for layer in range(len(adapter.blocks(model))):
-        parts = adapter.attention_parts(model, layer)
-        if parts.qkv is not None:
-            assert parts.qkv.weight.shape[1] == width + 2 * kv_width
-        else:
-            assert (parts.query.out_features, parts.key.out_features) == (width, kv_width)
-        assert len(adapter.ffn_modules(model, layer)) >= 2
+    assert [s.name for s in adapter.structures] == ["heads", "ffn"]
+    for structure in adapter.structures:
+        units = adapter.num_units(structure, config)
+        width = adapter.unit_width(structure, config)
+        runs = {"unit": units * width, "group": units // adapter.group_size(structure, config) * width}
+        for layer in range(len(adapter.blocks(model))):
+            for rows in structure.rows:
+                module = adapter.module(model, layer, rows.path)
+                assert module.weight.shape[weight_dims(module)[0]] == sum(runs[s] for s in rows.segments)
+            output = adapter.module(model, layer, structure.output)
+            assert output.weight.shape[weight_dims(output)[1]] == units * width
 
 
 def test_adapter_unsupported_model_lists_supported_families():
@@ -39,13 +41,15 @@ def test_adapter_unsupported_model_lists_supported_families():
             word_embed_proj_dim=16,
         )
     )
-    with pytest.raises(ValueError, match=r"model_type 'opt'.*Supported model types: bert, distilbert, gpt2"):
+    with pytest.raises(
+        ValueError, match=r"model_type 'opt'.*Supported model types: bert, distilbert, gpt2.*register_adapter"
+    ):
         get_adapter(model)
 
 
 def test_register_adapter_refuses_duplicates():
     with pytest.raises(ValueError, match=r"already registered.*bert"):
-        register_adapter(ArchitectureAdapter(model_types=("bert",), layers="x", attention="y", output="z"))
+        register_adapter(ArchitectureAdapter(model_types=("bert",), layers="x", structures=()))
 
 
 def test_adapter_gqa_head_counts_on_tiny_llama():

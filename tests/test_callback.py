@@ -132,7 +132,8 @@ def test_trainer_logs_pruning_to_log_history(tmp_path):
     )
     trainer.train()
     (entry,) = [h for h in trainer.state.log_history if "prune/sparsity" in h]
-    assert entry["step"] == 0 and entry["prune/sparsity"] == 0.5
+    # Pruned before step 1, logged with the Trainer's first log after it (beside the loss).
+    assert entry["step"] == 1 and entry["prune/sparsity"] == 0.5 and "loss" in entry
     assert [entry[f"prune/heads_layer_{i}"] for i in range(3)] == [3, 3, 3]
     assert entry["prune/sparsity_layer_0"] == 0.5
 
@@ -200,16 +201,17 @@ def test_trainer_logs_pruning_to_tensorboard(tmp_path):
         pruning_args=pruning,
     )
     trainer.train()
-    events = EventAccumulator(
-        str(tmp_path / "out" / "runs" / "pruning"), size_guidance={"images": 0}
-    ).Reload()
-    scalars = set(events.Tags()["scalars"])
+    runs = tmp_path / "out" / "runs"
+    (logged,) = [folder for folder in runs.iterdir() if folder.name != "pruning"]  # the Trainer's own writer
+    scalars = EventAccumulator(str(logged)).Reload()
     assert {
-        "prune/sparsity",
-        "prune/sparsity_layer_2",
-        "prune/heads_layer_0",
-        "prune/heads_layer_2",
-    } <= scalars
-    assert events.Scalars("prune/heads_layer_1")[0].value == 3
-    assert events.Scalars("prune/sparsity")[0].value == pytest.approx(0.5)
-    assert "prune/head_importance" in events.Tags()["images"]
+        "train/prune/sparsity",
+        "train/prune/sparsity_layer_2",
+        "train/prune/heads_layer_0",
+        "train/prune/ffn_layer_2",
+        "train/prune/flops_ratio",
+    } <= set(scalars.Tags()["scalars"])
+    assert scalars.Scalars("train/prune/heads_layer_1")[0].value == 3
+    assert scalars.Scalars("train/prune/sparsity")[0].value == pytest.approx(0.5)
+    figures = EventAccumulator(str(runs / "pruning"), size_guidance={"images": 0}).Reload()
+    assert "prune/head_importance" in figures.Tags()["images"]

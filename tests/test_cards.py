@@ -18,9 +18,9 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 
 import hf_gradprune
 from hf_gradprune import load_pruned, prune_heads
+from hf_gradprune.adapters import find_target_modules
 from hf_gradprune.arguments import PruningArguments
 from hf_gradprune.cards import create_pruning_model_card, head_importance_figure, save_head_importance_heatmap
-from hf_gradprune.importance import target_linear_modules
 from hf_gradprune.masks import apply_masks
 
 from .helpers import build_tiny
@@ -128,14 +128,14 @@ def test_create_pruning_model_card_names_the_real_numbers() -> None:
 
     text = full_card(model, before).text
 
-    assert "| 0 | 3 / 4 | 1 |" in text
-    assert "| 1 | 4 / 4 | – |" in text
-    assert "| **All** | **7 / 8** | 1 |" in text
+    assert "| 0 | 3 / 4 | 1 | 37 / 37 |" in text
+    assert "| 1 | 4 / 4 | – | 37 / 37 |" in text
+    assert "| **All** | **7 / 8** | 1 | **74 / 74** |" in text
     assert f"| Before pruning | {before:,} |" in text
     assert f"| After pruning | {after:,} |" in text
     assert f"| Reduction | {(before - after) / before:.2%} |" in text
-    assert "| accuracy | 0.8125 | 0.7875 | -0.0250 |" in text
-    assert "| f1 | 0.8000 | 0.7712 | -0.0288 |" in text
+    assert "| accuracy | 0.8125 | – | 0.7875 | -0.0250 |" in text
+    assert "| f1 | 0.8000 | – | 0.7712 | -0.0288 |" in text
     assert "| `prune_heads_per_layer` | `1` |" in text
     assert "**1.50×**" in text
     assert "![Head importance per layer and head](head_importance.png)" in text
@@ -162,7 +162,7 @@ def test_create_pruning_model_card_reports_the_real_zero_fraction() -> None:
     ffn_weights = 2 * 37 * 32
     assert f"| `intermediate.dense` | 2 | {ffn_weights:,} | {96 / ffn_weights:.2%} |" in text
     assert f"| `output.dense` | 2 | {ffn_weights:,} | 0.00% |" in text
-    total = sum(m.weight.numel() for m in target_linear_modules(model).values())
+    total = sum(m.weight.numel() for m in find_target_modules(model).values())
     assert f"| **All** | 12 | {total:,} | **{(256 + 96) / total:.2%}** |" in text
 
 
@@ -179,11 +179,11 @@ def test_create_pruning_model_card_lists_key_value_heads_under_grouped_query_att
     model = LlamaForCausalLM(config)
     prune_heads(model, {1: [2, 3]})
 
-    card = create_pruning_model_card(model, task="text-generation")
+    card = create_pruning_model_card(model)  # the task follows the model's head
 
-    assert "| Layer | Heads kept | Removed heads | Key/value heads kept |" in card.text
-    assert "| 0 | 4 / 4 | – | 2 / 2 |" in card.text
-    assert "| 1 | 2 / 4 | 2, 3 | 1 / 2 |" in card.text
+    assert "| Layer | Heads kept | Removed heads | Key/value heads kept | FFN neurons kept |" in card.text
+    assert "| 0 | 4 / 4 | – | 2 / 2 | 37 / 37 |" in card.text
+    assert "| 1 | 2 / 4 | 2, 3 | 1 / 2 | 37 / 37 |" in card.text
     assert card.data.pipeline_tag == "text-generation"
     assert "text-generation" in card.data.tags
 
@@ -198,7 +198,7 @@ def test_create_pruning_model_card_renders_every_family(model_type: str) -> None
     card = create_pruning_model_card(model, eval_after={"eval_accuracy": 0.5}, dataset_name="rotten_tomatoes")
 
     assert f"| 0 | {num_heads - group} / {num_heads} | {', '.join(map(str, range(group)))} |" in card.text
-    assert f"| **All** | {len(target_linear_modules(model))} |" in card.text
+    assert f"| **All** | {len(find_target_modules(model))} |" in card.text
     assert ModelCard(str(card)).data.eval_results[0].metric_value == 0.5
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from hf_gradprune.importance import target_linear_modules
+from hf_gradprune.adapters import find_target_modules
 from hf_gradprune.masks import load_masks
 
 from .helpers import build_tiny
@@ -33,7 +33,7 @@ pytestmark = [
 ]
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
-HEAD_REFUSAL = "Structural head pruning during multi-process training is not supported"
+HEAD_REFUSAL = "Structural pruning during multi-process training is not supported"
 # Step -> weight sparsity reached there, for the schedules of distributed_worker.PRUNING.
 PRUNE_STEPS = {"one_shot": {0: 0.5}, "linear": {2: 0.5 / 3, 4: 1.0 / 3, 6: 0.5}, "heads0": {0: 0.5}}
 
@@ -103,7 +103,7 @@ def test_distributed_heads_equal_across_ranks(run):
 
 def test_distributed_masks_equal_across_ranks_at_every_pruning_step(run):
     mode, out = run
-    targets = {f"{name}.weight" for name in target_linear_modules(build_tiny("bert"))}
+    targets = {f"{name}.weight" for name in find_target_modules(build_tiny("bert"))}
     first, second = masks_per_step(out, 0), masks_per_step(out, 1)
     assert set(first) == set(second) == set(PRUNE_STEPS[mode])
     for step, sparsity in PRUNE_STEPS[mode].items():

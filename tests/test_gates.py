@@ -64,7 +64,7 @@ def test_head_gates_on_pruned_model_use_original_indices():
 
 
 def test_head_gates_wrong_shape_is_an_error():
-    with pytest.raises(ValueError, match=r"`gates` must have shape \(3, 4\), got \(2, 4\)"):
+    with pytest.raises(ValueError, match=r"`gates` must have shape \(3, 4\) for 'heads', got \(2, 4\)"):
         HeadGates(build_tiny("bert"), torch.ones(2, 4))
 
 

@@ -83,7 +83,10 @@ def test_head_importance_without_labels_is_a_clear_error():
     ("kwargs", "match"),
     [
         ({"normalize": "max"}, "`normalize` must be one of 'layer_sum', 'l2', 'none', got 'max'"),
-        ({"accumulate": "mean"}, "`accumulate` must be one of 'abs_of_sum', 'sum_of_abs', got 'mean'"),
+        (
+            {"accumulate": "mean"},
+            "`accumulate` must be one of 'fisher', 'sum_of_abs', 'abs_of_sum', got 'mean'",
+        ),
         ({"num_batches": 0}, "`num_batches` must be a positive integer"),
     ],
 )

@@ -41,7 +41,7 @@ def test_select_heads_gqa_fraction_counts_groups():
         ({"per_layer": 4}, r"`per_layer` must be in \[0, 3\]"),
         ({"per_layer": -1}, r"`per_layer` must be in \[0, 3\]"),
         ({"fraction": 1.0}, r"`fraction` must be in \[0, 1\)"),
-        ({"per_layer": 1, "min_heads_per_layer": 0}, "`min_heads_per_layer` must be at least 1"),
+        ({"per_layer": 1, "min_heads_per_layer": -1}, "`min_heads_per_layer` must be >= 0"),
         ({"per_layer": 1, "num_key_value_heads": 3}, "`num_key_value_heads` must divide the 4 query heads"),
     ],
 )

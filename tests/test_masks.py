@@ -8,7 +8,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import BertForSequenceClassification
 
-from hf_gradprune.importance import compute_weight_importance, target_linear_modules, weight_input_dims
+from hf_gradprune.adapters import find_target_modules, weight_input_dims
+from hf_gradprune.importance import compute_weight_importance
 from hf_gradprune.masks import (
     MASKS_FILENAME,
     apply_masks,
@@ -37,7 +38,7 @@ def masks(model):
     generator = torch.Generator().manual_seed(0)
     return {
         f"{name}.weight": torch.rand(module.weight.shape, generator=generator) > 0.5
-        for name, module in target_linear_modules(model).items()
+        for name, module in find_target_modules(model).items()
     }
 
 

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from hf_gradprune import PruningRecord, get_adapter, prune_heads
+from hf_gradprune.adapters import weight_dims
 from hf_gradprune.masks import apply_masks, get_masks
 
 from .helpers import build_tiny, logits, removable, tiny_batch
@@ -27,17 +28,18 @@ def test_prune_heads_updates_shapes_and_head_counts(model_type):
     first, _ = removable(model_type)
     prune_heads(model, first)
     head_dim, group = adapter.head_dim(model.config), 4 // adapter.num_key_value_heads(model.config)
+    heads = adapter.structure("heads")
     for layer in range(3):
         kept = 4 - len(first.get(layer, []))
-        parts = adapter.attention_parts(model, layer)
-        out_features = parts.output.weight.shape[0 if parts.qkv is not None else 1]
-        assert out_features == kept * head_dim
-        if parts.qkv is None:
-            assert parts.key.out_features == kept // group * head_dim
-        for attr in adapter.num_heads_attrs:
-            assert getattr(parts.attention, attr) == kept
-        for attr in adapter.width_attrs:
-            assert getattr(parts.attention, attr) == kept * head_dim
+        output = adapter.module(model, layer, heads.output)
+        assert output.weight.shape[weight_dims(output)[1]] == kept * head_dim
+        if model_type != "gpt2":
+            assert adapter.module(model, layer, heads.rows[1].path).out_features == kept // group * head_dim
+        owner = adapter.module(model, layer, heads.owner)
+        for attr in heads.count_attrs:
+            assert getattr(owner, attr) == kept
+        for attr in heads.width_attrs:
+            assert getattr(owner, attr) == kept * head_dim
 
 
 def test_prune_heads_gqa_keeps_head_dim_and_group_ratio():
@@ -146,7 +148,7 @@ def test_prune_heads_cuts_weight_masks_with_their_weights(model_type):
     for name, mask in cut.items():
         assert mask.shape == params[name].shape
         assert torch.count_nonzero(params[name].detach()[~mask]) == 0
-    output = adapter.attention_parts(model, 0).output
+    output = adapter.module(model, 0, adapter.structure("heads").output)
     out_name = next(n for n, p in params.items() if p is output.weight)
     removed = removable(model_type)[0][0]
     kept = torch.tensor([h * 8 + i for h in range(4) if h not in removed for i in range(8)])

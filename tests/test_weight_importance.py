@@ -7,13 +7,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from hf_gradprune.adapters import get_adapter
-from hf_gradprune.importance import (
-    compute_weight_importance,
-    target_linear_modules,
-    weight_input_dims,
-    weight_layer_groups,
-)
+from hf_gradprune.adapters import find_target_modules, get_adapter, weight_input_dims, weight_layer_groups
+from hf_gradprune.importance import compute_weight_importance
 
 from .helpers import build_tiny, tiny_batch
 
@@ -46,30 +41,30 @@ def direct_score(method, weight, gradients):
     return weight.abs() / weight.abs().mean() + total.abs() / total.abs().mean()
 
 
-def test_target_linear_modules_default_follows_adapter(model_type):
+def test_find_target_modules_default_follows_adapter(model_type):
     model = build_tiny(model_type)
     adapter = get_adapter(model)
-    paths = [adapter.query, adapter.key, adapter.value, adapter.qkv, adapter.output, *adapter.ffn]
+    paths = [path for structure in adapter.structures for path in structure.paths()]
     prefix = f"{model.base_model_prefix}.{adapter.layers}"
     expected = {f"{prefix}.{layer}.{path}" for layer in range(3) for path in paths if path}
-    found = target_linear_modules(model)
+    found = find_target_modules(model)
     assert set(found) == expected
     assert all(isinstance(module, (nn.Linear, Conv1D)) for module in found.values())
 
 
-def test_target_linear_modules_keeps_named_modules_order():
+def test_find_target_modules_keeps_named_modules_order():
     model = build_tiny("llama")
-    found = target_linear_modules(model)
+    found = find_target_modules(model)
     assert list(found) == [name for name, _ in model.named_modules() if name in found]
 
 
-def test_target_linear_modules_default_excludes_head():
-    found = target_linear_modules(build_tiny("bert"))
+def test_find_target_modules_default_excludes_head():
+    found = find_target_modules(build_tiny("bert"))
     assert not [name for name in found if "classifier" in name or "pooler" in name or "embeddings" in name]
 
 
-def test_target_linear_modules_regex_selects_linears():
-    found = target_linear_modules(
+def test_find_target_modules_regex_selects_linears():
+    found = find_target_modules(
         build_tiny("bert"), [r"layer\.1\.attention\.self\.(query|key)$", "classifier"]
     )
     assert list(found) == [
@@ -79,8 +74,8 @@ def test_target_linear_modules_regex_selects_linears():
     ]
 
 
-def test_target_linear_modules_regex_skips_non_linear():
-    assert list(target_linear_modules(build_tiny("gpt2"), ["h.0"])) == [
+def test_find_target_modules_regex_skips_non_linear():
+    assert list(find_target_modules(build_tiny("gpt2"), ["h.0"])) == [
         "transformer.h.0.attn.c_attn",
         "transformer.h.0.attn.c_proj",
         "transformer.h.0.mlp.c_fc",
@@ -88,25 +83,25 @@ def test_target_linear_modules_regex_skips_non_linear():
     ]
 
 
-def test_target_linear_modules_no_match_raises():
-    with pytest.raises(ValueError, match=r"`target_modules` \['nothing_here'\] matched no nn.Linear"):
-        target_linear_modules(build_tiny("bert"), ["nothing_here"])
+def test_find_target_modules_no_match_raises():
+    with pytest.raises(ValueError, match=r"`target_modules` \['nothing_here'\] matched no Linear, Conv1D"):
+        find_target_modules(build_tiny("bert"), ["nothing_here"])
 
 
-def test_target_linear_modules_string_raises():
+def test_find_target_modules_string_raises():
     with pytest.raises(TypeError, match="wrap it in a list"):
-        target_linear_modules(build_tiny("bert"), "query")
+        find_target_modules(build_tiny("bert"), "query")
 
 
-def test_target_linear_modules_invalid_regex_raises():
+def test_find_target_modules_invalid_regex_raises():
     with pytest.raises(ValueError, match=r"entry 'query\(' is not a valid regular expression"):
-        target_linear_modules(build_tiny("bert"), ["query("])
+        find_target_modules(build_tiny("bert"), ["query("])
 
 
 def test_weight_input_dims_conv1d_is_zero():
     dims = weight_input_dims(build_tiny("gpt2"))
-    assert set(dims.values()) == {0}
-    assert weight_input_dims(build_tiny("bert"))["bert.encoder.layer.0.attention.self.query.weight"] == 1
+    assert set(dims.values()) == {(0,)}
+    assert weight_input_dims(build_tiny("bert"))["bert.encoder.layer.0.attention.self.query.weight"] == (1,)
 
 
 def test_weight_layer_groups_maps_blocks():
@@ -124,7 +119,7 @@ def test_compute_weight_importance_matches_direct(model_type, method):
     gradients = direct_gradients(model, data)
     scores = compute_weight_importance(model, data, method=method, show_progress=False)
     params = dict(model.named_parameters())
-    assert list(scores) == [f"{name}.weight" for name in target_linear_modules(model)]
+    assert list(scores) == [f"{name}.weight" for name in find_target_modules(model)]
     for name, score in scores.items():
         expected = direct_score(method, params[name].detach(), [g[name] for g in gradients])
         torch.testing.assert_close(score, expected)

@@ -137,7 +137,9 @@ def test_compute_weight_masks_n_m_along_given_input_dim():
 
 
 def test_compute_weight_masks_n_m_indivisible_input_raises():
-    with pytest.raises(ValueError, match=r"`w` has 6 inputs \(dim 1\), not a multiple of M=4"):
+    with pytest.raises(
+        ValueError, match=r"`w` has 6 inputs per output \(dims \(1,\)\), not a multiple of M=4"
+    ):
         compute_weight_masks({"w": torch.rand(4, 6)}, None, pattern="2:4")
 
 

@@ -1,18 +1,31 @@
-"""hf_gradprune: gradient-based head and weight pruning for the Hugging Face Trainer."""
+"""hf_gradprune: gradient-based structured and weight pruning for the Hugging Face Trainer."""
 
-__version__ = "0.1.0"
-
-from .adapters import ArchitectureAdapter, get_adapter, register_adapter, supported_model_types
+from ._version import __version__
+from .adapters import (
+    ArchitectureAdapter,
+    Structure,
+    find_target_modules,
+    get_adapter,
+    register_adapter,
+    supported_model_types,
+)
 from .arguments import PruningArguments
 from .callback import GradientPruningCallback
 from .cards import create_pruning_model_card, save_head_importance_heatmap
-from .checkpoint import load_pruned
-from .gates import HeadGates, add_head_gates
+from .checkpoint import load_pruned, save_pruned
+from .flops import block_flops
+from .gates import HeadGates, UnitGates, add_head_gates
 from .hub import push_folder_to_hub
-from .importance import compute_head_importance
+from .importance import compute_head_importance, compute_unit_importance, compute_weight_importance
 from .record import PruningRecord
-from .selection import select_heads_to_prune
-from .surgery import prune_heads
+from .rescale import capture_targets, rescale_units
+from .selection import (
+    compute_weight_masks,
+    select_heads_to_prune,
+    select_units_to_prune,
+    select_units_under_budget,
+)
+from .surgery import prune_heads, prune_units
 from .trainer import PruningTrainer
 
 __all__ = [
@@ -22,16 +35,29 @@ __all__ = [
     "PruningArguments",
     "PruningRecord",
     "PruningTrainer",
+    "Structure",
+    "UnitGates",
     "__version__",
     "add_head_gates",
+    "block_flops",
+    "capture_targets",
     "compute_head_importance",
+    "compute_unit_importance",
+    "compute_weight_importance",
+    "compute_weight_masks",
     "create_pruning_model_card",
+    "find_target_modules",
     "get_adapter",
     "load_pruned",
     "prune_heads",
+    "prune_units",
     "push_folder_to_hub",
     "register_adapter",
+    "rescale_units",
     "save_head_importance_heatmap",
+    "save_pruned",
     "select_heads_to_prune",
+    "select_units_to_prune",
+    "select_units_under_budget",
     "supported_model_types",
 ]

@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 HEAD_NORMALIZATIONS = ("layer_sum", "l2", "none")
-HEAD_ACCUMULATIONS = ("abs_of_sum", "sum_of_abs")
+HEAD_ACCUMULATIONS = ("fisher", "sum_of_abs", "abs_of_sum")
 WEIGHT_IMPORTANCES = ("magnitude", "gradient", "taylor", "fisher", "combined", "wanda")
-SPARSITY_SCOPES = ("per_tensor", "per_layer", "global")
+SPARSITY_SCOPES = ("per_tensor", "per_row", "per_layer", "global")
 SPARSITY_SCHEDULES = ("one_shot", "linear", "cubic")
 PATTERN_FORM = re.compile(r"^(unstructured|(\d+):(\d+))$")
 
@@ -47,13 +47,44 @@ class PruningArguments:
     )
     head_importance_normalize: str = field(
         default="layer_sum",
-        metadata={"help": "Per-layer normalisation of head importance.", "choices": HEAD_NORMALIZATIONS},
+        metadata={
+            "help": "Per-layer normalisation of head importance before heads are ranked across layers "
+            "(--prune_heads_fraction); a FLOPs budget ranks raw scores.",
+            "choices": HEAD_NORMALIZATIONS,
+        },
     )
     head_importance_accumulate: str = field(
-        default="abs_of_sum",
+        default="fisher",
         metadata={
-            "help": "Absolute value of the summed gradient, or sum of absolute values per batch.",
+            "help": "How per-batch gate gradients g of heads and FFN neurons become a score: fisher (sum of "
+            "g^2), sum_of_abs (sum of |g|) or abs_of_sum (|sum of g|, the classic head-mask recipe).",
             "choices": HEAD_ACCUMULATIONS,
+        },
+    )
+    # --- FFN neurons and FLOPs ---
+    prune_ffn_fraction: float | None = field(
+        default=None, metadata={"help": "Fraction in [0, 1) of the FFN neurons to remove from every layer."}
+    )
+    target_flops_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "Remove heads and FFN neurons, ranked together by importance per FLOP, until the blocks' "
+            "FLOPs fall to this fraction in (0, 1) of the original (instead of the head and FFN flags)."
+        },
+    )
+    flops_seq_len: int = field(
+        default=128, metadata={"help": "Sequence length at which FLOPs are counted for --target_flops_ratio."}
+    )
+    allow_empty_layers: bool = field(
+        default=False,
+        metadata={"help": "Let a layer lose all its heads or all its FFN neurons (the block still runs)."},
+    )
+    mask_tuning: bool = field(
+        default=False,
+        metadata={
+            "help": "After each structural cut, rescale the kept heads and neurons layer by layer by least "
+            "squares on --importance_batches batches so each block reproduces the unpruned one (Kwon et al., "
+            "2022); the scales are folded into the weights."
         },
     )
     # --- weights ---
@@ -146,9 +177,35 @@ class PruningArguments:
             raise ValueError(f"`--prune_heads_per_layer` must be >= 0, got {self.prune_heads_per_layer}.")
         if self.prune_heads_fraction is not None and not 0.0 <= self.prune_heads_fraction < 1.0:
             raise ValueError(f"`--prune_heads_fraction` must be in [0, 1), got {self.prune_heads_fraction}.")
-        if self.prune_min_heads_per_layer < 1:
+        if self.prune_min_heads_per_layer < 0 or (
+            self.prune_min_heads_per_layer == 0 and not self.allow_empty_layers
+        ):
             raise ValueError(
-                f"`--prune_min_heads_per_layer` must be >= 1, got {self.prune_min_heads_per_layer}."
+                f"`--prune_min_heads_per_layer` must be >= 1 (0 with --allow_empty_layers), got "
+                f"{self.prune_min_heads_per_layer}."
+            )
+        if self.prune_ffn_fraction is not None and not 0.0 <= self.prune_ffn_fraction < 1.0:
+            raise ValueError(f"`--prune_ffn_fraction` must be in [0, 1), got {self.prune_ffn_fraction}.")
+        if self.target_flops_ratio is not None:
+            if not 0.0 < self.target_flops_ratio < 1.0:
+                raise ValueError(f"`--target_flops_ratio` must be in (0, 1), got {self.target_flops_ratio}.")
+            given = [
+                flag
+                for flag in ("prune_heads_per_layer", "prune_heads_fraction", "prune_ffn_fraction")
+                if getattr(self, flag) is not None
+            ]
+            if given:
+                raise ValueError(
+                    f"`--target_flops_ratio` chooses heads and FFN neurons itself: leave out "
+                    f"{', '.join('`--' + flag + '`' for flag in given)}."
+                )
+        if self.flops_seq_len < 1:
+            raise ValueError(f"`--flops_seq_len` must be >= 1, got {self.flops_seq_len}.")
+        if self.mask_tuning and not self.prunes_structures:
+            raise ValueError(
+                "`--mask_tuning` rescales kept heads and neurons after a structural cut: set "
+                "`--prune_heads_per_layer`, `--prune_heads_fraction`, `--prune_ffn_fraction` or "
+                "`--target_flops_ratio`."
             )
         if not 0.0 <= self.weight_sparsity < 1.0:
             raise ValueError(f"`--weight_sparsity` must be in [0, 1), got {self.weight_sparsity}.")
@@ -166,10 +223,10 @@ class PruningArguments:
                 raise ValueError(
                     f"`--sparsity_schedule_frequency` must be >= 1, got {self.sparsity_schedule_frequency}."
                 )
-        if not self.prunes_heads and not self.prunes_weights:
+        if not self.prunes_structures and not self.prunes_weights:
             warnings.warn(
-                "PruningArguments prune nothing: set `--prune_heads_per_layer`, `--prune_heads_fraction` or "
-                "`--weight_sparsity`.",
+                "PruningArguments prune nothing: set `--prune_heads_per_layer`, `--prune_heads_fraction`, "
+                "`--prune_ffn_fraction`, `--target_flops_ratio` or `--weight_sparsity`.",
                 stacklevel=3,
             )
 
@@ -203,8 +260,23 @@ class PruningArguments:
 
     @property
     def prunes_heads(self) -> bool:
-        """Whether any head is to be removed."""
-        return bool(self.prune_heads_per_layer) or bool(self.prune_heads_fraction)
+        """Whether heads are to be removed (by count, fraction or FLOPs budget)."""
+        return bool(self.prune_heads_per_layer) or bool(self.prune_heads_fraction) or self.prunes_by_flops
+
+    @property
+    def prunes_ffn(self) -> bool:
+        """Whether FFN neurons are to be removed (by fraction or FLOPs budget)."""
+        return bool(self.prune_ffn_fraction) or self.prunes_by_flops
+
+    @property
+    def prunes_by_flops(self) -> bool:
+        """Whether heads and neurons are chosen together under a FLOPs budget."""
+        return self.target_flops_ratio is not None
+
+    @property
+    def prunes_structures(self) -> bool:
+        """Whether any structural unit (head, FFN neuron) is to be removed."""
+        return self.prunes_heads or self.prunes_ffn
 
     @property
     def prunes_weights(self) -> bool:

@@ -1,28 +1,25 @@
-"""``GradientPruningCallback``: head and weight pruning at configured steps of a ``transformers.Trainer``."""
+"""``GradientPruningCallback``: structural and weight pruning at chosen steps of a ``Trainer``."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .adapters import get_adapter
+from .adapters import FFN, HEADS, find_target_modules, get_adapter, weight_input_dims, weight_layer_groups
 from .arguments import PruningArguments
-from .importance import (
-    compute_head_importance,
-    compute_weight_importance,
-    target_linear_modules,
-    weight_input_dims,
-    weight_layer_groups,
-)
+from .flops import block_flops, unit_macs
+from .importance import compute_unit_importance, compute_weight_importance, normalize_per_layer
 from .masks import (
     MASKS_FILENAME,
     apply_masks,
@@ -33,10 +30,22 @@ from .masks import (
     save_masks,
 )
 from .record import PruningRecord
-from .selection import compute_weight_masks, select_heads_to_prune, sparsity_at_step
-from .surgery import prune_heads
+from .rescale import capture_targets, rescale_units
+from .selection import (
+    compute_weight_masks,
+    select_heads_to_prune,
+    select_units_to_prune,
+    select_units_under_budget,
+    sparsity_at_step,
+)
+from .surgery import prune_units
+
+logger = logging.getLogger(__name__)
 
 STATE_FILENAME = "pruning_state.json"
+#: Pruning arguments that may change between a checkpoint and its resumed run: they do not decide what is
+#: pruned, only how well it is estimated.
+HARMLESS_ON_RESUME = frozenset({"importance_batches"})
 
 
 def take_batches(dataloader: Iterable, count: int) -> list[Any]:
@@ -50,18 +59,37 @@ def take_batches(dataloader: Iterable, count: int) -> list[Any]:
         return list(itertools.islice(iter(loader), count))
 
 
+def _share(step: int, steps: list[int], target: float) -> int:
+    """The part of ``target`` (spread evenly over ``steps``) that falls on ``step``."""
+    done = steps.index(step)
+    return round(target * (done + 1) / len(steps)) - round(target * done / len(steps))
+
+
 class GradientPruningCallback(TrainerCallback):
-    """Prunes heads structurally and weights by persistent masks at the steps of ``pruning_args``.
+    """Prunes heads and FFN neurons structurally and weights by persistent masks, as ``pruning_args`` say.
 
     At each pruning step it computes importance on ``importance_batches`` training batches (all-reduced
-    across processes, so every rank makes the same choice), removes heads (the optimizer is remapped in
-    place: kept rows keep their state) and masks weights. Masked weights get zero gradients and are
-    re-masked after every optimizer step. Checkpoints get the masks (``pruning_masks.safetensors``) and the
-    schedule position (``pruning_state.json``); the pruning record is in ``config.json``.
+    across processes, so every rank makes the same choice), removes heads and FFN neurons (the optimizer is
+    remapped in place: kept rows keep their state), optionally rescales the kept units (mask tuning), and
+    masks weights. Masked weights get zero gradients and are re-masked after every optimizer step.
+    Checkpoints get the masks (``pruning_masks.safetensors``) and the schedule position
+    (``pruning_state.json``); the pruning record is in ``config.json``.
+
+    Metrics (``prune/sparsity``, ``prune/heads_layer_<i>``, ``prune/ffn_layer_<i>``, ``prune/flops_ratio``)
+    go through the Trainer's own logging: a log is requested at the pruning step and the metrics join its
+    ``logs``, so the progress bar, ``trainer_state.json`` and every ``report_to`` integration that runs
+    after this callback see them. ``PruningTrainer`` hands them to ``Trainer.log`` itself, so every
+    integration does; with a plain ``Trainer`` the integrations come first in its callback list, so use
+    ``PruningTrainer`` when W&B or MLflow should get them. The head-importance heatmap and the FFN sizes
+    are TensorBoard figures.
+
+    Works on any model the ``Trainer`` trains: weight pruning needs no adapter, heads and neurons need a
+    registered family. Progress bars follow ``TrainingArguments.disable_tqdm``.
 
     Args:
         pruning_args (`PruningArguments`): what, how and when to prune.
-        show_progress (`bool`, *optional*, defaults to `True`): progress bars on importance passes.
+        show_progress (`bool`, *optional*, defaults to `True`): progress bars on importance passes (also
+            off when ``disable_tqdm`` is set and on processes other than the local main one).
 
     Example:
         >>> from transformers import Trainer
@@ -74,28 +102,55 @@ class GradientPruningCallback(TrainerCallback):
             raise TypeError(f"`pruning_args` must be a PruningArguments, got {type(pruning_args).__name__}.")
         self.pruning_args = pruning_args
         self.show_progress = show_progress
-        self.head_importance: torch.Tensor | None = None
+        self.importance: dict[str, torch.Tensor] = {}
         self.weight_sparsity = 0.0
+        self._progress = show_progress
         self._restored_masks: dict[str, torch.Tensor] | None = None
-        self._heads_done_before_training = False
+        self._resumed = False
+        self._structures_done_before_training = False
         self._pending_logs: dict[str, float] = {}
         self._writer = None
+        #: Called right after each cut (structural, or one-shot weights), before more training:
+        #: ``PruningTrainer`` evaluates there.
+        self.after_cut: Callable[[], None] | None = None
+
+    @property
+    def head_importance(self) -> torch.Tensor | None:
+        """Head scores of the last structural cut, ``(num_layers, num_heads)``, or ``None``."""
+        return self.importance.get(HEADS)
 
     # --- schedule -------------------------------------------------------------------------------
+    def _structure_step(self, step: int) -> bool:
+        return self.pruning_args.prunes_structures and step in self.pruning_args.prune_step_list
+
     def head_units_to_remove(self, step: int, num_units: int) -> int | None:
         """Heads (key/value groups under GQA) to remove at ``step``, or ``None`` off-schedule.
 
         The target (``prune_heads_per_layer`` per layer, or ``prune_heads_fraction`` of the ``num_units``
         of the original model) is spread evenly over the prune steps.
         """
-        args, steps = self.pruning_args, self.pruning_args.prune_step_list
-        if not args.prunes_heads or step not in steps:
+        args = self.pruning_args
+        if not (args.prune_heads_per_layer or args.prune_heads_fraction) or not self._structure_step(step):
             return None
         target = args.prune_heads_per_layer
         if target is None:
             target = args.prune_heads_fraction * num_units
-        done = steps.index(step)
-        return round(target * (done + 1) / len(steps)) - round(target * done / len(steps))
+        return _share(step, args.prune_step_list, target)
+
+    def ffn_units_to_remove(self, step: int, num_units: int) -> int | None:
+        """FFN neurons to remove from every layer at ``step`` (of ``num_units`` per layer), or ``None``."""
+        args = self.pruning_args
+        if not args.prune_ffn_fraction or not self._structure_step(step):
+            return None
+        return _share(step, args.prune_step_list, args.prune_ffn_fraction * num_units)
+
+    def flops_ratio_at(self, step: int) -> float | None:
+        """The fraction of the original block FLOPs to keep after ``step``, or ``None`` off-schedule."""
+        args = self.pruning_args
+        if not args.prunes_by_flops or not self._structure_step(step):
+            return None
+        steps = args.prune_step_list
+        return 1.0 - (1.0 - args.target_flops_ratio) * (steps.index(step) + 1) / len(steps)
 
     def weight_sparsity_at(self, step: int) -> float | None:
         """The weight sparsity to reach at ``step``, or ``None`` when the weights are not pruned then."""
@@ -115,37 +170,80 @@ class GradientPruningCallback(TrainerCallback):
         return target if target > self.weight_sparsity else None
 
     # --- pruning ----------------------------------------------------------------------------------
-    def prune_heads_now(self, model: PreTrainedModel, batches: list, units: int, optimizer=None) -> dict:
-        """Score heads on ``batches`` and remove ``units`` per layer (or the fraction's share); keep masks."""
+    def _structure_plan(self, model: nn.Module, step: int) -> dict[str, dict[int, list[int]]]:
+        """Score the structures on the stored batches and choose the units to remove at ``step``."""
         args = self.pruning_args
         adapter = get_adapter(model)
-        importance = compute_head_importance(
-            model,
-            batches,
-            normalize=args.head_importance_normalize,
-            accumulate=args.head_importance_accumulate,
-            show_progress=self.show_progress,
+        config = model.config
+        min_units = {HEADS: args.prune_min_heads_per_layer, FFN: 0 if args.allow_empty_layers else 1}
+        if args.prunes_by_flops:
+            original = block_flops(model, args.flops_seq_len, original=True)
+            excess = block_flops(model, args.flops_seq_len) - self.flops_ratio_at(step) * original
+            if excess <= 0:
+                return {}
+            groups = {s.name: adapter.group_size(s, config) for s in adapter.structures}
+            return select_units_under_budget(
+                self.importance,
+                unit_macs(model, args.flops_seq_len),
+                excess / (2 * args.flops_seq_len),
+                groups=groups,
+                min_units_per_layer=min_units,
+            )
+        plan = {}
+        num_layers = len(adapter.blocks(model))
+        heads = self.head_units_to_remove(step, adapter.num_key_value_heads(config) * num_layers)
+        if heads:
+            scores = normalize_per_layer(self.importance[HEADS], args.head_importance_normalize)
+            if args.prune_heads_per_layer is not None:
+                amount = {"per_layer": heads}
+            else:
+                remaining = int((~scores.isnan()).sum()) // adapter.group_size(
+                    adapter.structure(HEADS), config
+                )
+                # select_heads_to_prune removes int(fraction * remaining) units: aim at mid-unit.
+                amount = {"fraction": min((heads + 0.5) / remaining, 0.999999)}
+            plan[HEADS] = select_heads_to_prune(
+                scores,
+                min_heads_per_layer=min_units[HEADS],
+                num_key_value_heads=adapter.num_key_value_heads(config),
+                **amount,
+            )
+        neurons = self.ffn_units_to_remove(step, adapter.num_units(adapter.structure(FFN), config))
+        if neurons:
+            plan[FFN] = select_units_to_prune(
+                self.importance[FFN],
+                per_layer=neurons,
+                min_units_per_layer=min_units[FFN],
+                unit_name="neurons",
+            )
+        return plan
+
+    def prune_structures_now(
+        self, model: nn.Module, batches: list, step: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> dict[str, float]:
+        """Score heads and FFN neurons on ``batches``, remove what ``step`` asks for, optionally rescale the
+        kept units (mask tuning); weight masks are kept. Returns the logs of the cut."""
+        args = self.pruning_args
+        names = [name for name, wanted in ((HEADS, args.prunes_heads), (FFN, args.prunes_ffn)) if wanted]
+        self.importance.update(
+            compute_unit_importance(
+                model,
+                batches,
+                names,
+                accumulate=args.head_importance_accumulate,
+                show_progress=self._progress,
+            )
         )
-        self.head_importance = importance
-        num_kv = adapter.num_key_value_heads(model.config)
-        if args.prune_heads_per_layer is not None:
-            amount = {"per_layer": units}
-        else:
-            group = adapter.num_heads(model.config) // num_kv
-            remaining = int((~importance.isnan()).sum()) // group
-            # select_heads_to_prune removes int(fraction * remaining) units: aim at the middle of the unit.
-            amount = {"fraction": min((units + 0.5) / remaining, 0.999999)}
-        heads = select_heads_to_prune(
-            importance,
-            min_heads_per_layer=args.prune_min_heads_per_layer,
-            num_key_value_heads=num_kv,
-            **amount,
-        )
-        prune_heads(model, heads, optimizer=optimizer)
-        return heads
+        plan = self._structure_plan(model, step)
+        targets = capture_targets(model, batches, self._progress) if args.mask_tuning and plan else None
+        prune_units(model, plan, optimizer=optimizer, allow_empty=args.allow_empty_layers)
+        logs = self.structure_logs(model)
+        if targets is not None:
+            logs.update(rescale_units(model, batches, targets, structures=plan, show_progress=self._progress))
+        return logs
 
     def prune_weights_now(
-        self, model: PreTrainedModel, batches: list, sparsity: float, optimizer=None
+        self, model: nn.Module, batches: list, sparsity: float, optimizer: torch.optim.Optimizer | None = None
     ) -> None:
         """Score the target weights on ``batches``, mask them to ``sparsity``; pruned entries stay pruned."""
         args = self.pruning_args
@@ -154,7 +252,7 @@ class GradientPruningCallback(TrainerCallback):
             batches,
             method=args.weight_importance,
             target_modules=args.prune_target_modules,
-            show_progress=self.show_progress,
+            show_progress=self._progress,
         )
         for name, mask in get_masks(model).items():
             if name in scores:
@@ -162,7 +260,7 @@ class GradientPruningCallback(TrainerCallback):
         layout = {}
         if args.sparsity_scope == "per_layer" and args.sparsity_pattern == "unstructured":
             layout["groups"] = weight_layer_groups(model, args.prune_target_modules)
-        if args.sparsity_pattern != "unstructured":
+        if args.sparsity_pattern != "unstructured" or args.sparsity_scope == "per_row":
             layout["input_dims"] = weight_input_dims(model, args.prune_target_modules)
         masks = compute_weight_masks(
             scores, sparsity, scope=args.sparsity_scope, pattern=args.sparsity_pattern, **layout
@@ -172,77 +270,96 @@ class GradientPruningCallback(TrainerCallback):
             zero_pruned_optimizer_state(optimizer, model, masks)
         self.weight_sparsity = sparsity
 
-    def prune_heads_before_training(self, model: PreTrainedModel, dataloader: Iterable) -> None:
-        """Make the step-0 head cut now, before the Trainer builds its optimizer and wraps the model.
+    def prune_structures_before_training(
+        self, model: nn.Module, dataloader: Iterable, show_progress: bool = True
+    ) -> None:
+        """Make the step-0 structural cut now, before the Trainer builds its optimizer and wraps the model.
 
-        ``PruningTrainer.train`` calls this; it is what makes step-0 head pruning work under DDP, which
-        cannot follow parameters that change shape once it wraps the model.
+        ``PruningTrainer.train`` calls this; it is what makes step-0 structural pruning work under DDP,
+        which cannot follow parameters that change shape once it wraps the model.
         """
-        if not self.pruning_args.prunes_heads or 0 not in self.pruning_args.prune_step_list:
+        if not self._structure_step(0):
             return
-        units = self.head_units_to_remove(0, self._num_units(model))
-        if units:
-            self.prune_heads_now(model, take_batches(dataloader, self.pruning_args.importance_batches), units)
-            self._pending_logs.update(self.head_logs(model))
-        self._heads_done_before_training = True
+        self._progress = self.show_progress and show_progress
+        batches = take_batches(dataloader, self.pruning_args.importance_batches)
+        self._pending_logs.update(self.prune_structures_now(model, batches, 0))
+        self._structures_done_before_training = True
+        if self.after_cut is not None and self.weight_sparsity_at(0) is None:
+            self.after_cut()
 
-    @staticmethod
-    def _num_units(model: PreTrainedModel) -> int:
-        """Prunable head units (key/value groups) in the original model."""
-        adapter = get_adapter(model)
-        return adapter.num_key_value_heads(model.config) * len(adapter.blocks(model))
-
-    @staticmethod
-    def head_logs(model: PreTrainedModel) -> dict[str, float]:
-        """Heads left in each layer."""
-        adapter = get_adapter(model)
-        record, num_heads = PruningRecord.from_config(model.config), adapter.num_heads(model.config)
-        return {
-            f"prune/heads_layer_{layer}": len(record.kept_heads(layer, num_heads))
-            for layer in range(len(adapter.blocks(model)))
-        }
-
-    def _head_steps_left(self, step: int) -> list[int]:
-        done = {0} if self._heads_done_before_training else set()
+    def _structure_steps_left(self, step: int) -> list[int]:
+        if not self.pruning_args.prunes_structures:
+            return []
+        done = {0} if self._structures_done_before_training else set()
         return [s for s in self.pruning_args.prune_step_list if s >= step and s not in done]
 
     # --- events -----------------------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         model = kwargs["model"]
-        if (
-            self.pruning_args.prunes_heads
-            and args.world_size > 1
-            and self._head_steps_left(state.global_step)
-        ):
-            raise ValueError(
-                "Structural head pruning during multi-process training is not supported: DDP cannot follow "
-                "parameters that change shape. Use PruningTrainer with `--prune_steps 0` (heads are cut "
-                "before DDP wraps the model), or prune heads in one process first."
-            )
+        self._progress = self.show_progress and not args.disable_tqdm and state.is_local_process_zero
+        if self._structure_steps_left(state.global_step):
+            get_adapter(model)  # heads and neurons need a registered family: a clear error now, not mid-run
+            if args.world_size > 1:
+                raise ValueError(
+                    "Structural pruning during multi-process training is not supported: DDP cannot follow "
+                    "parameters that change shape. Use PruningTrainer with `--prune_steps 0` (heads and "
+                    "neurons are cut before DDP wraps the model), or prune them in one process first."
+                )
+        if state.global_step > 0 and not self._resumed:
+            self._resume_found_checkpoint(args, state)
         if self._restored_masks:
             apply_masks(model, self._restored_masks)
             self._restored_masks = None
 
+    def _resume_found_checkpoint(self, args: TrainingArguments, state: TrainerState) -> None:
+        """A plain ``Trainer`` resumed at ``state.global_step``: read the pruning state of its checkpoint."""
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if (folder / STATE_FILENAME).is_file():
+            self.resume_from(folder)
+        elif self.pruning_args.prunes_weights and min(self.pruning_args.prune_step_list) < state.global_step:
+            warnings.warn(
+                f"Training resumed at step {state.global_step} but {os.fspath(folder)!r} holds no pruning "
+                "state: pruned weights would train again. Call `callback.resume_from(checkpoint)` before "
+                "`trainer.train(resume_from_checkpoint=checkpoint)`.",
+                stacklevel=2,
+            )
+
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         model, optimizer = kwargs["model"], kwargs.get("optimizer")
         step = state.global_step
-        units = None
-        if self.pruning_args.prunes_heads and step in self._head_steps_left(step):
-            units = self.head_units_to_remove(step, self._num_units(model))
+        cut = step in self._structure_steps_left(step)
         sparsity = self.weight_sparsity_at(step)
-        if units and sparsity is None and self.weight_sparsity > 0:
+        if cut and sparsity is None and self.weight_sparsity > 0:
             sparsity = self.weight_sparsity  # surgery removes masked rows: restore the exact sparsity
-        logs, self._pending_logs = self._pending_logs, {}
-        if units or sparsity is not None:
+        if cut or sparsity is not None:
             batches = take_batches(kwargs["train_dataloader"], self.pruning_args.importance_batches)
-            if units:
-                self.prune_heads_now(model, batches, units, optimizer=optimizer)
-                logs.update(self.head_logs(model))
+            if cut:
+                self._pending_logs.update(self.prune_structures_now(model, batches, step, optimizer))
             if sparsity is not None:
                 self.prune_weights_now(model, batches, sparsity, optimizer=optimizer)
-                logs.update(self.sparsity_logs(model))
-        if logs:
-            self._log(args, state, logs)
+                self._pending_logs.update(self.sparsity_logs(model))
+            if self.after_cut is not None and (cut or self.pruning_args.sparsity_schedule == "one_shot"):
+                self.after_cut()
+        if self._pending_logs:
+            self._write_figures(args, state, model)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self._pending_logs:
+            control.should_log = True  # the Trainer logs this step, and the pruning metrics with it
+
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs
+    ):
+        pending = self.pop_logs()
+        if pending and logs is not None:
+            logs.update(pending)
+            if state.log_history:
+                state.log_history[-1].update(pending)
+
+    def pop_logs(self) -> dict[str, float]:
+        """The pruning metrics not logged yet (they are logged once)."""
+        logs, self._pending_logs = self._pending_logs, {}
+        return logs
 
     def on_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
@@ -276,22 +393,44 @@ class GradientPruningCallback(TrainerCallback):
     def resume_from(self, checkpoint: str | os.PathLike) -> None:
         """Read the masks and schedule position of ``checkpoint``; the masks are applied at train begin.
 
-        ``PruningTrainer`` calls this itself; with a plain ``Trainer`` call it before
+        The checkpoint's pruning arguments must prune what the current ones do: an argument that changes
+        what is pruned is a ``ValueError`` naming it; one that does not (``importance_batches``) a warning.
+        ``PruningTrainer`` calls this itself; a plain ``Trainer`` resuming from ``output_dir`` finds the
+        checkpoint on its own; for a checkpoint elsewhere call this before
         ``trainer.train(resume_from_checkpoint=checkpoint)``.
         """
         folder = Path(checkpoint)
         if (folder / STATE_FILENAME).is_file():
-            self.weight_sparsity = json.loads((folder / STATE_FILENAME).read_text())["weight_sparsity"]
+            saved = json.loads((folder / STATE_FILENAME).read_text())
+            self._check_resumed_args(saved.get("pruning_args", {}), folder)
+            self.weight_sparsity = saved["weight_sparsity"]
         if (folder / MASKS_FILENAME).is_file():
             self._restored_masks = load_masks(folder / MASKS_FILENAME)
+        self._resumed = True
+
+    def _check_resumed_args(self, saved: dict[str, Any], folder: Path) -> None:
+        current = self.pruning_args.to_dict()
+        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        harmful = [k for k in changed if k not in HARMLESS_ON_RESUME]
+        if harmful:
+            details = "; ".join(f"`--{k}` {saved.get(k)!r} -> {current.get(k)!r}" for k in harmful)
+            raise ValueError(
+                f"Cannot resume from {folder.name!r} with other pruning arguments: {details}. They change "
+                "what is pruned: resume with the checkpoint's arguments, or start a new run."
+            )
+        if changed:
+            details = "; ".join(f"`--{k}` {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+            warnings.warn(
+                f"Resuming from {folder.name!r} with changed pruning arguments: {details}.", stacklevel=3
+            )
 
     # --- logging ----------------------------------------------------------------------------------
-    def target_weight_names(self, model: PreTrainedModel) -> list[str]:
+    def target_weight_names(self, model: nn.Module) -> list[str]:
         """Parameter names of the weights ``--prune_target_modules`` selects in ``model``."""
-        return [f"{n}.weight" for n in target_linear_modules(model, self.pruning_args.prune_target_modules)]
+        return [f"{n}.weight" for n in find_target_modules(model, self.pruning_args.prune_target_modules)]
 
-    def sparsity_logs(self, model: PreTrainedModel) -> dict[str, float]:
-        """Real zero fractions of the target weights: overall and per block."""
+    def sparsity_logs(self, model: nn.Module) -> dict[str, float]:
+        """Real zero fractions of the target weights: overall and per block (per module without adapter)."""
         counts = grouped_sparsity(model, weight_layer_groups(model, self.pruning_args.prune_target_modules))
         zeros, entries = sum(c[2] for c in counts.values()), sum(c[1] for c in counts.values())
         logs = {"prune/sparsity": zeros / entries}
@@ -299,27 +438,44 @@ class GradientPruningCallback(TrainerCallback):
             logs[f"prune/sparsity_{group.replace('.', '_')}"] = group_zeros / n
         return logs
 
-    def _log(self, args: TrainingArguments, state: TrainerState, logs: dict[str, float]) -> None:
-        if not state.is_world_process_zero:
-            return
-        state.log_history.append({**logs, "step": state.global_step})
+    def structure_logs(self, model: nn.Module) -> dict[str, float]:
+        """Heads and FFN neurons left per layer, and the block FLOPs left (at ``--flops_seq_len``)."""
+        adapter = get_adapter(model)
+        record = PruningRecord.from_config(model.config)
+        logs = {}
+        for structure in adapter.structures:
+            num_units = adapter.num_units(structure, model.config)
+            for layer in range(len(adapter.blocks(model))):
+                kept = record.kept(structure.name, layer, num_units)
+                logs[f"prune/{structure.name}_layer_{layer}"] = float(len(kept))
+        seq_len = self.pruning_args.flops_seq_len
+        logs["prune/flops_ratio"] = block_flops(model, seq_len) / block_flops(model, seq_len, original=True)
+        return logs
+
+    def _write_figures(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> None:
+        """The head-importance heatmap and the FFN sizes as TensorBoard figures, when TensorBoard reports."""
         report_to = args.report_to if isinstance(args.report_to, list) else [args.report_to]
-        if "tensorboard" not in report_to and "all" not in report_to:
+        wanted = "tensorboard" in report_to or "all" in report_to
+        if (
+            not wanted
+            or not state.is_world_process_zero
+            or not self._pending_logs.keys() & {"prune/flops_ratio"}
+        ):
             return
+        from .cards import ffn_sizes_figure, head_importance_figure
+
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
             # Beside the Trainer's own event files (which sit under output_dir/runs/<date_host>).
             log_dir = os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(args.output_dir, "runs")
             self._writer = SummaryWriter(log_dir=os.path.join(log_dir, "pruning"))
-        for key, value in logs.items():
-            self._writer.add_scalar(key, value, state.global_step)
-        if self.head_importance is not None and any(k.startswith("prune/heads") for k in logs):
-            from .cards import head_importance_figure
-
+        if self.head_importance is not None:
             self._writer.add_figure(
                 "prune/head_importance", head_importance_figure(self.head_importance), state.global_step
             )
+        if FFN in PruningRecord.from_config(model.config).pruned:
+            self._writer.add_figure("prune/ffn_sizes", ffn_sizes_figure(model), state.global_step)
         self._writer.flush()
 
 

@@ -27,11 +27,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
-from transformers import PreTrainedModel
+from torch import nn
+from transformers.modelcard import TASK_MAPPING
 
-from . import __version__
-from .adapters import get_adapter
-from .importance import target_linear_modules
+from ._version import __version__
+from .adapters import FFN, HEADS, find_adapter, find_target_modules
+from .flops import block_flops
 from .masks import grouped_sparsity
 from .record import PruningRecord
 
@@ -147,6 +148,35 @@ def save_head_importance_heatmap(
     return path
 
 
+def ffn_sizes_figure(model: nn.Module) -> Figure:
+    """A bar chart of the FFN neurons kept in each layer, against the original size (a dashed line).
+
+    Args:
+        model (`nn.Module`): a model of a registered family.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> from hf_gradprune import prune_units
+        >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        ...                              intermediate_size=37, vocab_size=99))
+        >>> _ = prune_units(model, {"ffn": {0: [1, 2, 3]}})
+        >>> [round(bar.get_height()) for bar in ffn_sizes_figure(model).axes[0].patches]
+        [34, 37]
+    """
+    sizes = _structure_sizes(model)[FFN]
+    figure = Figure(figsize=(max(4.0, 0.3 * len(sizes["kept"]) + 2.0), 3.0), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.bar(range(len(sizes["kept"])), sizes["kept"], color="tab:blue")
+    axes.axhline(sizes["units"], color="black", linestyle="--", linewidth=1, label="original")
+    axes.set_title("FFN neurons kept per layer")
+    axes.set_xlabel("layer")
+    axes.set_ylabel("neurons")
+    axes.xaxis.set_major_locator(MaxNLocator(nbins=min(len(sizes["kept"]), 16), integer=True))
+    axes.legend(loc="lower right", frameon=False)
+    return figure
+
+
 # --- card ---
 
 
@@ -218,17 +248,21 @@ def _numeric(name: str, metrics: Mapping[str, Any] | None) -> dict[str, float]:
     return {_metric_name(str(k)): v for k, v in metrics.items() if _real(v)}
 
 
-def _evaluation_rows(before: dict[str, float], after: dict[str, float]) -> list[dict[str, str]]:
+def _evaluation_rows(
+    before: dict[str, float], pruned: dict[str, float], after: dict[str, float]
+) -> list[dict[str, str]]:
     rows = []
-    for name in dict.fromkeys([*after, *before]):
+    for name in dict.fromkeys([*after, *pruned, *before]):
         if name in RUN_METRICS and name != "loss":
             continue
-        old, new = before.get(name), after.get(name)
-        change = f"{new - old:+.4f}" if old is not None and new is not None else "–"
+        old, cut, new = before.get(name), pruned.get(name), after.get(name)
+        final = new if new is not None else cut
+        change = f"{final - old:+.4f}" if old is not None and final is not None else "–"
         rows.append(
             {
                 "name": _cell(name),
                 "before": "–" if old is None else _number(old),
+                "pruned": "–" if cut is None else _number(cut),
                 "after": "–" if new is None else _number(new),
                 "change": change,
             }
@@ -236,9 +270,9 @@ def _evaluation_rows(before: dict[str, float], after: dict[str, float]) -> list[
     return rows
 
 
-def _eval_results(after: dict[str, float], task: str, dataset: str | None) -> list[EvalResult] | None:
-    """Model-index entries for the after-pruning quality metrics (none without a Hub dataset)."""
-    if dataset is None:
+def _eval_results(after: dict[str, float], task: str | None, dataset: str | None) -> list[EvalResult] | None:
+    """Model-index entries for the after-pruning quality metrics (none without a Hub dataset or task)."""
+    if dataset is None or task is None:
         return None
     results = [
         EvalResult(
@@ -250,51 +284,90 @@ def _eval_results(after: dict[str, float], task: str, dataset: str | None) -> li
     return results or None
 
 
-def _layer_rows(model: PreTrainedModel, record: PruningRecord) -> dict[str, Any]:
-    """Per-layer kept heads (and key/value heads under grouped-query attention) from the record."""
-    adapter = get_adapter(model)
+def infer_task(model: nn.Module) -> str | None:
+    """The Hub task of ``model``'s head (``text-generation`` for a causal LM, ``text-classification``,
+    ``token-classification``, ``question-answering``, ``image-classification`` ...), ``None`` when unknown.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> infer_task(GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4)))
+        'text-generation'
+    """
+    name = type(model).__name__
+    return next((task for task, mapping in TASK_MAPPING.items() if name in set(mapping.values())), None)
+
+
+def _structure_sizes(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Per structure of the model's family: units per layer originally, and kept per layer (the record)."""
+    adapter = find_adapter(model)
+    if adapter is None:
+        return {}
+    record = PruningRecord.from_config(model.config)
+    sizes = {}
+    for structure in adapter.structures:
+        units = adapter.num_units(structure, model.config)
+        kept = [record.kept(structure.name, layer, units) for layer in range(len(adapter.blocks(model)))]
+        sizes[structure.name] = {"units": units, "kept": [len(k) for k in kept], "kept_units": kept}
+    return sizes
+
+
+def _structure_rows(model: nn.Module, seq_len: int) -> dict[str, Any]:
+    """Per-layer heads (and key/value heads under grouped-query attention) and FFN sizes, and block FLOPs."""
+    adapter = find_adapter(model)
+    if adapter is None:
+        return {"structured": False}
+    sizes = _structure_sizes(model)
     config = model.config
-    num_heads, num_kv = adapter.num_heads(config), adapter.num_key_value_heads(config)
-    group = num_heads // num_kv
-    num_layers = len(adapter.blocks(model))
-    rows = []
-    for layer in range(num_layers):
-        kept = record.kept_heads(layer, num_heads)
-        removed = record.pruned_heads.get(layer, [])
-        rows.append(
-            {
-                "layer": layer,
-                "kept": len(kept),
-                "kv_kept": len({h // group for h in kept}),
-                "removed": ", ".join(map(str, removed)) or "–",
-            }
-        )
-    heads_total = num_heads * num_layers
-    heads_kept = sum(row["kept"] for row in rows)
+    heads, ffn = sizes[HEADS], sizes.get(FFN)
+    num_heads, group = heads["units"], adapter.group_size(adapter.structure(HEADS), config)
+    record = PruningRecord.from_config(config)
+    rows = [
+        {
+            "layer": layer,
+            "kept": heads["kept"][layer],
+            "kv_kept": len({h // group for h in heads["kept_units"][layer]}),
+            "removed": ", ".join(map(str, record.removed(HEADS, layer))) or "–",
+            "ffn_kept": ffn["kept"][layer] if ffn else None,
+        }
+        for layer in range(len(heads["kept"]))
+    ]
+    num_layers = len(rows)
+    heads_total, heads_kept = num_heads * num_layers, sum(heads["kept"])
+    flops_before, flops_after = block_flops(model, seq_len, original=True), block_flops(model, seq_len)
     return {
+        "structured": True,
         "layers": rows,
         "num_layers": num_layers,
         "num_heads": num_heads,
-        "num_kv_heads": num_kv,
-        "grouped_query": num_kv != num_heads,
+        "num_kv_heads": num_heads // group,
+        "grouped_query": group > 1,
         "heads_total": heads_total,
         "heads_kept": heads_kept,
         "heads_removed": heads_total - heads_kept,
         "heads_removed_pct": f"{(heads_total - heads_kept) / heads_total:.2%}",
         "layers_pruned": sum(1 for row in rows if row["kept"] < num_heads),
-        "kv_heads_total": num_kv * num_layers,
+        "kv_heads_total": num_heads // group * num_layers,
         "kv_heads_kept": sum(row["kv_kept"] for row in rows),
+        "ffn_size": ffn["units"] if ffn else None,
+        "ffn_total": ffn["units"] * num_layers if ffn else None,
+        "ffn_kept": sum(ffn["kept"]) if ffn else None,
+        "ffn_pruned": bool(ffn) and sum(ffn["kept"]) < ffn["units"] * num_layers,
+        "flops_seq_len": seq_len,
+        "flops_before": f"{flops_before / 1e9:,.2f} GFLOPs",
+        "flops_after": f"{flops_after / 1e9:,.2f} GFLOPs",
+        "flops_ratio": f"{flops_after / flops_before:.1%}",
     }
 
 
-def _sparsity_rows(model: PreTrainedModel, pruning_args: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Real zero fraction of the target weights, grouped by their path inside a block (``mlp.up_proj``)."""
+def _sparsity_rows(model: nn.Module, pruning_args: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Real zero fraction of the target weights, grouped by their path inside a block (``mlp.up_proj``), or
+    by module name for a model of no registered family."""
     patterns = (pruning_args or {}).get("prune_target_modules")
-    modules = target_linear_modules(model, patterns)
-    in_block = {
-        id(sub): path for block in get_adapter(model).blocks(model) for path, sub in block.named_modules()
-    }
-    kinds = {f"{name}.weight": in_block.get(id(m)) or name.rsplit(".", 1)[-1] for name, m in modules.items()}
+    modules = find_target_modules(model, patterns)
+    adapter = find_adapter(model)
+    blocks = adapter.blocks(model) if adapter is not None else []
+    in_block = {id(sub): path for block in blocks for path, sub in block.named_modules()}
+    kinds = {f"{name}.weight": in_block.get(id(m)) or name for name, m in modules.items()}
     counts = grouped_sparsity(model, kinds)
     rows = [
         {"name": kind, "matrices": matrices, "weights": f"{entries:,}", "zero": f"{zeros / entries:.2%}"}
@@ -345,31 +418,36 @@ def _check_card_args(
 
 
 def create_pruning_model_card(
-    model: PreTrainedModel,
+    model: nn.Module,
     *,
     base_model: str | None = None,
     pruning_args: Mapping[str, Any] | None = None,
     params_before: int | None = None,
     eval_before: Mapping[str, float] | None = None,
+    eval_pruned: Mapping[str, float] | None = None,
     eval_after: Mapping[str, float] | None = None,
     dataset_name: str | None = None,
-    task: str = "text-classification",
+    task: str | None = None,
     speedup: float | None = None,
     heatmap_filename: str | None = None,
     repo_id: str | None = None,
     model_name: str | None = None,
+    flops_seq_len: int = 128,
 ) -> ModelCard:
     """The model card of a pruned model: Hub metadata and what was pruned, with the real numbers.
 
     The metadata (``library_name``, ``base_model``, ``tags``, ``datasets``, ``metrics``, ``pipeline_tag`` and
-    a ``model-index`` of the after-pruning results) is built with ``huggingface_hub.ModelCardData``. The body
-    lists the heads kept per layer (from the pruning record in ``model.config``), the parameters before and
-    after, the measured fraction of zero weights per module type, the evaluation before and after, the
-    speed-up and the heatmap when given, and a snippet that loads the model with
-    :func:`hf_gradprune.load_pruned`. No local path, token or user name of the machine ends up in the card.
+    a ``model-index`` of the final results) is built with ``huggingface_hub.ModelCardData``. The body lists
+    the heads and FFN neurons kept per layer (from the pruning record in ``model.config``), the block FLOPs
+    before and after, the parameters before and after, the measured fraction of zero weights per module
+    type, the evaluation at three points (before pruning, right after it, after the recovery fine-tune: the
+    cost of pruning is not hidden by the extra training), the speed-up and the heatmap when given, and a
+    snippet that loads the model with :func:`hf_gradprune.load_pruned`. Any ``nn.Module`` gets a card
+    (without the structure tables when it is of no registered family). No local path, token or user name of
+    the machine ends up in the card.
 
     Args:
-        model (`PreTrainedModel`): the pruned model, of a registered family.
+        model (`nn.Module`): the pruned model.
         base_model (`str`, *optional*): Hub id of the model that was pruned. A local path is not written:
             the card says "a local checkpoint" and the metadata has no ``base_model``.
         pruning_args (`Mapping[str, Any]`, *optional*): the arguments used, e.g.
@@ -377,17 +455,21 @@ def create_pruning_model_card(
         params_before (`int`, *optional*): parameters of the model before pruning.
         eval_before (`Mapping[str, float]`, *optional*): metrics before pruning, e.g.
             ``{"eval_accuracy": 0.81}``; the ``eval_`` prefix is dropped.
-        eval_after (`Mapping[str, float]`, *optional*): metrics after pruning; they make the ``model-index``
-            (all but loss, runtime and throughput) when ``dataset_name`` is a Hub dataset id.
+        eval_pruned (`Mapping[str, float]`, *optional*): metrics right after pruning, before any more
+            training.
+        eval_after (`Mapping[str, float]`, *optional*): metrics after the recovery fine-tune; they (or else
+            ``eval_pruned``) make the ``model-index`` (all but loss, runtime and throughput) when
+            ``dataset_name`` is a Hub dataset id.
         dataset_name (`str`, *optional*): Hub id of the evaluation dataset, e.g. ``"rotten_tomatoes"``.
-        task (`str`, *optional*, defaults to `"text-classification"`): the Hub task, used as
-            ``pipeline_tag``, tag and model-index task.
+        task (`str`, *optional*): the Hub task, used as ``pipeline_tag``, tag and model-index task; by default
+            the task of the model's head (:func:`infer_task`), none when unknown.
         speedup (`float`, *optional*): measured inference speed-up of the pruned over the original model.
         heatmap_filename (`str`, *optional*): relative name of the heatmap PNG in the repository, e.g.
             ``"head_importance.png"`` (see :func:`save_head_importance_heatmap`).
         repo_id (`str`, *optional*): the repository the card is for, used in the loading snippet.
         model_name (`str`, *optional*): title and model-index name; defaults to the name part of
             ``repo_id``, else ``<base model name>-pruned``.
+        flops_seq_len (`int`, *optional*, defaults to 128): the sequence length of the FLOPs counts.
 
     Returns:
         `huggingface_hub.ModelCard`: save it as ``README.md`` in the model folder with ``card.save(path)``.
@@ -407,16 +489,20 @@ def create_pruning_model_card(
         >>> card = create_pruning_model_card(model, base_model="google-bert/bert-base-uncased",
         ...     params_before=before, eval_after={"eval_accuracy": 0.8}, dataset_name="rotten_tomatoes",
         ...     repo_id="user/bert-pruned")
-        >>> card.data.base_model, card.data.eval_results[0].metric_value
-        ('google-bert/bert-base-uncased', 0.8)
-        >>> "| 0 | 3 / 4 | 1 |" in card.text
+        >>> card.data.base_model, card.data.eval_results[0].metric_value, card.data.pipeline_tag
+        ('google-bert/bert-base-uncased', 0.8, 'text-classification')
+        >>> "| 0 | 3 / 4 | 1 | 37 / 37 |" in card.text
         True
     """
     _check_card_args(pruning_args, params_before, speedup, heatmap_filename, repo_id)
     before = _numeric("eval_before", eval_before)
+    pruned = _numeric("eval_pruned", eval_pruned)
     after = _numeric("eval_after", eval_after)
-    record = PruningRecord.from_config(model.config)
-    heads = _layer_rows(model, record)
+    task = task if task is not None else infer_task(model)
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    record = PruningRecord.from_config(config)
+    structures = _structure_rows(model, flops_seq_len)
     sparsity = _sparsity_rows(model, pruning_args)
 
     hub_base = _hub_id(base_model)
@@ -425,16 +511,17 @@ def create_pruning_model_card(
         if repo_id is not None:
             model_name = repo_id.rsplit("/", 1)[-1]
         else:
-            model_name = f"{(hub_base or model.config.model_type).rsplit('/', 1)[-1]}-pruned"
+            model_name = f"{(hub_base or model_type or type(model).__name__).rsplit('/', 1)[-1]}-pruned"
     elif _is_local_path(model_name):
         model_name = Path(model_name).name or "pruned-model"
 
-    metrics = [name for name in dict.fromkeys([*after, *before]) if name not in RUN_METRICS]
-    eval_results = _eval_results(after, task, hub_dataset)
+    final = after or pruned
+    metrics = [name for name in dict.fromkeys([*final, *before]) if name not in RUN_METRICS]
+    eval_results = _eval_results(final, task, hub_dataset)
     card_data = ModelCardData(
-        library_name="transformers",
+        library_name="transformers" if config is not None else None,
         base_model=hub_base,
-        tags=list(dict.fromkeys([*CARD_TAGS, task])),
+        tags=list(dict.fromkeys([*CARD_TAGS, *([task] if task else [])])),
         datasets=[hub_dataset] if hub_dataset else None,
         metrics=metrics or None,
         pipeline_tag=task,
@@ -451,7 +538,7 @@ def create_pruning_model_card(
         dataset_text = f"[`{hub_dataset}`](https://huggingface.co/datasets/{hub_dataset})"
     else:
         dataset_text = "a local dataset" if dataset_name else None
-    params_after = model.num_parameters()
+    params_after = sum(p.numel() for p in model.parameters())
     weight_importance = None
     if pruning_args and _real(pruning_args.get("weight_sparsity")) and pruning_args["weight_sparsity"] > 0:
         weight_importance = pruning_args.get("weight_importance")
@@ -463,9 +550,10 @@ def create_pruning_model_card(
         base_model_text=base_model_text,
         dataset_text=dataset_text,
         architecture=type(model).__name__,
-        model_type=model.config.model_type,
+        model_type=model_type or "custom",
+        transformers_model=config is not None,
         version=__version__,
-        record_version=f"hf_gradprune {record.version}" if record.pruned_heads else "no head pruning",
+        record_version=f"hf_gradprune {record.version}" if not record.is_empty() else "no structural pruning",
         transformers_version=transformers.__version__,
         torch_version=torch.__version__,
         pruning_args=_argument_rows(pruning_args),
@@ -473,11 +561,11 @@ def create_pruning_model_card(
         params_after=f"{params_after:,}",
         params_before=f"{params_before:,}" if params_before else None,
         params_reduction=f"{(params_before - params_after) / params_before:.2%}" if params_before else None,
-        evaluation=_evaluation_rows(before, after),
+        evaluation=_evaluation_rows(before, pruned, after),
         speedup=f"{speedup:.2f}×" if speedup else None,
         heatmap_filename=heatmap_filename,
         repo_id=repo_id,
         load_id=repo_id or "user/model-name",
-        **heads,
+        **structures,
         **sparsity,
     )

@@ -1,9 +1,11 @@
-"""Checkpoint I/O: strict reload of models pruned to uneven shapes, and training state without pickle."""
+"""Checkpoint I/O: save and strictly reload models pruned to uneven shapes (any ``nn.Module``), and
+training state without pickle."""
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +14,15 @@ import torch
 import transformers
 from huggingface_hub import snapshot_download
 from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
+from transformers.models.auto.auto_factory import _BaseAutoModelClass
+from transformers.utils import SAFE_WEIGHTS_NAME
 
-from .masks import MASKS_FILENAME, apply_masks, load_masks
+from .masks import MASKS_FILENAME, apply_masks, get_masks, load_masks, save_masks
 from .record import PruningRecord, strip_record
-from .surgery import prune_heads
+from .surgery import prune_units
 
 HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download")
 LOAD_KWARGS = ("dtype",)
@@ -55,22 +60,43 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _model_class(
-    config: PretrainedConfig, model_class: type[PreTrainedModel] | None
-) -> type[PreTrainedModel]:
-    if model_class is not None:
-        return model_class
+def _architecture_class(config: PretrainedConfig) -> type[PreTrainedModel]:
     names = getattr(config, "architectures", None) or []
     found = [getattr(transformers, name) for name in names if hasattr(transformers, name)]
     if not found:
         raise ValueError(
-            f"config.json names no transformers architecture (architectures={names}): "
-            "pass `model_class=`, e.g. `model_class=BertForSequenceClassification`."
+            f"config.json names no transformers architecture (architectures={names}): pass `model_class=`, "
+            "e.g. `model_class=AutoModelForSequenceClassification`."
         )
     return found[0]
 
 
-def load_strict(model: PreTrainedModel, state: dict[str, torch.Tensor], record: PruningRecord) -> None:
+def _build(config: PretrainedConfig, model_class: type | None) -> PreTrainedModel:
+    """An unpruned model of ``model_class`` (an Auto class, a ``PreTrainedModel`` class, or ``None`` for
+    ``config.architectures[0]``) built from ``config`` without initialising weights."""
+    dtype = getattr(config, "dtype", None)
+    model_class = model_class or _architecture_class(config)
+    with no_init_weights():
+        if issubclass(model_class, _BaseAutoModelClass):
+            return model_class.from_config(config, dtype=dtype)
+        return model_class._from_config(config, dtype=dtype)
+
+
+def _check_model_class(model_class: Any) -> None:
+    if model_class is None:
+        return
+    if not isinstance(model_class, type) or not issubclass(
+        model_class, (_BaseAutoModelClass, PreTrainedModel)
+    ):
+        shown = model_class.__name__ if isinstance(model_class, type) else type(model_class).__name__
+        raise TypeError(
+            "`model_class` must be a transformers Auto class (e.g. AutoModelForSequenceClassification) or a "
+            f"PreTrainedModel subclass (e.g. BertForSequenceClassification), got {shown}; for any other "
+            "nn.Module pass an instance as `model=`."
+        )
+
+
+def load_strict(model: nn.Module, state: dict[str, torch.Tensor], record: PruningRecord) -> None:
     """Load ``state`` into ``model``: any missing, unexpected or mis-shaped key is an error."""
     expected = model.state_dict()
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
@@ -98,32 +124,49 @@ def load_strict(model: PreTrainedModel, state: dict[str, torch.Tensor], record: 
             + "."
         )
     model.load_state_dict(state, strict=False)
-    model.tie_weights()
+    if isinstance(model, PreTrainedModel):
+        model.tie_weights()
+
+
+def replay_record(model: nn.Module, record: PruningRecord) -> None:
+    """Cut ``model`` (built unpruned) to the shapes of ``record``, and store the record in its config."""
+    prune_units(model, record.pruned, allow_empty=True)
+    record.save_to_config(model.config)
 
 
 def load_pruned(
     path_or_repo_id: str | os.PathLike,
-    model_class: type[PreTrainedModel] | None = None,
+    model_class: type | None = None,
     apply_weight_masks: bool = True,
+    model: nn.Module | None = None,
     **from_pretrained_kwargs: Any,
-) -> PreTrainedModel:
-    """Load a checkpoint saved after :func:`hf_gradprune.prune_heads`, from a folder or a Hub repo id.
+) -> nn.Module:
+    """Load a pruned checkpoint from a folder or a Hub repo id: shapes rebuilt, weights loaded strictly.
 
-    The model is built from ``config.json``, the recorded pruning is replayed, and the safetensors
-    weights are loaded strictly. A checkpoint without a pruning record goes through plain
-    ``model_class.from_pretrained``. Weight masks saved beside the weights (``pruning_masks.safetensors``)
-    are applied again, so pruned weights stay zero if the model is trained further.
+    A transformers model is built from ``config.json``, the recorded pruning (heads, FFN neurons, per
+    layer) is replayed, and the safetensors weights are loaded strictly: a missing, unexpected or mis-shaped
+    key is an error, never a silent re-initialisation. A checkpoint without a pruning record goes through
+    plain ``from_pretrained``. Any other ``nn.Module`` (a CNN trained with the ``Trainer``) is passed as
+    ``model=``, built by your code, and receives the weights strictly. Weight masks saved beside the weights
+    (``pruning_masks.safetensors``) are applied again, so pruned weights stay zero if the model trains on.
 
     Args:
         path_or_repo_id (`str` or `os.PathLike`): a local folder or a Hub repository id.
-        model_class (`type[PreTrainedModel]`, *optional*): defaults to ``config.architectures[0]``.
+        model_class (`type`, *optional*): a transformers Auto class (``AutoModelForCausalLM``) or a
+            ``PreTrainedModel`` subclass; defaults to ``config.architectures[0]``.
         apply_weight_masks (`bool`, *optional*, defaults to `True`): re-apply saved weight masks (set
             `False` for inference only: the masks cost one byte per masked weight).
+        model (`nn.Module`, *optional*): an instance to load into, for models that are not transformers
+            models; its own pruning record, if any, must be the checkpoint's.
         from_pretrained_kwargs: ``revision``, ``token``, ``cache_dir``, ``local_files_only``,
             ``force_download`` (for the download) and ``dtype``.
 
+    Raises:
+        TypeError: an unsupported keyword, or a ``model_class`` that is no Auto or ``PreTrainedModel`` class.
+        ValueError: weights that do not match the pruning record.
+
     Example:
-        >>> from transformers import BertConfig, BertModel
+        >>> from transformers import AutoModel, BertConfig, BertModel
         >>> import tempfile
         >>> from hf_gradprune import prune_heads
         >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -131,7 +174,7 @@ def load_pruned(
         >>> _ = prune_heads(model, {1: [0, 2]})
         >>> with tempfile.TemporaryDirectory() as folder:
         ...     model.save_pretrained(folder)
-        ...     again = load_pruned(folder)
+        ...     again = load_pruned(folder, model_class=AutoModel)
         >>> again.encoder.layer[1].attention.self.key.out_features
         16
     """
@@ -141,25 +184,88 @@ def load_pruned(
         raise TypeError(
             f"load_pruned() got unsupported keyword arguments {unknown}; allowed: {', '.join(allowed)}."
         )
+    _check_model_class(model_class)
+    if model is not None and model_class is not None:
+        raise ValueError("Pass `model_class` or `model`, not both.")
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module instance, got {type(model).__name__}.")
     hub_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in HUB_KWARGS}
     folder = resolve_folder(path_or_repo_id, **hub_kwargs)
-    config = AutoConfig.from_pretrained(folder)
-    cls = _model_class(config, model_class)
-    record = PruningRecord.from_config(config)
     dtype = from_pretrained_kwargs.get("dtype")
-    if record.pruned_heads:
-        with no_init_weights():
-            model = cls._from_config(strip_record(config), dtype=dtype or getattr(config, "dtype", None))
-        prune_heads(model, record.pruned_heads)
-        record.save_to_config(model.config)
+    if model is not None:
+        record = PruningRecord.from_config(getattr(model, "config", None))
         load_strict(model, read_state_dict(folder), record)
-        if model.can_generate() and (folder / "generation_config.json").is_file():
-            model.generation_config = GenerationConfig.from_pretrained(folder)
+        if dtype is not None:
+            model.to(dtype)
     else:
-        model = cls.from_pretrained(folder, **({"dtype": dtype} if dtype else {}))
+        config = AutoConfig.from_pretrained(folder)
+        record = PruningRecord.from_config(config)
+        if not record.is_empty():
+            if dtype is not None:
+                config.dtype = dtype
+            model = _build(strip_record(config), model_class)
+            replay_record(model, record)
+            load_strict(model, read_state_dict(folder), record)
+            if model.can_generate() and (folder / "generation_config.json").is_file():
+                model.generation_config = GenerationConfig.from_pretrained(folder)
+        else:
+            cls = model_class or _architecture_class(config)
+            model = cls.from_pretrained(folder, **({"dtype": dtype} if dtype else {}))
     if apply_weight_masks and (folder / MASKS_FILENAME).is_file():
         apply_masks(model, load_masks(folder / MASKS_FILENAME))
     return model.eval()
+
+
+def save_pruned(model: nn.Module, save_directory: str | os.PathLike, **save_pretrained_kwargs: Any) -> Path:
+    """Save a pruned model so that :func:`load_pruned` gives it back: weights, config with record, masks.
+
+    A transformers model goes through ``save_pretrained`` (safetensors, the model's own keys); any other
+    ``nn.Module`` writes its state dict to ``model.safetensors``. Weight masks go to
+    ``pruning_masks.safetensors``. Every file is written in a temporary folder first and moved into place
+    by ``os.replace``, so no file is ever half-written.
+
+    Args:
+        model (`nn.Module`): the pruned model.
+        save_directory (`str` or `os.PathLike`): the folder (created if missing; other files in it stay).
+        save_pretrained_kwargs: more arguments of ``save_pretrained`` (transformers models only).
+
+    Returns:
+        `Path`: the folder.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from torch import nn
+        >>> from hf_gradprune.masks import apply_masks
+        >>> cnn = nn.Sequential(nn.Conv2d(1, 2, 3))
+        >>> apply_masks(cnn, {"0.weight": torch.rand(2, 1, 3, 3) > 0.5})
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     _ = save_pruned(cnn, folder)
+        ...     again = load_pruned(folder, model=nn.Sequential(nn.Conv2d(1, 2, 3)))
+        >>> torch.equal(again[0].weight_mask, cnn[0].weight_mask)
+        True
+    """
+    folder = Path(save_directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".saving-") as partial:
+        if isinstance(model, PreTrainedModel):
+            model.save_pretrained(partial, **save_pretrained_kwargs)
+        else:
+            if save_pretrained_kwargs:
+                raise TypeError(
+                    f"{sorted(save_pretrained_kwargs)} are save_pretrained arguments; "
+                    f"{type(model).__name__} is not a transformers model."
+                )
+            state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+            save_file(state, Path(partial) / SAFE_WEIGHTS_NAME, metadata={"format": "pt"})
+        masks = get_masks(model)
+        if masks:
+            save_masks(masks, Path(partial) / MASKS_FILENAME)
+        for path in sorted(Path(partial).rglob("*")):
+            if path.is_file():
+                target = folder / path.relative_to(partial)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+    return folder
 
 
 def _encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:

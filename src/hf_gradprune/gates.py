@@ -1,32 +1,99 @@
-"""Head gates: one scalar per attention head, applied before the attention output projection.
+"""Gates: one scalar per unit of a structure (attention head, FFN neuron), applied before its output layer.
 
-A gate plays the role ``head_mask`` played in transformers 4: gate 0 removes a head's
-contribution exactly as structural removal would, gate 1 leaves the model unchanged.
+A head gate plays the role ``head_mask`` played in transformers 4: gate 0 removes a unit's contribution
+exactly as structural removal would, gate 1 leaves the model unchanged. The gate sits on the input of the
+structure's output layer (the attention output projection, the FFN down projection), where each unit owns
+one run of ``unit_width`` columns.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 
-from .adapters import ArchitectureAdapter, get_adapter
+from .adapters import HEADS, get_adapter
 from .record import PruningRecord
 
 
-def head_layout(model: PreTrainedModel) -> tuple[ArchitectureAdapter, int, int]:
-    """``(adapter, num_layers, num_heads)`` of ``model``, heads counted in the original model."""
-    adapter = get_adapter(model)
-    return adapter, len(adapter.blocks(model)), adapter.num_heads(model.config)
+class UnitGates:
+    """Gates of shape ``(num_layers, num_units)`` of one structure, in original unit indices.
 
-
-class HeadGates:
-    """Gates of shape ``(num_layers, num_heads)`` in original head indices, applied by forward pre-hooks.
-
-    Entries of heads already removed by :func:`hf_gradprune.prune_heads` have no effect.
+    Entries of units already removed by surgery have no effect.
 
     Args:
-        model (`PreTrainedModel`): a model of a registered family.
+        model (`nn.Module`): a model of a registered family.
+        structure (`str`, *optional*, defaults to `"heads"`): ``"heads"`` or ``"ffn"``.
+        gates (`torch.Tensor`, *optional*): initial values; defaults to ones (float32).
+        requires_grad (`bool`, *optional*, defaults to `False`): track gradients of the gates.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> import torch
+        >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        ...                              intermediate_size=37, vocab_size=99)).eval()
+        >>> with UnitGates(model, "ffn") as gates:
+        ...     gates.gates[0, :10] = 0.0  # silence ten neurons of layer 0
+        ...     out = model(torch.tensor([[1, 2, 3]])).last_hidden_state
+        >>> tuple(gates.gates.shape)
+        (2, 37)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        structure: str = HEADS,
+        gates: torch.Tensor | None = None,
+        requires_grad: bool = False,
+    ):
+        adapter = get_adapter(model)
+        self.structure = adapter.structure(structure)
+        num_layers = len(adapter.blocks(model))
+        num_units = adapter.num_units(self.structure, model.config)
+        if gates is None:
+            gates = torch.ones(num_layers, num_units)
+        if tuple(gates.shape) != (num_layers, num_units):
+            raise ValueError(
+                f"`gates` must have shape ({num_layers}, {num_units}) for {structure!r}, "
+                f"got {tuple(gates.shape)}."
+            )
+        device = next(model.parameters()).device
+        self.gates = gates.detach().to(device=device, dtype=torch.float32).requires_grad_(requires_grad)
+        record = PruningRecord.from_config(model.config)
+        width = adapter.unit_width(self.structure, model.config)
+        self._handles = []
+        for layer in range(num_layers):
+            kept = torch.tensor(record.kept(structure, layer, num_units), device=device, dtype=torch.long)
+            output = adapter.module(model, layer, self.structure.output)
+            self._handles.append(output.register_forward_pre_hook(self._hook(layer, kept, width)))
+
+    def _hook(self, layer: int, kept: torch.Tensor, width: int):
+        def gate_units(_module: nn.Module, args: tuple) -> tuple:
+            hidden, *rest = args
+            gate = self.gates[layer].index_select(0, kept).to(hidden.dtype)
+            shape = hidden.shape
+            gated = (hidden.reshape(*shape[:-1], len(kept), width) * gate[:, None]).reshape(shape)
+            return (gated, *rest)
+
+        return gate_units
+
+    def remove(self) -> None:
+        """Remove every hook; the model is left exactly as before."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> UnitGates:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
+
+
+class HeadGates(UnitGates):
+    """:class:`UnitGates` of the attention heads: shape ``(num_layers, num_heads)``.
+
+    Args:
+        model (`nn.Module`): a model of a registered family.
         gates (`torch.Tensor`, *optional*): initial values; defaults to ones (float32).
         requires_grad (`bool`, *optional*, defaults to `False`): track gradients of the gates.
 
@@ -42,51 +109,12 @@ class HeadGates:
         (1, 3, 32)
     """
 
-    def __init__(
-        self, model: PreTrainedModel, gates: torch.Tensor | None = None, requires_grad: bool = False
-    ):
-        adapter, num_layers, num_heads = head_layout(model)
-        if gates is None:
-            gates = torch.ones(num_layers, num_heads)
-        if tuple(gates.shape) != (num_layers, num_heads):
-            raise ValueError(
-                f"`gates` must have shape ({num_layers}, {num_heads}), got {tuple(gates.shape)}."
-            )
-        device = next(model.parameters()).device
-        self.gates = gates.detach().to(device=device, dtype=torch.float32).requires_grad_(requires_grad)
-        record = PruningRecord.from_config(model.config)
-        head_dim = adapter.head_dim(model.config)
-        self._handles = []
-        for layer in range(num_layers):
-            kept = torch.tensor(record.kept_heads(layer, num_heads), device=device)
-            output = adapter.attention_parts(model, layer).output
-            self._handles.append(output.register_forward_pre_hook(self._hook(layer, kept, head_dim)))
-
-    def _hook(self, layer: int, kept: torch.Tensor, head_dim: int):
-        def gate_heads(_module: nn.Module, args: tuple) -> tuple:
-            hidden, *rest = args
-            gate = self.gates[layer].index_select(0, kept).to(hidden.dtype)
-            shape = hidden.shape
-            gated = (hidden.view(*shape[:-1], len(kept), head_dim) * gate[:, None]).view(shape)
-            return (gated, *rest)
-
-        return gate_heads
-
-    def remove(self) -> None:
-        """Remove every hook; the model is left exactly as before."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def __enter__(self) -> HeadGates:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.remove()
+    def __init__(self, model: nn.Module, gates: torch.Tensor | None = None, requires_grad: bool = False):
+        super().__init__(model, HEADS, gates=gates, requires_grad=requires_grad)
 
 
 def add_head_gates(
-    model: PreTrainedModel, gates: torch.Tensor | None = None, requires_grad: bool = False
+    model: nn.Module, gates: torch.Tensor | None = None, requires_grad: bool = False
 ) -> HeadGates:
     """Attach :class:`HeadGates` to ``model``; use as a context manager or call ``.remove()``."""
     return HeadGates(model, gates=gates, requires_grad=requires_grad)

@@ -1,11 +1,12 @@
-"""Importance scores: heads from the gradient of their gates, weights from gradients, magnitudes or inputs."""
+"""Importance scores: structures (heads, FFN neurons) from the gradient of their gates, weights from
+gradients, magnitudes or inputs. Works on any model the ``Trainer`` can train; structures need an adapter.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import inspect
-import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -14,12 +15,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
-from transformers.pytorch_utils import Conv1D
 
-from .adapters import get_adapter, weight_dims
+from .adapters import HEADS, find_target_modules, input_channel_dim, per_input_channel, weight_dims
 from .arguments import HEAD_ACCUMULATIONS, HEAD_NORMALIZATIONS, WEIGHT_IMPORTANCES, check_choice
-from .gates import HeadGates
+from .gates import UnitGates
 from .record import PruningRecord
 
 
@@ -39,22 +38,59 @@ def frozen_for_probe(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def _forward_parameters(model: nn.Module) -> Mapping[str, inspect.Parameter]:
+    return inspect.signature(model.forward).parameters
+
+
 def prepare_batch(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
     """Move tensors to the model's device and switch off the KV cache when the model has one."""
     device = next(model.parameters()).device
     inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    if "use_cache" in inspect.signature(model.forward).parameters:
+    if "use_cache" in _forward_parameters(model):
         inputs["use_cache"] = False
     return inputs
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers causal language model (its loss takes ``labels=input_ids``)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+@functools.cache
+def _warn_label_free() -> None:
+    warnings.warn(
+        "Calibration batches without `labels` on a causal LM: using labels = input_ids, padding "
+        "(attention_mask == 0) ignored.",
+        stacklevel=4,
+    )
+
+
+def with_labels(model: nn.Module, batch: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``batch``, or for a causal LM without labels the batch with ``labels = input_ids`` (padding -100)."""
+    if "labels" in batch or "input_ids" not in batch or not is_causal_lm(model):
+        return batch
+    labels = batch["input_ids"].clone()
+    if "attention_mask" in batch:
+        labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
+    _warn_label_free()
+    return {**batch, "labels": labels}
+
+
 def batch_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    """The model's loss on ``batch``; a clear error when the batch carries no labels."""
-    loss = model(**prepare_batch(model, batch)).loss
-    if loss is None:
+    """The model's loss on ``batch``, read as the ``Trainer`` does (``outputs["loss"]`` or ``outputs[0]``).
+
+    A causal LM batch without labels gets ``labels = input_ids``; any other batch without a loss is a
+    clear error.
+    """
+    outputs = model(**prepare_batch(model, with_labels(model, batch)))
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs[0] if outputs else None
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         raise ValueError(
-            "The model returned no loss: importance needs batches with labels "
-            f"(got keys {sorted(batch)}). Add `labels` (for causal LMs, labels=input_ids)."
+            "The model returned no loss: importance needs batches the model computes a loss on "
+            f"(got keys {sorted(batch)}); add `labels`, or return the loss as `outputs['loss']` or "
+            "`outputs[0]` as the Trainer expects."
         )
     return loss
 
@@ -83,7 +119,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def normalize_per_layer(scores: torch.Tensor, normalize: str) -> torch.Tensor:
     """Normalise each row by its sum (``layer_sum``), its L2 norm (``l2``) or not at all (``none``).
 
-    NaN entries (heads already removed) are ignored and stay NaN.
+    NaN entries (units already removed) are ignored and stay NaN.
     """
     check_choice("normalize", normalize, HEAD_NORMALIZATIONS)
     if normalize == "none":
@@ -96,27 +132,106 @@ def normalize_per_layer(scores: torch.Tensor, normalize: str) -> torch.Tensor:
     return scores / (norm + 1e-20)
 
 
+def compute_unit_importance(
+    model: nn.Module,
+    dataloader: Iterable[Mapping[str, Any]],
+    structures: Sequence[str] = (HEADS,),
+    num_batches: int | None = None,
+    normalize: str = "none",
+    accumulate: str = "fisher",
+    show_progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Importance of every unit of ``structures`` from the gradient ``g = dL/dgate`` of an all-ones gate.
+
+    One forward and one backward per batch for all structures together. ``accumulate`` says how the
+    per-batch gradients become a score:
+
+    - ``"fisher"``: ``Σ g²``, the empirical Fisher information of the gate (Kwon et al., 2022): half of it
+      estimates the loss increase when the unit is removed, so scores of heads and neurons compare.
+    - ``"sum_of_abs"``: ``Σ |g|``.
+    - ``"abs_of_sum"``: ``|Σ g|``, the classic head-mask recipe (Michel et al., 2019). At a fine-tuned model
+      the signed gradients of different batches cancel, and the ranking is close to chance.
+
+    The model's parameter gradients, ``requires_grad`` flags and train/eval mode are left as they were.
+    Under ``torch.distributed`` the sums are all-reduced, so every rank gets the same scores.
+
+    Args:
+        model (`nn.Module`): a model of a registered family that returns a loss.
+        dataloader (`Iterable[Mapping]`): batches with labels (causal LMs: ``labels = input_ids`` if absent).
+        structures (`Sequence[str]`, *optional*, defaults to `("heads",)`): ``"heads"`` and/or ``"ffn"``.
+        num_batches (`int`, *optional*): stop after this many batches (default: all).
+        normalize (`str`, *optional*, defaults to `"none"`): ``"layer_sum"``, ``"l2"`` or ``"none"``.
+        accumulate (`str`, *optional*, defaults to `"fisher"`): ``"fisher"``, ``"sum_of_abs"`` or
+            ``"abs_of_sum"``.
+        show_progress (`bool`, *optional*, defaults to `True`): a progress bar over batches.
+
+    Returns:
+        `dict[str, torch.Tensor]`: structure name to float32 ``(num_layers, num_units)`` scores on the CPU
+        in original unit indices; units already removed are NaN.
+
+    Example:
+        >>> import torch
+        >>> from transformers import BertConfig, BertForSequenceClassification
+        >>> model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2,
+        ...     num_attention_heads=4, intermediate_size=37, vocab_size=99))
+        >>> batch = {"input_ids": torch.tensor([[1, 2, 3]]), "labels": torch.tensor([1])}
+        >>> scores = compute_unit_importance(model, [batch], ("heads", "ffn"), show_progress=False)
+        >>> scores["heads"].shape, scores["ffn"].shape
+        (torch.Size([2, 4]), torch.Size([2, 37]))
+    """
+    check_choice("normalize", normalize, HEAD_NORMALIZATIONS)
+    check_choice("accumulate", accumulate, HEAD_ACCUMULATIONS)
+    if isinstance(structures, str):
+        raise TypeError(f"`structures` must be a sequence of names, got the string {structures!r}.")
+    batches, total = limited(dataloader, num_batches)
+    seen = 0
+    with frozen_for_probe(model), contextlib.ExitStack() as stack:
+        gates = [stack.enter_context(UnitGates(model, name, requires_grad=True)) for name in structures]
+        scores = [torch.zeros_like(g.gates) for g in gates]
+        for batch in tqdm(batches, total=total, desc="Unit importance", disable=not show_progress):
+            grads = torch.autograd.grad(batch_loss(model, batch), [g.gates for g in gates])
+            for score, grad in zip(scores, grads, strict=True):
+                if accumulate == "fisher":
+                    score.addcmul_(grad, grad)
+                else:
+                    score.add_(grad.abs() if accumulate == "sum_of_abs" else grad)
+            seen += 1
+    if seen == 0:
+        raise ValueError("`dataloader` yielded no batches: importance needs at least one.")
+    record = PruningRecord.from_config(model.config)
+    result = {}
+    for name, score in zip(structures, scores, strict=True):
+        score = all_reduce_sum(score).float().cpu()
+        if accumulate == "abs_of_sum":
+            score = score.abs()
+        for layer, units in record.pruned.get(name, {}).items():
+            score[layer, units] = float("nan")
+        result[name] = normalize_per_layer(score, normalize)
+    return result
+
+
 def compute_head_importance(
-    model: PreTrainedModel,
+    model: nn.Module,
     dataloader: Iterable[Mapping[str, Any]],
     num_batches: int | None = None,
     normalize: str = "layer_sum",
-    accumulate: str = "abs_of_sum",
+    accumulate: str = "fisher",
     show_progress: bool = True,
 ) -> torch.Tensor:
-    """Head importance: |dL/dgate| of an all-ones gate per head, accumulated over batches.
+    """Head importance, ``(num_layers, num_heads)``: :func:`compute_unit_importance` of the heads.
 
-    One forward and one backward per batch. The default reproduces the classic recipe: the gradient of
-    the loss with respect to the head mask, summed over batches, absolute value, divided by its per-layer
-    sum. The model's parameter gradients, ``requires_grad`` flags and train/eval mode are left as they
-    were. Under ``torch.distributed`` the sums are all-reduced, so every rank gets the same scores.
+    With ``accumulate="abs_of_sum"`` and ``normalize="layer_sum"`` this is the classic recipe (the
+    gradient of the loss with respect to transformers 4's ``head_mask``, summed over batches, absolute
+    value, divided by its per-layer sum); the default ``"fisher"`` ranks heads better at a trained model
+    (``benchmarks/heads_curve.py``).
 
     Args:
-        model (`PreTrainedModel`): a model of a registered family that returns a loss.
+        model (`nn.Module`): a model of a registered family that returns a loss.
         dataloader (`Iterable[Mapping]`): batches with labels.
         num_batches (`int`, *optional*): stop after this many batches (default: all).
         normalize (`str`, *optional*, defaults to `"layer_sum"`): ``"layer_sum"``, ``"l2"`` or ``"none"``.
-        accumulate (`str`, *optional*, defaults to `"abs_of_sum"`): ``"abs_of_sum"`` or ``"sum_of_abs"``.
+        accumulate (`str`, *optional*, defaults to `"fisher"`): ``"fisher"``, ``"sum_of_abs"`` or
+            ``"abs_of_sum"``.
         show_progress (`bool`, *optional*, defaults to `True`): a progress bar over batches.
 
     Returns:
@@ -132,141 +247,9 @@ def compute_head_importance(
         >>> compute_head_importance(model, [batch], show_progress=False).shape
         torch.Size([2, 4])
     """
-    check_choice("normalize", normalize, HEAD_NORMALIZATIONS)
-    check_choice("accumulate", accumulate, HEAD_ACCUMULATIONS)
-    batches, total = limited(dataloader, num_batches)
-    seen = 0
-    with frozen_for_probe(model), HeadGates(model, requires_grad=True) as gates:
-        scores = torch.zeros_like(gates.gates)
-        for batch in tqdm(batches, total=total, desc="Head importance", disable=not show_progress):
-            (grad,) = torch.autograd.grad(batch_loss(model, batch), gates.gates)
-            scores += grad.abs() if accumulate == "sum_of_abs" else grad
-            seen += 1
-    if seen == 0:
-        raise ValueError("`dataloader` yielded no batches: head importance needs at least one.")
-    scores = all_reduce_sum(scores).float().cpu()
-    if accumulate == "abs_of_sum":
-        scores = scores.abs()
-    record = PruningRecord.from_config(model.config)
-    for layer, heads in record.pruned_heads.items():
-        scores[layer, heads] = float("nan")
-    return normalize_per_layer(scores, normalize)
-
-
-def _block_linears(model: PreTrainedModel) -> Iterator[nn.Module]:
-    """The attention projections and FFN linears of every block, as the family's adapter declares them."""
-    adapter = get_adapter(model)
-    for layer in range(len(adapter.blocks(model))):
-        parts = adapter.attention_parts(model, layer)
-        attention = (parts.query, parts.key, parts.value, parts.qkv, parts.output)
-        yield from (module for module in attention if module is not None)
-        yield from adapter.ffn_modules(model, layer)
-
-
-def _compile(pattern: str) -> re.Pattern:
-    try:
-        return re.compile(pattern)
-    except re.error as err:
-        raise ValueError(
-            f"`target_modules` entry {pattern!r} is not a valid regular expression: {err}."
-        ) from err
-
-
-def target_linear_modules(
-    model: PreTrainedModel, target_modules: Sequence[str] | None = None
-) -> dict[str, nn.Module]:
-    """The modules whose weights are pruned, by qualified name, in ``model.named_modules()`` order.
-
-    By default the attention query/key/value (or fused qkv) and output projections and the FFN linears of
-    every transformer block, as the family's adapter declares them: never embeddings, norms or the
-    classifier head. ``target_modules`` replaces the default: regular expressions, each tried with
-    ``re.search`` on the qualified names of the ``nn.Linear`` and GPT-2 ``Conv1D`` modules.
-
-    Args:
-        model (`PreTrainedModel`): a model of a registered family (any model when `target_modules` is given).
-        target_modules (`Sequence[str]`, *optional*): regular expressions selecting the modules instead.
-
-    Returns:
-        `dict[str, nn.Module]`: qualified module name to module.
-
-    Raises:
-        ValueError: no module matches `target_modules`, or a pattern is not a valid regular expression.
-        TypeError: `target_modules` is a single string instead of a sequence of them.
-
-    Example:
-        >>> from transformers import BertConfig, BertForSequenceClassification
-        >>> model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2,
-        ...     num_attention_heads=4, intermediate_size=37, vocab_size=99))
-        >>> modules = target_linear_modules(model)
-        >>> len(modules), next(iter(modules))
-        (12, 'bert.encoder.layer.0.attention.self.query')
-        >>> list(target_linear_modules(model, ["classifier"]))
-        ['classifier']
-    """
-    if target_modules is None:
-        wanted = {id(module) for module in _block_linears(model)}
-        return {name: module for name, module in model.named_modules() if id(module) in wanted}
-    if isinstance(target_modules, str):
-        raise TypeError(
-            f"`target_modules` must be a sequence of regular expressions, got the string {target_modules!r}; "
-            f"wrap it in a list: [{target_modules!r}]."
-        )
-    patterns = [_compile(pattern) for pattern in target_modules]
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
-    found = {name: module for name, module in linears.items() if any(p.search(name) for p in patterns)}
-    if not found:
-        raise ValueError(
-            f"`target_modules` {list(target_modules)} matched no nn.Linear or Conv1D module of "
-            f"{type(model).__name__}; patterns are searched in qualified names such as {list(linears)[:3]}."
-        )
-    return found
-
-
-def weight_input_dims(model: PreTrainedModel, target_modules: Sequence[str] | None = None) -> dict[str, int]:
-    """Parameter name to the input dimension of each target weight: the ``input_dims`` of N:M selection.
-
-    ``nn.Linear`` stores its weight as (out, in), so 1; GPT-2's ``Conv1D`` as (in, out), so 0.
-
-    Args:
-        model (`PreTrainedModel`): as for :func:`target_linear_modules`.
-        target_modules (`Sequence[str]`, *optional*): as for :func:`target_linear_modules`.
-
-    Example:
-        >>> from transformers import GPT2Config, GPT2LMHeadModel
-        >>> model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4))
-        >>> weight_input_dims(model)["transformer.h.0.attn.c_attn.weight"]
-        0
-    """
-    modules = target_linear_modules(model, target_modules)
-    return {f"{name}.weight": weight_dims(module)[1] for name, module in modules.items()}
-
-
-def weight_layer_groups(
-    model: PreTrainedModel, target_modules: Sequence[str] | None = None
-) -> dict[str, str]:
-    """Parameter name to its block, ``"layer.<i>"``: the ``groups`` of ``scope="per_layer"`` selection.
-
-    A target outside every block (only reachable through `target_modules`) is a group of its own, keyed by
-    its module name.
-
-    Args:
-        model (`PreTrainedModel`): a model of a registered family.
-        target_modules (`Sequence[str]`, *optional*): as for :func:`target_linear_modules`.
-
-    Example:
-        >>> from transformers import BertConfig, BertForSequenceClassification
-        >>> model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2,
-        ...     num_attention_heads=4, intermediate_size=37, vocab_size=99))
-        >>> groups = weight_layer_groups(model, ["layer.1.output.dense", "classifier"])
-        >>> sorted(set(groups.values()))
-        ['classifier', 'layer.1']
-    """
-    blocks = {id(block): index for index, block in enumerate(get_adapter(model).blocks(model))}
-    prefixes = {f"{name}.": f"layer.{blocks[id(m)]}" for name, m in model.named_modules() if id(m) in blocks}
-    return {
-        f"{name}.weight": next((layer for prefix, layer in prefixes.items() if name.startswith(prefix)), name)
-        for name in target_linear_modules(model, target_modules)
-    }
+    return compute_unit_importance(
+        model, dataloader, (HEADS,), num_batches, normalize, accumulate, show_progress
+    )[HEADS]
 
 
 def _magnitude(module: nn.Module) -> torch.Tensor:
@@ -280,7 +263,7 @@ def _mean_normalized(scores: torch.Tensor) -> torch.Tensor:
 
 
 def _gradient_sums(
-    model: PreTrainedModel, weights: list[nn.Parameter], batches: Iterable, squared: bool
+    model: nn.Module, weights: list[nn.Parameter], batches: Iterable, squared: bool
 ) -> tuple[list[torch.Tensor], int]:
     """Per weight, the float32 sum over batches of dL/dW (of its square when ``squared``); batch count."""
     sums = [torch.zeros_like(weight, dtype=torch.float32) for weight in weights]
@@ -299,28 +282,33 @@ def _gradient_sums(
     return sums, seen
 
 
-def _add_square_sum(total: torch.Tensor, _module: nn.Module, args: tuple) -> None:
-    inputs = args[0].detach()
-    total.add_(inputs.float().square().reshape(-1, inputs.shape[-1]).sum(dim=0))
+def _add_square_sum(total: torch.Tensor, channel_dim: int, _module: nn.Module, args: tuple) -> None:
+    inputs = args[0].detach().float().movedim(channel_dim, -1)
+    total.add_(inputs.square().reshape(-1, inputs.shape[-1]).sum(dim=0))
 
 
 def _input_square_sums(
-    model: PreTrainedModel, modules: dict[str, nn.Module], batches: Iterable
+    model: nn.Module, modules: dict[str, nn.Module], batches: Iterable
 ) -> tuple[list[torch.Tensor], int]:
-    """Per module, the float32 sum over all tokens of its squared inputs, one entry per input; batch count."""
+    """Per module, the float32 sum of its squared inputs per input channel over every token (and every
+    position of a convolution's input); batch count."""
     sums = [
-        torch.zeros(m.weight.shape[weight_dims(m)[1]], dtype=torch.float32, device=m.weight.device)
+        torch.zeros(
+            m.weight.shape[weight_dims(m)[1]] * getattr(m, "groups", 1),
+            dtype=torch.float32,
+            device=m.weight.device,
+        )
         for m in modules.values()
     ]
     handles = [
-        module.register_forward_pre_hook(functools.partial(_add_square_sum, total))
+        module.register_forward_pre_hook(functools.partial(_add_square_sum, total, input_channel_dim(module)))
         for module, total in zip(modules.values(), sums, strict=True)
     ]
     seen = 0
     try:
         with frozen_for_probe(model), torch.no_grad():
             for batch in batches:
-                model(**prepare_batch(model, batch))
+                model(**prepare_batch(model, with_labels(model, batch)))
                 seen += 1
     finally:
         for handle in handles:
@@ -331,7 +319,7 @@ def _input_square_sums(
 def _finalize(method: str, module: nn.Module, total: torch.Tensor) -> torch.Tensor:
     """The score of ``module.weight`` from its all-reduced accumulator (reused in place)."""
     if method == "wanda":
-        return _magnitude(module).mul_(total.sqrt_().unsqueeze(1 - weight_dims(module)[1]))
+        return _magnitude(module).mul_(per_input_channel(module, total.sqrt_()))
     if method == "fisher":
         return total
     if method == "taylor":
@@ -343,7 +331,7 @@ def _finalize(method: str, module: nn.Module, total: torch.Tensor) -> torch.Tens
 
 
 def compute_weight_importance(
-    model: PreTrainedModel,
+    model: nn.Module,
     dataloader: Iterable[Mapping[str, Any]] | None = None,
     method: str = "taylor",
     target_modules: Sequence[str] | None = None,
@@ -362,7 +350,8 @@ def compute_weight_importance(
     - ``"combined"``: ``|w| / mean(|w|) + |Σ g| / mean(|Σ g|)``, each term divided by its mean over the
       tensor so that magnitude and gradient weigh alike.
     - ``"wanda"``: ``|w| · sqrt(Σ x²)``, ``x`` the weight's input and the sum over every token of every batch
-      (padding included), per input column (Sun et al., 2023); forward passes only, labels not needed.
+      (padding included), per input column (Sun et al., 2023); forward passes only, labels not needed. For a
+      convolution the sum runs over every position of the input channel, shared by its kernel entries.
 
     Gradient methods take one forward and one backward per batch, through ``torch.autograd.grad`` with
     respect to the target weights only: the model's ``.grad``, ``requires_grad`` flags and train/eval mode
@@ -372,18 +361,21 @@ def compute_weight_importance(
     accumulators are all-reduced, so every rank gets the same scores.
 
     Args:
-        model (`PreTrainedModel`): a model that returns a loss (for the gradient methods).
+        model (`nn.Module`): any model; for the gradient methods one that returns a loss as the ``Trainer``
+            reads it (``outputs["loss"]`` or ``outputs[0]``).
         dataloader (`Iterable[Mapping]`, *optional*): batches, with labels for the gradient methods; required
             by every method except ``"magnitude"``.
         method (`str`, *optional*, defaults to `"taylor"`): one of ``WEIGHT_IMPORTANCES``.
         target_modules (`Sequence[str]`, *optional*): regular expressions selecting the modules, see
-            :func:`target_linear_modules` (default: attention and FFN linears of every block).
+            :func:`hf_gradprune.adapters.find_target_modules` (default: the attention and FFN linears of
+            every block of a registered family; every Linear/Conv but the output layer of any other model).
         num_batches (`int`, *optional*): stop after this many batches (default: all).
         show_progress (`bool`, *optional*, defaults to `True`): a progress bar over batches.
 
     Returns:
         `dict[str, torch.Tensor]`: parameter name (``"<module>.weight"``) to float32 scores of the weight's
-        own shape, on the weight's device: (out, in) for ``nn.Linear``, (in, out) for GPT-2's ``Conv1D``.
+        own shape, on the weight's device: (out, in) for ``nn.Linear``, (in, out) for GPT-2's ``Conv1D``,
+        (out, in, *kernel) for convolutions.
 
     Example:
         >>> import torch
@@ -400,7 +392,7 @@ def compute_weight_importance(
         raise ValueError(
             f"method={method!r} needs a `dataloader` of batches; only 'magnitude' works without data."
         )
-    modules = target_linear_modules(model, target_modules)
+    modules = find_target_modules(model, target_modules)
     if method == "magnitude":
         if dataloader is not None or num_batches is not None:
             warnings.warn(

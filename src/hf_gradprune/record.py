@@ -8,51 +8,87 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from . import __version__
+from ._version import __version__
 
 CONFIG_KEY = "hf_gradprune"
+_PREFIX = "pruned_"
+
+
+def _clean(layers: dict) -> dict[int, list[int]]:
+    return {
+        int(k): sorted({int(u) for u in v}) for k, v in sorted(layers.items(), key=lambda kv: int(kv[0])) if v
+    }
 
 
 @dataclass
 class PruningRecord:
-    """Heads removed per layer, in the indices of the original (unpruned) model.
+    """Units removed per structure and layer, in the indices of the original (unpruned) model.
+
+    Stored in ``config.json`` under ``hf_gradprune`` as ``pruned_<structure>`` entries (``pruned_heads``,
+    ``pruned_ffn``), each a map from layer to removed units; the per-layer sizes follow from them.
 
     Args:
-        pruned_heads (`dict[int, list[int]]`, *optional*): layer index to sorted removed query heads.
+        pruned (`dict[str, dict[int, list[int]]]`, *optional*): structure name (``"heads"``, ``"ffn"``) to
+            layer index to removed units.
         version (`str`, *optional*): the hf_gradprune version that wrote the record.
 
     Example:
-        >>> record = PruningRecord(pruned_heads={0: [3, 1]})
-        >>> record.kept_heads(0, num_heads=4)
-        [0, 2]
+        >>> record = PruningRecord({"heads": {0: [3, 1]}, "ffn": {1: [5]}})
+        >>> record.kept("heads", 0, num_units=4), record.pruned_heads
+        ([0, 2], {0: [1, 3]})
         >>> PruningRecord.from_dict(record.to_dict()) == record
         True
     """
 
-    pruned_heads: dict[int, list[int]] = field(default_factory=dict)
+    pruned: dict[str, dict[int, list[int]]] = field(default_factory=dict)
     version: str = __version__
 
     def __post_init__(self) -> None:
-        self.pruned_heads = {int(k): sorted(int(h) for h in v) for k, v in self.pruned_heads.items() if v}
+        self.pruned = {name: _clean(layers) for name, layers in self.pruned.items() if _clean(layers)}
+
+    @property
+    def pruned_heads(self) -> dict[int, list[int]]:
+        """Layer index to removed query heads."""
+        return self.pruned.get("heads", {})
+
+    def removed(self, structure: str, layer: int) -> list[int]:
+        """Original indices of the units of ``structure`` removed from ``layer``."""
+        return self.pruned.get(structure, {}).get(layer, [])
+
+    def kept(self, structure: str, layer: int, num_units: int) -> list[int]:
+        """Original indices of the units of ``structure`` still present in ``layer``."""
+        removed = set(self.removed(structure, layer))
+        return [u for u in range(num_units) if u not in removed]
 
     def kept_heads(self, layer: int, num_heads: int) -> list[int]:
         """Original indices of the heads still present in ``layer``."""
-        removed = set(self.pruned_heads.get(layer, ()))
-        return [h for h in range(num_heads) if h not in removed]
+        return self.kept("heads", layer, num_heads)
+
+    def add(self, structure: str, layer: int, units: list[int]) -> None:
+        """Record ``units`` of ``structure`` as removed from ``layer``."""
+        layers = self.pruned.setdefault(structure, {})
+        layers[layer] = sorted(set(layers.get(layer, [])) | set(units))
+
+    def is_empty(self) -> bool:
+        """Whether nothing was removed."""
+        return not any(self.pruned.values())
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (layer keys as strings, sorted)."""
-        heads = {str(k): v for k, v in sorted(self.pruned_heads.items())}
-        return {"version": self.version, "pruned_heads": heads}
+        """JSON-ready form (layer keys as strings, sorted); ``pruned_heads`` is always present."""
+        data: dict[str, Any] = {"version": self.version, "pruned_heads": {}}
+        for name, layers in sorted(self.pruned.items()):
+            data[f"{_PREFIX}{name}"] = {str(k): v for k, v in sorted(layers.items())}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruningRecord:
         """Inverse of :meth:`to_dict`."""
-        return cls(pruned_heads=data.get("pruned_heads", {}), version=data.get("version", __version__))
+        pruned = {key.removeprefix(_PREFIX): v for key, v in data.items() if key.startswith(_PREFIX)}
+        return cls(pruned=pruned, version=data.get("version", __version__))
 
     @classmethod
-    def from_config(cls, config: PretrainedConfig) -> PruningRecord:
-        """The record stored in ``config`` (an empty record when the model was never pruned)."""
+    def from_config(cls, config: PretrainedConfig | None) -> PruningRecord:
+        """The record stored in ``config`` (an empty record when the model was never pruned or has none)."""
         data = getattr(config, CONFIG_KEY, None)
         return cls.from_dict(data) if data else cls()
 

@@ -6,29 +6,86 @@ import math
 import numbers
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from .arguments import SPARSITY_SCHEDULES, SPARSITY_SCOPES, check_choice
 
 
-def _unit_scores(importance: torch.Tensor, num_key_value_heads: int | None) -> tuple[torch.Tensor, int]:
-    """Scores per prunable unit and the unit size: heads, or whole key/value groups under GQA.
+def _unit_scores(importance: torch.Tensor, group: int) -> torch.Tensor:
+    """Scores per prunable unit: single units, or whole groups of ``group`` (key/value groups under GQA).
 
-    A unit whose heads are all NaN (already removed) scores NaN.
+    A unit whose members are all NaN (already removed) scores NaN.
     """
-    num_heads = importance.shape[1]
-    kv = num_key_value_heads or num_heads
-    if kv < 1 or num_heads % kv:
-        raise ValueError(
-            f"`num_key_value_heads` must divide the {num_heads} query heads, got {num_key_value_heads}."
-        )
-    group = num_heads // kv
-    grouped = importance.reshape(importance.shape[0], kv, group)
+    num_units = importance.shape[1]
+    if group < 1 or num_units % group:
+        raise ValueError(f"`group` must divide the {num_units} units per layer, got {group}.")
+    grouped = importance.reshape(importance.shape[0], num_units // group, group)
     gone = grouped.isnan().all(dim=-1)
     scores = torch.nan_to_num(grouped, nan=0.0).sum(dim=-1)
-    return scores.masked_fill(gone, float("nan")), group
+    return scores.masked_fill(gone, float("nan"))
+
+
+def _expand(chosen: dict[int, list[int]], group: int) -> dict[int, list[int]]:
+    """Group indices to sorted member indices, layers with none left out."""
+    return {
+        layer: sorted(u for g in groups for u in range(g * group, (g + 1) * group))
+        for layer, groups in sorted(chosen.items())
+        if groups
+    }
+
+
+def select_units_to_prune(
+    importance: torch.Tensor,
+    per_layer: int | None = None,
+    fraction: float | None = None,
+    min_units_per_layer: int = 1,
+    group: int = 1,
+    unit_name: str = "units",
+) -> dict[int, list[int]]:
+    """The least important units of one structure to remove, in original unit indices.
+
+    Units already removed (NaN importance) are neither counted nor chosen. With ``group > 1`` (attention
+    heads under grouped-query attention) the prunable unit is a whole group of ``group`` consecutive units,
+    ranked by the sum of their scores, and ``per_layer`` and ``min_units_per_layer`` count groups.
+
+    Args:
+        importance (`torch.Tensor`): ``(num_layers, num_units)`` scores, higher is more important.
+        per_layer (`int`, *optional*): remove this many units (groups) from every layer.
+        fraction (`float`, *optional*): remove this fraction in [0, 1) of the remaining units (groups),
+            ranked across all layers (scores should be comparable across layers).
+        min_units_per_layer (`int`, *optional*, defaults to 1): units (groups) every layer keeps; 0 lets a
+            layer lose them all.
+        group (`int`, *optional*, defaults to 1): units that leave together.
+        unit_name (`str`, *optional*, defaults to `"units"`): what the units are called in errors.
+
+    Returns:
+        `dict[int, list[int]]`: layer index to sorted units to remove (layers with none omitted).
+
+    Example:
+        >>> import torch
+        >>> select_units_to_prune(torch.tensor([[0.1, 0.5, 0.4], [0.3, 0.3, 0.4]]), per_layer=1)
+        {0: [0], 1: [0]}
+        >>> select_units_to_prune(torch.tensor([[0.1, 0.2, 0.3, 0.4]]), per_layer=1, group=2)
+        {0: [0, 1]}
+    """
+    if importance.dim() != 2:
+        raise ValueError(f"`importance` must be 2-D (layers, units), got shape {tuple(importance.shape)}.")
+    if (per_layer is None) == (fraction is None):
+        raise ValueError(
+            "Give exactly one of `per_layer` and `fraction`, got "
+            f"per_layer={per_layer} and fraction={fraction}."
+        )
+    if min_units_per_layer < 0:
+        raise ValueError(f"`min_units_per_layer` must be >= 0, got {min_units_per_layer}.")
+    scores = _unit_scores(importance.detach().float().cpu(), group)
+    remaining = (~scores.isnan()).sum(dim=-1)
+    if per_layer is not None:
+        chosen = _per_layer(scores, remaining, per_layer, min_units_per_layer, unit_name)
+    else:
+        chosen = _global(scores, remaining, fraction, min_units_per_layer)
+    return _expand(chosen, group)
 
 
 def select_heads_to_prune(
@@ -38,19 +95,19 @@ def select_heads_to_prune(
     min_heads_per_layer: int = 1,
     num_key_value_heads: int | None = None,
 ) -> dict[int, list[int]]:
-    """The least important heads to remove, in original head indices.
+    """The least important heads to remove, in original head indices: :func:`select_units_to_prune` on heads.
 
-    Heads already removed (NaN importance) are neither counted nor chosen. For grouped-query models
-    (``num_key_value_heads`` below the number of query heads) the unit is a whole key/value group,
-    ranked by the summed importance of its query heads, and ``per_layer`` and ``min_heads_per_layer``
-    count groups.
+    For grouped-query models (``num_key_value_heads`` below the number of query heads) the unit is a whole
+    key/value group, ranked by the summed importance of its query heads, and ``per_layer`` and
+    ``min_heads_per_layer`` count groups.
 
     Args:
         importance (`torch.Tensor`): ``(num_layers, num_heads)`` scores, higher is more important.
         per_layer (`int`, *optional*): remove this many units from every layer.
         fraction (`float`, *optional*): remove this fraction in [0, 1) of the remaining units,
             ranked across all layers (scores should be normalised per layer).
-        min_heads_per_layer (`int`, *optional*, defaults to 1): units every layer keeps.
+        min_heads_per_layer (`int`, *optional*, defaults to 1): units every layer keeps (0: a layer may
+            lose them all).
         num_key_value_heads (`int`, *optional*): key/value heads per layer of the original model.
 
     Returns:
@@ -63,37 +120,35 @@ def select_heads_to_prune(
         >>> select_heads_to_prune(torch.tensor([[0.1, 0.2, 0.3, 0.4]]), per_layer=1, num_key_value_heads=2)
         {0: [0, 1]}
     """
-    if importance.dim() != 2:
-        raise ValueError(f"`importance` must be 2-D (layers, heads), got shape {tuple(importance.shape)}.")
-    if (per_layer is None) == (fraction is None):
+    if min_heads_per_layer < 0:
         raise ValueError(
-            "Give exactly one of `per_layer` and `fraction`, got "
-            f"per_layer={per_layer} and fraction={fraction}."
+            f"`min_heads_per_layer` must be >= 0 (0 lets a layer lose every head), got {min_heads_per_layer}."
         )
-    if min_heads_per_layer < 1:
-        raise ValueError(f"`min_heads_per_layer` must be at least 1, got {min_heads_per_layer}.")
-    scores, group = _unit_scores(importance.detach().float().cpu(), num_key_value_heads)
-    remaining = (~scores.isnan()).sum(dim=-1)
-    if per_layer is not None:
-        chosen = _per_layer(scores, remaining, per_layer, min_heads_per_layer, group)
-    else:
-        chosen = _global(scores, remaining, fraction, min_heads_per_layer)
-    return {
-        layer: sorted(h for unit in units for h in range(unit * group, (unit + 1) * group))
-        for layer, units in sorted(chosen.items())
-        if units
-    }
+    num_heads = importance.shape[-1]
+    kv = num_key_value_heads or num_heads
+    if kv < 1 or num_heads % kv:
+        raise ValueError(
+            f"`num_key_value_heads` must divide the {num_heads} query heads, got {num_key_value_heads}."
+        )
+    group = num_heads // kv
+    return select_units_to_prune(
+        importance,
+        per_layer=per_layer,
+        fraction=fraction,
+        min_units_per_layer=min_heads_per_layer,
+        group=group,
+        unit_name="key/value groups" if group > 1 else "heads",
+    )
 
 
 def _per_layer(
-    scores: torch.Tensor, remaining: torch.Tensor, per_layer: int, minimum: int, group: int
+    scores: torch.Tensor, remaining: torch.Tensor, per_layer: int, minimum: int, unit_name: str
 ) -> dict[int, list[int]]:
-    unit = "key/value groups" if group > 1 else "heads"
     allowed = int(remaining.min()) - minimum
     if not 0 <= per_layer <= allowed:
         raise ValueError(
-            f"`per_layer` must be in [0, {max(allowed, 0)}] ({int(remaining.min())} {unit} left in the "
-            f"smallest layer, {minimum} kept by `min_heads_per_layer`), got {per_layer}."
+            f"`per_layer` must be in [0, {max(allowed, 0)}] ({int(remaining.min())} {unit_name} left in the "
+            f"smallest layer, {minimum} kept by the minimum per layer), got {per_layer}."
         )
     order = torch.nan_to_num(scores, nan=math.inf).argsort(dim=-1, stable=True)
     return {layer: order[layer, :per_layer].tolist() for layer in range(scores.shape[0])}
@@ -118,6 +173,79 @@ def _global(
         left[layer] -= 1
         budget -= 1
     return chosen
+
+
+def select_units_under_budget(
+    importance: Mapping[str, torch.Tensor],
+    costs: Mapping[str, float],
+    remove_cost: float,
+    groups: Mapping[str, int] | None = None,
+    min_units_per_layer: int | Mapping[str, int] = 1,
+) -> dict[str, dict[int, list[int]]]:
+    """Units of several structures ranked together by importance per cost, removed until ``remove_cost``.
+
+    The prunable units (groups of ``groups[name]`` units) of every structure are sorted by
+    ``score / cost`` and removed, cheapest loss per saved multiply-add first, until the removed cost
+    reaches ``remove_cost``; a layer keeps at least ``min_units_per_layer`` of each structure. Scores must be
+    on one scale across structures, such as the Fisher information of their gates.
+
+    Args:
+        importance (`Mapping[str, torch.Tensor]`): structure name to ``(num_layers, num_units)`` scores,
+            NaN for units already removed.
+        costs (`Mapping[str, float]`): structure name to the cost (e.g. multiply-adds) of one prunable unit
+            (a whole group).
+        remove_cost (`float`): the cost to remove, >= 0.
+        groups (`Mapping[str, int]`, *optional*): structure name to units that leave together (default 1).
+        min_units_per_layer (`int` or `Mapping[str, int]`, *optional*, defaults to 1): groups of each
+            structure every layer keeps (one number for all, or per structure name).
+
+    Returns:
+        `dict[str, dict[int, list[int]]]`: structure name to layer index to sorted units to remove.
+
+    Raises:
+        ValueError: the cost cannot be reached while every layer keeps its minimum.
+
+    Example:
+        >>> import torch
+        >>> scores = {"heads": torch.tensor([[4.0, 1.0]]), "ffn": torch.tensor([[0.2, 0.5, 0.1, 3.0]])}
+        >>> select_units_under_budget(scores, {"heads": 10.0, "ffn": 1.0}, remove_cost=12)
+        {'heads': {0: [1]}, 'ffn': {0: [0, 2]}}
+    """
+    if remove_cost < 0:
+        raise ValueError(f"`remove_cost` must be >= 0, got {remove_cost}.")
+    groups = groups or {}
+    minimum = (
+        dict(min_units_per_layer)
+        if isinstance(min_units_per_layer, Mapping)
+        else dict.fromkeys(importance, min_units_per_layer)
+    )
+    candidates: list[tuple[float, str, int, int]] = []
+    left: dict[tuple[str, int], int] = {}
+    for name, score in importance.items():
+        unit_scores = _unit_scores(score.detach().float().cpu(), groups.get(name, 1))
+        cost = float(costs[name])
+        if cost <= 0:
+            raise ValueError(f"`costs[{name!r}]` must be positive, got {cost}.")
+        for layer, row in enumerate(unit_scores.tolist()):
+            left[name, layer] = sum(not math.isnan(v) for v in row)
+            candidates += [(v / cost, name, layer, unit) for unit, v in enumerate(row) if not math.isnan(v)]
+    candidates.sort(key=lambda c: c[0])
+    chosen: dict[str, dict[int, list[int]]] = {name: {} for name in importance}
+    removed = 0.0
+    for _, name, layer, unit in candidates:
+        if removed >= remove_cost:
+            break
+        if left[name, layer] <= minimum.get(name, 1):
+            continue
+        chosen[name].setdefault(layer, []).append(unit)
+        left[name, layer] -= 1
+        removed += float(costs[name])
+    if removed < remove_cost:
+        raise ValueError(
+            f"Cannot remove {remove_cost:,.0f} of cost: only {removed:,.0f} can go while every layer keeps "
+            f"{minimum} unit(s) of each structure; lower the target or allow empty layers."
+        )
+    return {name: _expand(layers, groups.get(name, 1)) for name, layers in chosen.items()}
 
 
 def parse_sparsity_pattern(pattern: str) -> tuple[int, int] | None:
@@ -177,7 +305,7 @@ def _buckets(
     if groups is None:
         raise ValueError(
             "`groups` is required with scope='per_layer': map every score name to its layer key, "
-            "e.g. with `hf_gradprune.importance.weight_layer_groups(model)`."
+            "e.g. with `hf_gradprune.adapters.weight_layer_groups(model)`."
         )
     missing = [name for name in scores if name not in groups]
     if missing:
@@ -204,23 +332,51 @@ def _unstructured_masks(
     }
 
 
-def _n_m_mask(name: str, score: torch.Tensor, n: int, m: int, dim: int, pattern: str) -> torch.Tensor:
-    """Keep-mask with the ``n`` largest of every ``m`` consecutive entries along ``dim``."""
-    if not -score.dim() <= dim < score.dim():
+def _input_axes(name: str, score: torch.Tensor, dims: int | Sequence[int]) -> list[int]:
+    """``dims`` (one dimension or several) as sorted non-negative dimensions of ``score``."""
+    axes = [dims] if isinstance(dims, int) else list(dims)
+    if not axes or any(not -score.dim() <= d < score.dim() for d in axes):
         raise ValueError(
-            f"`input_dims[{name!r}]` must be a dimension of its {score.dim()}-D score, got {dim}."
+            f"`input_dims[{name!r}]` must be dimensions of its {score.dim()}-D score, got {dims}."
         )
-    dim %= score.dim()
-    moved = _comparable(score).movedim(dim, -1)
-    if moved.shape[-1] % m:
+    return sorted({d % score.dim() for d in axes})
+
+
+def _as_rows(score: torch.Tensor, axes: list[int]) -> tuple[torch.Tensor, torch.Size]:
+    """``score`` as ``(rows, inputs)`` (the input ``axes`` last, flattened in order), and the moved shape."""
+    moved = score.movedim(axes, list(range(score.dim() - len(axes), score.dim())))
+    return moved.reshape(-1, math.prod(moved.shape[score.dim() - len(axes) :])), moved.shape
+
+
+def _from_rows(keep: torch.Tensor, moved_shape: torch.Size, axes: list[int]) -> torch.Tensor:
+    ndim = len(moved_shape)
+    return keep.view(moved_shape).movedim(list(range(ndim - len(axes), ndim)), axes).contiguous()
+
+
+def _n_m_mask(
+    name: str, score: torch.Tensor, n: int, m: int, dims: int | Sequence[int], pattern: str
+) -> torch.Tensor:
+    """Keep-mask with the ``n`` largest of every ``m`` consecutive inputs of each output row."""
+    axes = _input_axes(name, score, dims)
+    rows, moved_shape = _as_rows(_comparable(score), axes)
+    if rows.shape[1] % m:
         raise ValueError(
-            f"`{name}` has {moved.shape[-1]} inputs (dim {dim}), not a multiple of M={m} of sparsity pattern "
-            f"{pattern!r}: leave it out of the scores or prune it 'unstructured'."
+            f"`{name}` has {rows.shape[1]} inputs per output (dims {tuple(axes)}), not a multiple of M={m} "
+            f"of sparsity pattern {pattern!r}: leave it out of the scores or prune it 'unstructured'."
         )
-    groups = moved.reshape(-1, m)
+    groups = rows.reshape(-1, m)
     pruned = groups.argsort(dim=1, stable=True)[:, : m - n]
     keep = torch.ones_like(groups, dtype=torch.bool).scatter_(1, pruned, False)
-    return keep.view(moved.shape).movedim(-1, dim).contiguous()
+    return _from_rows(keep.view(rows.shape), moved_shape, axes)
+
+
+def _per_row_mask(name: str, score: torch.Tensor, sparsity: float, dims: int | Sequence[int]) -> torch.Tensor:
+    """Keep-mask pruning ``round(sparsity * inputs)`` of every output row (lowest first, ties by position)."""
+    axes = _input_axes(name, score, dims)
+    rows, moved_shape = _as_rows(_comparable(score), axes)
+    pruned = rows.argsort(dim=1, stable=True)[:, : round(sparsity * rows.shape[1])]
+    keep = torch.ones_like(rows, dtype=torch.bool).scatter_(1, pruned, False)
+    return _from_rows(keep, moved_shape, axes)
 
 
 def compute_weight_masks(
@@ -229,17 +385,18 @@ def compute_weight_masks(
     scope: str = "per_tensor",
     pattern: str = "unstructured",
     groups: Mapping[str, str] | None = None,
-    input_dims: Mapping[str, int] | None = None,
+    input_dims: Mapping[str, int | Sequence[int]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Keep-masks (``True`` keeps) that prune the lowest-scoring weights.
 
     Unstructured, exactly ``round(sparsity * n)`` entries are pruned out of the ``n`` entries that share a
-    threshold: each tensor (``"per_tensor"``), each layer as given by ``groups`` (``"per_layer"``) or all
-    tensors together (``"global"``). Ties are broken by position (the earlier entry of the flattened
+    threshold: each tensor (``"per_tensor"``), each output row (``"per_row"``: the inputs of one output
+    feature or convolution channel, as Wanda compares), each layer as given by ``groups`` (``"per_layer"``)
+    or all tensors together (``"global"``). Ties are broken by position (the earlier entry of the flattened
     tensors, in ``scores`` order, is pruned first) and NaN scores rank highest, so the count is exact and
     the result deterministic. ``per_layer`` and ``global`` concatenate the scores of a group on the device
-    of its first tensor. An N:M pattern keeps the N highest of every M consecutive entries along each
-    weight's input dimension; ``scope`` and ``groups`` play no part then and ``sparsity`` is ``1 - N/M``.
+    of its first tensor. An N:M pattern keeps the N highest of every M consecutive inputs of each output
+    row; ``scope`` and ``groups`` play no part then and ``sparsity`` is ``1 - N/M``.
 
     Args:
         scores (`Mapping[str, torch.Tensor]`): parameter name to scores of the weight's shape, higher is more
@@ -249,18 +406,20 @@ def compute_weight_masks(
         scope (`str`, *optional*, defaults to `"per_tensor"`): one of ``SPARSITY_SCOPES``.
         pattern (`str`, *optional*, defaults to `"unstructured"`): ``"unstructured"`` or ``"N:M"``.
         groups (`Mapping[str, str]`, *optional*): parameter name to layer key (e.g. ``"layer.3"``), required
-            by ``scope="per_layer"``; :func:`hf_gradprune.importance.weight_layer_groups` gives it.
-        input_dims (`Mapping[str, int]`, *optional*): parameter name to its input dimension for N:M patterns;
-            names not given use the last dimension, right for ``nn.Linear`` (out, in) but not for GPT-2's
-            ``Conv1D`` (in, out): :func:`hf_gradprune.importance.weight_input_dims` gives them all.
+            by ``scope="per_layer"``; :func:`hf_gradprune.adapters.weight_layer_groups` gives it.
+        input_dims (`Mapping[str, int | Sequence[int]]`, *optional*): parameter name to the dimension(s)
+            holding one output's inputs, for ``per_row`` and N:M; names not given use the last dimension,
+            right for ``nn.Linear`` (out, in) but not for GPT-2's ``Conv1D`` (in, out, so ``0``) or a
+            convolution (out, in, *kernel, so ``(1, 2, 3)``): :func:`hf_gradprune.adapters.weight_input_dims`
+            gives them all.
 
     Returns:
         `dict[str, torch.Tensor]`: parameter name to a bool mask of its score's shape and device, in
         ``scores`` order.
 
     Raises:
-        ValueError: a value out of range, ``per_layer`` without complete ``groups``, or an input dimension
-            that is not a multiple of M.
+        ValueError: a value out of range, ``per_layer`` without complete ``groups``, or inputs per output
+            that are not a multiple of M.
         TypeError: a score that is not a tensor, or an unstructured ``sparsity`` that is not a number.
 
     Example:
@@ -268,6 +427,8 @@ def compute_weight_masks(
         >>> scores = {"w": torch.tensor([[4.0, 1.0, 3.0, 2.0], [0.0, 5.0, 6.0, 7.0]])}
         >>> compute_weight_masks(scores, 0.25)["w"].int().tolist()
         [[1, 0, 1, 1], [0, 1, 1, 1]]
+        >>> compute_weight_masks(scores, 0.5, scope="per_row")["w"].int().tolist()
+        [[1, 0, 1, 0], [0, 0, 1, 1]]
         >>> compute_weight_masks(scores, None, pattern="2:4")["w"].int().tolist()
         [[1, 0, 1, 0], [0, 0, 1, 1]]
     """
@@ -281,7 +442,7 @@ def compute_weight_masks(
         for arg, unused in (
             ("`scope`", n_m is not None and scope != "per_tensor"),
             ("`groups`", groups is not None and (n_m is not None or scope != "per_layer")),
-            ("`input_dims`", input_dims is not None and n_m is None),
+            ("`input_dims`", input_dims is not None and n_m is None and scope != "per_row"),
         )
         if unused
     ]
@@ -289,6 +450,7 @@ def compute_weight_masks(
         warnings.warn(
             f"{' and '.join(ignored)} ignored with pattern={pattern!r} and scope={scope!r}.", stacklevel=2
         )
+    dims = input_dims or {}
     if n_m is not None:
         n, m = n_m
         if sparsity is not None and not math.isclose(sparsity, 1 - n / m, abs_tol=1e-9):
@@ -296,12 +458,13 @@ def compute_weight_masks(
                 f"`sparsity` must be None or {1 - n / m:g} (1 - {n}/{m}) with sparsity pattern {pattern!r}, "
                 f"got {sparsity}."
             )
-        dims = input_dims or {}
         return {name: _n_m_mask(name, s, n, m, dims.get(name, -1), pattern) for name, s in scores.items()}
     if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
         raise TypeError(f"`sparsity` must be a float in [0, 1) when unstructured, got {sparsity!r}.")
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"`sparsity` must be in [0, 1), got {sparsity}.")
+    if scope == "per_row":
+        return {name: _per_row_mask(name, s, sparsity, dims.get(name, -1)) for name, s in scores.items()}
     masks: dict[str, torch.Tensor] = {}
     for names in _buckets(scores, scope, groups):
         masks.update(_unstructured_masks(scores, names, sparsity))

@@ -1,4 +1,4 @@
-"""Structural surgery: remove heads by cutting projection rows and columns, in place."""
+"""Structural surgery: remove units of any structure (heads, FFN neurons) by cutting rows and columns."""
 
 from __future__ import annotations
 
@@ -8,10 +8,17 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
-from transformers.pytorch_utils import Conv1D
 
-from .adapters import get_adapter, weight_dims
+from .adapters import (
+    GROUP,
+    HEADS,
+    UNIT,
+    ArchitectureAdapter,
+    Structure,
+    get_adapter,
+    refresh_features,
+    weight_dims,
+)
 from .masks import apply_masks, get_masks
 from .record import PruningRecord
 
@@ -33,9 +40,10 @@ def _replace(module: nn.Module, name: str, dim: int, keep: torch.Tensor) -> Repl
 
 
 def cut_linear(module: nn.Module, keep: torch.Tensor, side: str) -> list[Replacement]:
-    """Keep only the ``keep`` outputs (``side="out"``) or inputs (``side="in"``) of a linear layer, in place.
+    """Keep only the ``keep`` outputs (``side="out"``) or inputs (``side="in"``) of a layer, in place.
 
-    The module object, its hooks, dtype, device and ``requires_grad`` stay; its parameters are new tensors.
+    Works on ``nn.Linear``, transformers' ``Conv1D`` and convolutions (output or input channels). The module
+    object, its hooks, dtype, device and ``requires_grad`` stay; its parameters are new tensors.
 
     Returns:
         `list[Replacement]`: the swapped parameters, for :func:`remap_optimizer`.
@@ -45,11 +53,7 @@ def cut_linear(module: nn.Module, keep: torch.Tensor, side: str) -> list[Replace
     replaced = [_replace(module, "weight", out_dim if side == "out" else in_dim, keep)]
     if side == "out" and module.bias is not None:
         replaced.append(_replace(module, "bias", 0, keep))
-    if isinstance(module, Conv1D):
-        module.nf = module.weight.shape[1]
-        module.nx = module.weight.shape[0]
-    else:
-        module.out_features, module.in_features = module.weight.shape
+    refresh_features(module)
     return replaced
 
 
@@ -74,72 +78,177 @@ def remap_optimizer(optimizer: torch.optim.Optimizer, replacements: Sequence[Rep
             }
 
 
-def _rows(positions: Sequence[int], head_dim: int) -> torch.Tensor:
-    """Row indices of the heads at ``positions`` in a projection of ``head_dim``-wide heads."""
-    return torch.tensor([p * head_dim + i for p in positions for i in range(head_dim)], dtype=torch.long)
+def _rows(positions: Sequence[int], width: int) -> torch.Tensor:
+    """Row indices of the units at ``positions`` in a run of ``width``-wide units."""
+    return torch.tensor([p * width + i for p in positions for i in range(width)], dtype=torch.long)
 
 
 def _validate(
-    heads_to_prune: Mapping[int, Sequence[int]],
+    requested: Mapping[int, Sequence[int]],
     record: PruningRecord,
+    structure: str,
     num_layers: int,
-    num_heads: int,
+    num_units: int,
     group: int,
+    allow_empty: bool,
+    arg: str,
+    unit: str,
 ) -> dict[int, list[int]]:
-    """New heads to remove per layer; every check runs before anything is cut."""
+    """New units to remove per layer; every check runs before anything is cut."""
     new: dict[int, list[int]] = {}
     ignored: list[tuple[int, int]] = []
-    for layer, heads in heads_to_prune.items():
-        if not isinstance(layer, int) or not 0 <= layer < num_layers:
-            raise ValueError(
-                f"`heads_to_prune` layer must be an int in [0, {num_layers - 1}], got {layer!r}."
-            )
-        for head in heads:
-            if not isinstance(head, int) or not 0 <= head < num_heads:
+    for layer, units in requested.items():
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
+            raise ValueError(f"`{arg}` layer must be an int in [0, {num_layers - 1}], got {layer!r}.")
+        for u in units:
+            if isinstance(u, bool) or not isinstance(u, int) or not 0 <= u < num_units:
                 raise ValueError(
-                    f"`heads_to_prune[{layer}]` head must be an int in [0, {num_heads - 1}] "
-                    f"({num_heads} heads in the original model), got {head!r}."
+                    f"`{arg}[{layer}]` {unit} must be an int in [0, {num_units - 1}] "
+                    f"({num_units} {unit}s in the original model), got {u!r}."
                 )
-        already = set(record.pruned_heads.get(layer, ()))
-        ignored += [(layer, h) for h in heads if h in already]
-        fresh = sorted(set(heads) - already)
+        already = set(record.removed(structure, layer))
+        ignored += [(layer, u) for u in units if u in already]
+        fresh = sorted(set(units) - already)
         if not fresh:
             continue
         gone = already | set(fresh)
-        if len(gone) >= num_heads:
+        if len(gone) >= num_units and not allow_empty:
             raise ValueError(
-                f"`heads_to_prune[{layer}]` would remove every head of layer {layer} "
-                f"({num_heads - len(already)} left): keep at least one."
+                f"`{arg}[{layer}]` would remove every {unit} of layer {layer} "
+                f"({num_units - len(already)} left): keep at least one, or pass `allow_empty=True`."
             )
-        groups = sorted({h // group for h in fresh})
-        partial = [g for g in groups if any(h not in gone for h in range(g * group, (g + 1) * group))]
+        groups = sorted({u // group for u in fresh})
+        partial = [g for g in groups if any(u not in gone for u in range(g * group, (g + 1) * group))]
         if partial:
             raise ValueError(
-                f"`heads_to_prune[{layer}]` must remove whole key/value groups of {group} query heads "
+                f"`{arg}[{layer}]` must remove whole key/value groups of {group} query heads "
                 f"(grouped-query attention); groups {partial} are only partly selected. "
                 "Use `select_heads_to_prune(..., num_key_value_heads=...)`."
             )
         new[layer] = fresh
     if ignored:
-        warnings.warn(f"Heads already removed are ignored: {ignored}.", stacklevel=3)
+        warnings.warn(f"{unit.capitalize()}s already removed are ignored: {ignored}.", stacklevel=4)
     return new
 
 
+def _cut_structure(
+    model: nn.Module,
+    adapter: ArchitectureAdapter,
+    structure: Structure,
+    layer: int,
+    before: list[int],
+    after: list[int],
+) -> list[Replacement]:
+    """Cut the rows and columns of the units in ``before`` but not in ``after`` from one block."""
+    width = adapter.unit_width(structure, model.config)
+    group = adapter.group_size(structure, model.config)
+    kept_groups_before = sorted({u // group for u in before})
+    kept_groups_after = sorted({u // group for u in after})
+    runs = {
+        UNIT: (len(before) * width, _rows([before.index(u) for u in after], width)),
+        GROUP: (
+            len(kept_groups_before) * width,
+            _rows([kept_groups_before.index(g) for g in kept_groups_after], width),
+        ),
+    }
+    replaced: list[Replacement] = []
+    for rows in structure.rows:
+        offset, parts = 0, []
+        for segment in rows.segments:
+            length, keep = runs[segment]
+            parts.append(keep + offset)
+            offset += length
+        replaced += cut_linear(adapter.module(model, layer, rows.path), torch.cat(parts), "out")
+    replaced += cut_linear(adapter.module(model, layer, structure.output), runs[UNIT][1], "in")
+    adapter.set_unit_count(model, layer, structure, len(after))
+    return replaced
+
+
+def prune_units(
+    model: nn.Module,
+    units_to_prune: Mapping[str, Mapping[int, Sequence[int]]],
+    optimizer: torch.optim.Optimizer | None = None,
+    allow_empty: bool = False,
+) -> PruningRecord:
+    """Remove units of any structure (attention heads, FFN neurons) structurally, in original indices.
+
+    Each structure's row layers lose the rows of removed units and its output layer their columns (see
+    :class:`hf_gradprune.adapters.Structure`). Under grouped-query attention only whole key/value groups of
+    heads may go (``head_dim`` and the query-per-kv ratio stay). Module attributes holding counts are
+    updated, weight masks (:func:`hf_gradprune.masks.apply_masks`) are cut with their weights, and the record
+    in ``model.config`` is extended so that :func:`hf_gradprune.load_pruned` can rebuild the shapes.
+    Indices are those of the original model, so calls compose. All input is checked before anything
+    changes.
+
+    Args:
+        model (`nn.Module`): a model of a registered family.
+        units_to_prune (`Mapping[str, Mapping[int, Sequence[int]]]`): structure name (``"heads"``, ``"ffn"``)
+            to layer index to original unit indices.
+        optimizer (`torch.optim.Optimizer`, *optional*): an optimizer over ``model``'s parameters, remapped
+            in place to the new parameters (see :func:`remap_optimizer`).
+        allow_empty (`bool`, *optional*, defaults to `False`): let a layer lose every unit of a structure
+            (its layers then have zero rows; the block still runs, adding only the output layer's bias).
+
+    Returns:
+        `PruningRecord`: the model's updated record.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        ...                              intermediate_size=37, vocab_size=99))
+        >>> record = prune_units(model, {"heads": {0: [1]}, "ffn": {1: list(range(30))}})
+        >>> model.encoder.layer[1].intermediate.dense.out_features, record.pruned_heads
+        (7, {0: [1]})
+    """
+    adapter = get_adapter(model)
+    config = model.config
+    record = PruningRecord.from_config(config)
+    num_layers = len(adapter.blocks(model))
+    plan: list[tuple[Structure, dict[int, list[int]]]] = []
+    for name, requested in units_to_prune.items():
+        structure = adapter.structure(name)
+        heads = structure.name == HEADS
+        new = _validate(
+            requested,
+            record,
+            name,
+            num_layers,
+            adapter.num_units(structure, config),
+            adapter.group_size(structure, config),
+            allow_empty,
+            "heads_to_prune" if heads else f"units_to_prune[{name!r}]",
+            "head" if heads else "unit",
+        )
+        plan.append((structure, new))
+    replaced: list[Replacement] = []
+    masks, names = get_masks(model), {id(p): n for n, p in model.named_parameters()}
+    for structure, new in plan:
+        num_units = adapter.num_units(structure, config)
+        for layer, fresh in new.items():
+            before = record.kept(structure.name, layer, num_units)
+            after = [u for u in before if u not in fresh]
+            replaced += _cut_structure(model, adapter, structure, layer, before, after)
+            record.add(structure.name, layer, fresh)
+    record.save_to_config(config)
+    if masks:
+        apply_masks(model, _cut_masks(masks, names, replaced))
+    if optimizer is not None:
+        remap_optimizer(optimizer, replaced)
+    return record
+
+
 def prune_heads(
-    model: PreTrainedModel,
+    model: nn.Module,
     heads_to_prune: Mapping[int, Sequence[int]],
     optimizer: torch.optim.Optimizer | None = None,
 ) -> PruningRecord:
     """Remove attention heads structurally; indices are those of the original model, so calls compose.
 
-    q/k/v lose the rows of removed heads, the output projection their columns. Under grouped-query
-    attention only whole key/value groups may go (``head_dim`` and the query-per-kv ratio stay). Module
-    attributes holding head counts are updated, weight masks (:func:`hf_gradprune.masks.apply_masks`) are
-    cut with their weights, and the record in ``model.config`` is extended so that
-    :func:`hf_gradprune.load_pruned` can rebuild the shapes. All input is checked before anything changes.
+    :func:`prune_units` with the heads: q/k/v lose the rows of removed heads, the output projection their
+    columns; under grouped-query attention only whole key/value groups may go.
 
     Args:
-        model (`PreTrainedModel`): a model of a registered family.
+        model (`nn.Module`): a model of a registered family.
         heads_to_prune (`Mapping[int, Sequence[int]]`): layer index to original query-head indices.
         optimizer (`torch.optim.Optimizer`, *optional*): an optimizer over ``model``'s parameters, remapped
             in place to the new parameters (see :func:`remap_optimizer`).
@@ -156,39 +265,7 @@ def prune_heads(
         >>> model.encoder.layer[0].attention.self.query.out_features
         24
     """
-    adapter = get_adapter(model)
-    config = model.config
-    num_heads, num_kv = adapter.num_heads(config), adapter.num_key_value_heads(config)
-    group, head_dim = num_heads // num_kv, adapter.head_dim(config)
-    record = PruningRecord.from_config(config)
-    new = _validate(heads_to_prune, record, len(adapter.blocks(model)), num_heads, group)
-    replaced: list[Replacement] = []
-    masks, names = get_masks(model), {id(p): n for n, p in model.named_parameters()}
-    for layer, fresh in new.items():
-        before = record.kept_heads(layer, num_heads)
-        after = [h for h in before if h not in fresh]
-        q_rows = _rows([before.index(h) for h in after], head_dim)
-        kv_before = sorted({h // group for h in before})
-        kv_rows = _rows([kv_before.index(g) for g in sorted({h // group for h in after})], head_dim)
-        parts = adapter.attention_parts(model, layer)
-        if parts.qkv is not None:
-            width = len(before) * head_dim
-            replaced += cut_linear(
-                parts.qkv, torch.cat([q_rows, kv_rows + width, kv_rows + 2 * width]), "out"
-            )
-        else:
-            replaced += cut_linear(parts.query, q_rows, "out")
-            replaced += cut_linear(parts.key, kv_rows, "out")
-            replaced += cut_linear(parts.value, kv_rows, "out")
-        replaced += cut_linear(parts.output, q_rows, "in")
-        adapter.set_head_count(parts.attention, len(after), head_dim)
-        record.pruned_heads[layer] = sorted(set(record.pruned_heads.get(layer, [])) | set(fresh))
-    record.save_to_config(config)
-    if masks:
-        apply_masks(model, _cut_masks(masks, names, replaced))
-    if optimizer is not None:
-        remap_optimizer(optimizer, replaced)
-    return record
+    return prune_units(model, {HEADS: heads_to_prune}, optimizer=optimizer)
 
 
 def _cut_masks(

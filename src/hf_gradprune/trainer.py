@@ -22,7 +22,7 @@ from .checkpoint import has_state, load_state, save_state
 from .hub import push_folder_to_hub
 from .masks import get_masks
 from .record import PruningRecord
-from .surgery import prune_heads
+from .surgery import prune_units
 
 TRAINING_ARGS_JSON = "training_args.json"
 HEATMAP_FILENAME = "head_importance.png"
@@ -32,17 +32,22 @@ class PruningTrainer(Trainer):
     """A ``Trainer`` that prunes heads and weights as ``pruning_args`` say, and saves what it pruned.
 
     Differences from ``Trainer``: the pruning callback is added; ``train(resume_from_checkpoint=...)``
-    first replays the checkpoint's head pruning and restores its masks; saves write the weight masks and
-    the schedule position next to the safetensors weights, and the training arguments, optimizer, scheduler
-    and RNG states as JSON and safetensors (no pickle; DeepSpeed and FSDP keep their own formats);
-    ``save_model`` and ``push_to_hub`` also write a model card (``README.md``) and the head-importance
-    heatmap; ``push_to_hub`` uploads the output folder in one commit. Evaluation results are remembered
-    as "before" until something is pruned and as "after" from then on, for the card; set ``speedup`` to a
-    measured inference speed-up (dense time / pruned time) to have the card report it.
+    first replays the checkpoint's structural pruning and restores its masks; saves write the weight masks
+    and the schedule position next to the safetensors weights, and the training arguments, optimizer,
+    scheduler and RNG states as JSON and safetensors (no pickle; DeepSpeed and FSDP keep their own
+    formats); ``save_model`` and ``push_to_hub`` also write a model card (``README.md``) and the
+    head-importance heatmap; ``push_to_hub`` uploads the output folder in one commit; the pruning metrics go
+    through ``log`` to every ``report_to`` integration. With an ``eval_dataset``, the model is evaluated
+    right after each cut (before any more training), so the card shows accuracy before pruning, right
+    after it and after the recovery fine-tune; set ``speedup`` to a measured inference speed-up (dense
+    time / pruned time) to have the card report it. Any ``nn.Module`` the ``Trainer`` trains can be
+    pruned by weights; heads and FFN neurons need a registered family.
 
     Args:
         pruning_args (`PruningArguments`): what, how and when to prune.
         dataset_name (`str`, *optional*): the Hub id of the training data, for the model card.
+        evaluate_after_pruning (`bool`, *optional*, defaults to `True`): evaluate right after each cut when
+            there is an ``eval_dataset`` (the card's "right after pruning" column).
         *args, **kwargs: as for ``transformers.Trainer``.
 
     Example:
@@ -52,18 +57,42 @@ class PruningTrainer(Trainer):
     """
 
     def __init__(
-        self, *args: Any, pruning_args: PruningArguments, dataset_name: str | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        pruning_args: PruningArguments,
+        dataset_name: str | None = None,
+        evaluate_after_pruning: bool = True,
+        **kwargs: Any,
     ):
         self.pruning_callback = GradientPruningCallback(pruning_args)
         # Before the user's callbacks, so that they see each step's pruning done.
         kwargs["callbacks"] = [self.pruning_callback, *(kwargs.get("callbacks") or [])]
         super().__init__(*args, **kwargs)
         self.pruning_args = pruning_args
-        self.params_before = self.model.num_parameters()
+        self.params_before = sum(p.numel() for p in self.model.parameters())
         self.eval_before: dict[str, float] | None = None
+        self.eval_pruned: dict[str, float] | None = None
         self.eval_after: dict[str, float] | None = None
         self.speedup: float | None = None
         self.dataset_name = dataset_name
+        self._evaluating_pruned = False
+        if evaluate_after_pruning:
+            self.pruning_callback.after_cut = self._evaluate_pruned
+
+    def _evaluate_pruned(self) -> None:
+        """Evaluate right after a cut (before more training), when there is an evaluation set."""
+        if self.eval_dataset is None:
+            return
+        self._evaluating_pruned = True
+        try:
+            self.evaluate()
+        finally:
+            self._evaluating_pruned = False
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """``Trainer.log`` with the step's pruning metrics: every ``report_to`` integration sees them."""
+        logs.update(self.pruning_callback.pop_logs())
+        super().log(logs, *args, **kwargs)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         """``Trainer.train``, after replaying the checkpoint's pruning when resuming, or making the step-0
@@ -77,19 +106,27 @@ class PruningTrainer(Trainer):
         if resume_from_checkpoint:
             self._replay_pruning(resume_from_checkpoint)
         elif self.state.global_step == 0:
-            self.pruning_callback.prune_heads_before_training(self.model, self.get_train_dataloader())
+            self.pruning_callback.prune_structures_before_training(
+                self.model, self.get_train_dataloader(), show_progress=not self.args.disable_tqdm
+            )
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _replay_pruning(self, checkpoint: str | os.PathLike) -> None:
+        self.pruning_callback.resume_from(checkpoint)
+        if not (Path(checkpoint) / "config.json").is_file():
+            return  # a model of no registered family: only weight masks, restored at train begin
         saved = PruningRecord.from_config(AutoConfig.from_pretrained(checkpoint))
         current = PruningRecord.from_config(self.model.config)
         missing = {
-            layer: [h for h in heads if h not in current.pruned_heads.get(layer, [])]
-            for layer, heads in saved.pruned_heads.items()
+            name: {
+                layer: [u for u in units if u not in current.removed(name, layer)]
+                for layer, units in layers.items()
+            }
+            for name, layers in saved.pruned.items()
         }
+        missing = {name: {k: v for k, v in layers.items() if v} for name, layers in missing.items()}
         if any(missing.values()):
-            prune_heads(self.model, {k: v for k, v in missing.items() if v})
-        self.pruning_callback.resume_from(checkpoint)
+            prune_units(self.model, missing, allow_empty=True)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
@@ -172,23 +209,35 @@ class PruningTrainer(Trainer):
         return None
 
     def has_pruned(self) -> bool:
-        """Whether any head or weight has been pruned so far."""
-        return bool(PruningRecord.from_config(self.model.config).pruned_heads or get_masks(self.model))
+        """Whether any structure or weight has been pruned so far."""
+        record = PruningRecord.from_config(getattr(self.model, "config", None))
+        return not record.is_empty() or bool(get_masks(self.model))
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        """``Trainer.evaluate``; the metrics are kept as ``eval_before`` or ``eval_after`` pruning."""
+        """``Trainer.evaluate``; the metrics are kept as ``eval_before`` pruning, ``eval_pruned`` right after
+        a cut, or ``eval_after`` (after training on), for the model card."""
         metrics = super().evaluate(*args, **kwargs)
-        if self.has_pruned():
+        if self._evaluating_pruned:
+            self.eval_pruned = dict(metrics)
+        elif self.has_pruned():
             self.eval_after = dict(metrics)
         else:
             self.eval_before = dict(metrics)
         return metrics
 
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """``Trainer.save_model``, plus the model card and heatmap (not in periodic checkpoints)."""
+    def save_model(
+        self, output_dir: str | None = None, _internal_call: bool = False, **card_kwargs: Any
+    ) -> None:
+        """``Trainer.save_model``, plus the model card and heatmap (not in periodic checkpoints).
+
+        Args:
+            output_dir (`str`, *optional*): defaults to ``args.output_dir``.
+            card_kwargs: arguments of :func:`hf_gradprune.cards.create_pruning_model_card` (``base_model``,
+                ``dataset_name``, ``task``, ``model_name`` ...).
+        """
         super().save_model(output_dir, _internal_call=_internal_call)
         if not _internal_call:
-            self.write_model_card(output_dir)
+            self.write_model_card(output_dir, **card_kwargs)
 
     def write_model_card(self, output_dir: str | None = None, repo_id: str | None = None, **card_kwargs: Any):
         """Write ``README.md`` (and ``head_importance.png`` when heads were scored) into ``output_dir``.
@@ -196,7 +245,8 @@ class PruningTrainer(Trainer):
         Args:
             output_dir (`str`, *optional*): defaults to ``args.output_dir``.
             repo_id (`str`, *optional*): the Hub id the "How to load" snippet names.
-            card_kwargs: more arguments of :func:`hf_gradprune.cards.create_pruning_model_card`.
+            card_kwargs: arguments of :func:`hf_gradprune.cards.create_pruning_model_card`; they win over
+                what the trainer knows (``base_model``, ``dataset_name``, ``task``, ``model_name`` ...).
         """
         if not self.is_world_process_zero():
             return
@@ -211,18 +261,20 @@ class PruningTrainer(Trainer):
                 shown[layer, heads] = float("nan")
             save_head_importance_heatmap(shown, folder / HEATMAP_FILENAME)
             heatmap = HEATMAP_FILENAME
-        card = create_pruning_model_card(
-            self.model,
-            base_model=getattr(self.model.config, "_name_or_path", None) or None,
-            pruning_args=self.pruning_args.to_dict(),
-            params_before=self.params_before,
-            eval_before=self.eval_before,
-            eval_after=self.eval_after,
-            speedup=self.speedup,
-            heatmap_filename=heatmap,
-            repo_id=repo_id or self.args.hub_model_id,
-            **{"dataset_name": self.dataset_name, **card_kwargs},
-        )
+        defaults = {
+            "base_model": getattr(getattr(self.model, "config", None), "_name_or_path", None) or None,
+            "pruning_args": self.pruning_args.to_dict(),
+            "params_before": self.params_before,
+            "eval_before": self.eval_before,
+            "eval_pruned": self.eval_pruned,
+            "eval_after": self.eval_after,
+            "speedup": self.speedup,
+            "heatmap_filename": heatmap,
+            "repo_id": repo_id or self.args.hub_model_id,
+            "dataset_name": self.dataset_name,
+            "flops_seq_len": self.pruning_args.flops_seq_len,
+        }
+        card = create_pruning_model_card(self.model, **{**defaults, **card_kwargs})
         card.save(folder / "README.md")
 
     def push_to_hub(

@@ -1,12 +1,26 @@
-"""Architecture adapters: where each model family keeps its attention heads and FFN."""
+"""Architecture adapters: where each model family keeps its prunable structures.
+
+A *structure* is a kind of unit in every transformer block whose rows leave some linear layers and whose
+columns leave one output layer: attention heads (q/k/v rows, output-projection columns) and FFN neurons
+(up/gate rows, down columns) are two instances. The adapter declares them as data; gates, importance,
+selection, surgery, FLOPs, the pruning record and reload loop over structures and never test a family.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
-from transformers.pytorch_utils import Conv1D
+from transformers import PretrainedConfig
+
+from .layout import weight_dims
+
+#: A run of rows holding ``width`` rows per unit ("unit") or per key/value group ("group").
+UNIT, GROUP = "unit", "group"
+HEADS, FFN = "heads", "ffn"
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module:
@@ -14,66 +28,179 @@ def get_submodule(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path) if path else root
 
 
-def weight_dims(module: nn.Module) -> tuple[int, int]:
-    """``(output_dim, input_dim)`` of ``module.weight``: (0, 1) for ``nn.Linear``, (1, 0) for ``Conv1D``."""
-    if isinstance(module, Conv1D):
-        return 1, 0
-    if isinstance(module, nn.Linear):
-        return 0, 1
-    raise TypeError(
-        f"{type(module).__name__} is not a linear layer: only nn.Linear and transformers Conv1D are "
-        "supported."
+@dataclass(frozen=True)
+class Rows:
+    """A linear layer whose outputs belong to units.
+
+    Args:
+        path (`str`): path from a block to the layer.
+        segments (`tuple[str, ...]`, *optional*, defaults to `("unit",)`): the runs its outputs are made of,
+            each laid out unit by unit: ``"unit"`` (one unit width per unit) or ``"group"`` (one per
+            key/value group). GPT-2's fused ``c_attn`` is ``("unit", "group", "group")``: q, then k, then v.
+    """
+
+    path: str
+    segments: tuple[str, ...] = (UNIT,)
+
+
+@dataclass(frozen=True)
+class Structure:
+    """One kind of prunable unit of a block.
+
+    Args:
+        name (`str`): ``"heads"`` or ``"ffn"``; the record stores removed units under ``pruned_<name>``.
+        rows (`tuple[Rows, ...]`): the layers whose output rows belong to the units.
+        output (`str`): path from a block to the layer whose input columns belong to the units; the
+            structure's gate multiplies that input, unit by unit.
+        units (`str` or `Callable[[PretrainedConfig], int]`): units per layer in the unpruned model: a
+            config key, or a function of the config.
+        residual (`str`, *optional*, defaults to `""`): path from a block to the module whose first input is
+            the residual stream that is added to ``output``'s output (``""``: the block's own input).
+        attention (`bool`, *optional*, defaults to `False`): the units are attention heads: one head
+            width each, removed by whole key/value groups, with score and context multiply-adds.
+        owner (`str`, *optional*, defaults to `""`): path of the module whose attributes follow the count.
+        count_attrs (`tuple[str, ...]`, *optional*): ``owner`` attributes holding the number of units.
+        width_attrs (`tuple[str, ...]`, *optional*): ``owner`` attributes holding units times unit width.
+        empty (`str`, *optional*, defaults to `""`): path of the module that an :class:`EmptyPart` stands in
+            for once a layer has lost every unit (``""``: the family's code runs with zero units as it is).
+        empty_returns_tuple (`bool`, *optional*, defaults to `False`): that module returns
+            ``(output, attention weights)`` rather than a tensor.
+    """
+
+    name: str
+    rows: tuple[Rows, ...]
+    output: str
+    units: str | Callable[[PretrainedConfig], int]
+    residual: str = ""
+    attention: bool = False
+    owner: str = ""
+    count_attrs: tuple[str, ...] = ()
+    width_attrs: tuple[str, ...] = ()
+    empty: str = ""
+    empty_returns_tuple: bool = False
+
+    def paths(self) -> tuple[str, ...]:
+        """Paths of every layer the structure cuts: rows first, then the output layer."""
+        return (*(rows.path for rows in self.rows), self.output)
+
+
+class EmptyPart(nn.Module):
+    """Stands in for a module whose every unit was removed: its output is the output layer's bias.
+
+    The original's children stay under their names (their tensors have zero rows or columns), so the state
+    dict keeps the model's own keys and the output layer's bias still trains.
+
+    Args:
+        original (`nn.Module`): the module it replaces (e.g. an attention layer with no head left).
+        output (`str`): path from ``original`` to its output layer.
+        returns_tuple (`bool`): return ``(output, None)`` as attention layers do.
+    """
+
+    def __init__(self, original: nn.Module, output: str, returns_tuple: bool):
+        super().__init__()
+        for name, child in original.named_children():
+            self.add_module(name, child)
+        self.output_path = output
+        self.returns_tuple = returns_tuple
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        output = get_submodule(self, self.output_path)
+        out_features = output.weight.shape[weight_dims(output)[0]]
+        result = hidden_states.new_zeros(*hidden_states.shape[:-1], out_features)
+        if output.bias is not None:
+            result = result + output.bias
+        return (result, None) if self.returns_tuple else result
+
+    def extra_repr(self) -> str:
+        return f"every unit removed; output: {self.output_path}"
+
+
+def attention_heads(
+    output: str,
+    query: str = "",
+    key: str = "",
+    value: str = "",
+    qkv: str = "",
+    owner: str = "",
+    count_attrs: tuple[str, ...] = (),
+    width_attrs: tuple[str, ...] = (),
+    units: str = "num_attention_heads",
+    empty: str = "",
+) -> Structure:
+    """The attention-head structure: separate ``query``/``key``/``value`` projections or a fused ``qkv``."""
+    if qkv:
+        rows = (Rows(qkv, (UNIT, GROUP, GROUP)),)
+    else:
+        rows = (Rows(query), Rows(key, (GROUP,)), Rows(value, (GROUP,)))
+    return Structure(
+        name=HEADS,
+        rows=rows,
+        output=output,
+        units=units,
+        attention=True,
+        owner=owner,
+        count_attrs=count_attrs,
+        width_attrs=width_attrs,
+        empty=empty,
+        empty_returns_tuple=True,
+    )
+
+
+def ffn_neurons(
+    rows: tuple[str, ...],
+    output: str,
+    residual: str,
+    units: str | Callable[[PretrainedConfig], int],
+    owner: str = "",
+    count_attrs: tuple[str, ...] = (),
+    empty: str = "",
+) -> Structure:
+    """The FFN-neuron structure: ``rows`` (up, gate) lose outputs, ``output`` (down) loses inputs."""
+    return Structure(
+        name=FFN,
+        rows=tuple(Rows(path) for path in rows),
+        output=output,
+        units=units,
+        residual=residual,
+        owner=owner,
+        count_attrs=count_attrs,
+        empty=empty,
     )
 
 
 @dataclass(frozen=True)
-class AttentionParts:
-    """The projections of one attention layer.
-
-    ``query``/``key``/``value`` are ``None`` when the family uses a fused ``qkv`` projection.
-    """
-
-    attention: nn.Module
-    output: nn.Module
-    query: nn.Module | None = None
-    key: nn.Module | None = None
-    value: nn.Module | None = None
-    qkv: nn.Module | None = None
-
-
-@dataclass(frozen=True)
 class ArchitectureAdapter:
-    """Describes one model family: paths are dotted attribute names.
+    """Describes one model family: where its blocks are and which structures each block has.
 
     Args:
         model_types (`tuple[str, ...]`): the ``config.model_type`` values this adapter serves.
         layers (`str`): path from ``model.base_model`` to the ``nn.ModuleList`` of blocks.
-        attention (`str`): path from a block to the module that holds the head-count attributes.
-        query, key, value (`str`): paths from a block to the q/k/v projections (``""`` when fused).
-        qkv (`str`): path from a block to a fused q/k/v projection (``""`` when separate).
-        output (`str`): path from a block to the attention output projection.
-        ffn (`tuple[str, ...]`): paths from a block to the FFN's linear layers.
-        num_heads_attrs (`tuple[str, ...]`): attention-module attributes holding the query-head count.
-        width_attrs (`tuple[str, ...]`): attention-module attributes holding ``num_heads * head_dim``.
-        num_heads_key (`str`): config key of the query-head count.
+        structures (`tuple[Structure, ...]`): the prunable structures of a block, heads first.
     """
 
     model_types: tuple[str, ...]
     layers: str
-    attention: str
-    output: str
-    query: str = ""
-    key: str = ""
-    value: str = ""
-    qkv: str = ""
-    ffn: tuple[str, ...] = ()
-    num_heads_attrs: tuple[str, ...] = ()
-    width_attrs: tuple[str, ...] = ()
-    num_heads_key: str = "num_attention_heads"
+    structures: tuple[Structure, ...]
+
+    def structure(self, name: str) -> Structure:
+        """The structure called ``name``; a ``ValueError`` lists this family's structures otherwise."""
+        for structure in self.structures:
+            if structure.name == name:
+                return structure
+        raise ValueError(
+            f"Model type {self.model_types[0]!r} has no prunable structure {name!r}; it has "
+            f"{', '.join(repr(s.name) for s in self.structures)}."
+        )
+
+    def num_units(self, structure: Structure | str, config: PretrainedConfig) -> int:
+        """Units of ``structure`` per layer in the unpruned model."""
+        structure = self.structure(structure) if isinstance(structure, str) else structure
+        units = structure.units
+        return int(units(config) if callable(units) else getattr(config, units))
 
     def num_heads(self, config: PretrainedConfig) -> int:
         """Query heads per layer in the unpruned model."""
-        return int(getattr(config, self.num_heads_key))
+        return self.num_units(HEADS, config)
 
     def num_key_value_heads(self, config: PretrainedConfig) -> int:
         """Key/value heads per layer in the unpruned model (equal to query heads without GQA)."""
@@ -88,34 +215,37 @@ class ArchitectureAdapter:
         hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None)
         return int(hidden) // self.num_heads(config)
 
-    def blocks(self, model: PreTrainedModel) -> nn.ModuleList:
+    def unit_width(self, structure: Structure, config: PretrainedConfig) -> int:
+        """Rows (and output-layer columns) of one unit: the head width for heads, 1 for neurons."""
+        return self.head_dim(config) if structure.attention else 1
+
+    def group_size(self, structure: Structure, config: PretrainedConfig) -> int:
+        """Units that leave together: query heads per key/value head for heads, 1 otherwise."""
+        if not structure.attention:
+            return 1
+        return self.num_heads(config) // self.num_key_value_heads(config)
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
         """The transformer blocks of ``model``."""
         return get_submodule(model.base_model, self.layers)
 
-    def attention_parts(self, model: PreTrainedModel, layer: int) -> AttentionParts:
-        """The attention projections of block ``layer``."""
-        block = self.blocks(model)[layer]
+    def module(self, model: nn.Module, layer: int, path: str) -> nn.Module:
+        """The module at ``path`` inside block ``layer``."""
+        return get_submodule(self.blocks(model)[layer], path)
 
-        def part(path: str) -> nn.Module | None:
-            return get_submodule(block, path) if path else None
-
-        return AttentionParts(
-            attention=get_submodule(block, self.attention),
-            output=get_submodule(block, self.output),
-            query=part(self.query),
-            key=part(self.key),
-            value=part(self.value),
-            qkv=part(self.qkv),
-        )
-
-    def ffn_modules(self, model: PreTrainedModel, layer: int) -> list[nn.Module]:
-        """The FFN linear layers of block ``layer``."""
-        block = self.blocks(model)[layer]
-        return [get_submodule(block, path) for path in self.ffn]
-
-    def set_head_count(self, attention: nn.Module, num_heads: int, head_dim: int) -> None:
-        """Refresh the attention module's own head-count attributes after surgery."""
-        for attr in self.num_heads_attrs:
-            setattr(attention, attr, num_heads)
-        for attr in self.width_attrs:
-            setattr(attention, attr, num_heads * head_dim)
+    def set_unit_count(self, model: nn.Module, layer: int, structure: Structure, count: int) -> None:
+        """Refresh the owner's count and width attributes after surgery (``head_dim`` and ratios stay); with
+        no unit left, put an :class:`EmptyPart` in place of ``structure.empty`` when the family needs one."""
+        if count == 0 and structure.empty:
+            original = self.module(model, layer, structure.empty)
+            if not isinstance(original, EmptyPart):
+                output = structure.output.removeprefix(f"{structure.empty}.")
+                stand_in = EmptyPart(original, output, structure.empty_returns_tuple)
+                self.blocks(model)[layer].set_submodule(structure.empty, stand_in)
+            return
+        owner = self.module(model, layer, structure.owner)
+        width = self.unit_width(structure, model.config)
+        for attr in structure.count_attrs:
+            setattr(owner, attr, count)
+        for attr in structure.width_attrs:
+            setattr(owner, attr, count * width)

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
-from .base import ArchitectureAdapter
+from .base import ArchitectureAdapter, attention_heads, ffn_neurons
 from .registry import register_adapter
 
-# BERT and RoBERTa share one layout: encoder.layer[i].attention.{self,output}.
+# BERT and RoBERTa share one layout: encoder.layer[i].attention.{self,output}, intermediate, output.
 register_adapter(
     ArchitectureAdapter(
         model_types=("bert", "roberta"),
         layers="encoder.layer",
-        attention="attention.self",
-        query="attention.self.query",
-        key="attention.self.key",
-        value="attention.self.value",
-        output="attention.output.dense",
-        ffn=("intermediate.dense", "output.dense"),
-        num_heads_attrs=("num_attention_heads",),
-        width_attrs=("all_head_size",),
+        structures=(
+            attention_heads(
+                query="attention.self.query",
+                key="attention.self.key",
+                value="attention.self.value",
+                output="attention.output.dense",
+                owner="attention.self",
+                count_attrs=("num_attention_heads",),
+                width_attrs=("all_head_size",),
+            ),
+            ffn_neurons(
+                rows=("intermediate.dense",),
+                output="output.dense",
+                residual="intermediate",
+                units="intermediate_size",
+            ),
+        ),
     )
 )
 
@@ -25,14 +34,18 @@ register_adapter(
     ArchitectureAdapter(
         model_types=("distilbert",),
         layers="transformer.layer",
-        attention="attention",
-        query="attention.q_lin",
-        key="attention.k_lin",
-        value="attention.v_lin",
-        output="attention.out_lin",
-        ffn=("ffn.lin1", "ffn.lin2"),
-        num_heads_attrs=("n_heads",),
-        num_heads_key="n_heads",
+        structures=(
+            attention_heads(
+                query="attention.q_lin",
+                key="attention.k_lin",
+                value="attention.v_lin",
+                output="attention.out_lin",
+                owner="attention",
+                count_attrs=("n_heads",),
+                units="n_heads",
+            ),
+            ffn_neurons(rows=("ffn.lin1",), output="ffn.lin2", residual="ffn", units="hidden_dim"),
+        ),
     )
 )
 
@@ -41,12 +54,23 @@ register_adapter(
     ArchitectureAdapter(
         model_types=("gpt2",),
         layers="h",
-        attention="attn",
-        qkv="attn.c_attn",
-        output="attn.c_proj",
-        ffn=("mlp.c_fc", "mlp.c_proj"),
-        num_heads_attrs=("num_heads",),
-        width_attrs=("split_size",),
+        structures=(
+            attention_heads(
+                qkv="attn.c_attn",
+                output="attn.c_proj",
+                owner="attn",
+                count_attrs=("num_heads",),
+                width_attrs=("split_size",),
+                empty="attn",
+            ),
+            ffn_neurons(
+                rows=("mlp.c_fc",),
+                output="mlp.c_proj",
+                residual="ln_2",
+                units=lambda config: config.n_inner or 4 * config.n_embd,
+                empty="mlp",
+            ),
+        ),
     )
 )
 
@@ -55,11 +79,22 @@ register_adapter(
     ArchitectureAdapter(
         model_types=("llama", "mistral", "qwen2"),
         layers="layers",
-        attention="self_attn",
-        query="self_attn.q_proj",
-        key="self_attn.k_proj",
-        value="self_attn.v_proj",
-        output="self_attn.o_proj",
-        ffn=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+        structures=(
+            attention_heads(
+                query="self_attn.q_proj",
+                key="self_attn.k_proj",
+                value="self_attn.v_proj",
+                output="self_attn.o_proj",
+                empty="self_attn",
+            ),
+            ffn_neurons(
+                rows=("mlp.gate_proj", "mlp.up_proj"),
+                output="mlp.down_proj",
+                residual="post_attention_layernorm",
+                units="intermediate_size",
+                owner="mlp",
+                count_attrs=("intermediate_size",),
+            ),
+        ),
     )
 )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from transformers import PretrainedConfig, PreTrainedModel
+from torch import nn
+from transformers import PretrainedConfig
 
 from .base import ArchitectureAdapter
 
@@ -13,9 +14,10 @@ def register_adapter(adapter: ArchitectureAdapter) -> ArchitectureAdapter:
     """Register ``adapter`` for each of its ``model_types``; a type registered twice is refused.
 
     Example:
-        >>> from hf_gradprune.adapters import ArchitectureAdapter, register_adapter
+        >>> from hf_gradprune.adapters import ArchitectureAdapter, attention_heads, register_adapter
         >>> register_adapter(ArchitectureAdapter(model_types=("my_bert",), layers="encoder.layer",
-        ...     attention="attention.self", output="attention.output.dense"))  # doctest: +SKIP
+        ...     structures=(attention_heads(query="attn.q", key="attn.k", value="attn.v",
+        ...                                 output="attn.out"),)))  # doctest: +SKIP
     """
     taken = [t for t in adapter.model_types if t in _ADAPTERS]
     if taken:
@@ -30,13 +32,23 @@ def supported_model_types() -> list[str]:
     return sorted(_ADAPTERS)
 
 
-def get_adapter(model_or_config: PreTrainedModel | PretrainedConfig) -> ArchitectureAdapter:
-    """The adapter for a model or config; raises ``ValueError`` listing the supported families."""
+def find_adapter(model_or_config: nn.Module | PretrainedConfig) -> ArchitectureAdapter | None:
+    """The adapter for a model or config, or ``None`` for a model of no registered family (any
+    ``nn.Module``: weight pruning works on it, structures need an adapter)."""
     config = getattr(model_or_config, "config", model_or_config)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in _ADAPTERS:
+    return _ADAPTERS.get(getattr(config, "model_type", None))
+
+
+def get_adapter(model_or_config: nn.Module | PretrainedConfig) -> ArchitectureAdapter:
+    """The adapter for a model or config; raises ``ValueError`` listing the supported families."""
+    adapter = find_adapter(model_or_config)
+    if adapter is None:
+        config = getattr(model_or_config, "config", model_or_config)
+        model_type = getattr(config, "model_type", None)
         raise ValueError(
-            f"hf_gradprune does not support model_type {model_type!r}. "
-            f"Supported model types: {', '.join(supported_model_types())}."
+            f"hf_gradprune does not support model_type {model_type!r} for head and neuron pruning "
+            f"(weight pruning works on any model). Supported model types: "
+            f"{', '.join(supported_model_types())}; add a family with "
+            "`hf_gradprune.register_adapter(ArchitectureAdapter(...))`."
         )
-    return _ADAPTERS[model_type]
+    return adapter

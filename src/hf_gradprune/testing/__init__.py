@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .shipped import load_rotten_tomatoes, minilm_path, shipped_path, smollm2_gguf
+from .shipped import load_mnist_5k, load_rotten_tomatoes, minilm_path, shipped_path, smollm2_gguf
 
 if TYPE_CHECKING:
     from .hub import LocalHub
 
-__all__ = ["LocalHub", "load_rotten_tomatoes", "minilm_path", "shipped_path", "smollm2_gguf"]
+__all__ = ["LocalHub", "load_mnist_5k", "load_rotten_tomatoes", "minilm_path", "shipped_path", "smollm2_gguf"]
 
 
 def __getattr__(name: str) -> Any:

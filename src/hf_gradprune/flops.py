@@ -1,0 +1,84 @@
+"""Multiply-adds of the prunable structures, counted from the adapter's declaration and the layer shapes.
+
+The cost of one prunable unit (a head, a key/value group of heads, an FFN neuron) per token is the
+weights it owns in its row layers (``in_features`` times its rows) and in the output layer
+(``out_features`` times its columns), plus, for attention heads, the ``2 * seq_len * head_dim``
+multiply-adds of the attention scores and the weighted sum of values. The block FLOPs of a model are
+twice the multiply-adds of every unit still present, for a sequence of ``seq_len`` tokens: the
+attention and FFN of every block, which is what structured pruning shrinks (embeddings, norms and the
+output layer are left out).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .adapters import UNIT, get_adapter, weight_dims
+from .record import PruningRecord
+
+
+def unit_macs(model: nn.Module, seq_len: int) -> dict[str, int]:
+    """Structure name to the multiply-adds per token of one prunable unit (a whole key/value group).
+
+    Args:
+        model (`nn.Module`): a model of a registered family (pruned or not: a unit's cost does not change).
+        seq_len (`int`): the sequence length the attention scores are counted for.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        ...                              intermediate_size=37, vocab_size=99))
+        >>> unit_macs(model, seq_len=16)  # head: 3 * 32 * 8 + 32 * 8 + 2 * 16 * 8; neuron: 32 + 32
+        {'heads': 1280, 'ffn': 64}
+    """
+    if seq_len < 1:
+        raise ValueError(f"`seq_len` must be a positive number of tokens, got {seq_len}.")
+    adapter = get_adapter(model)
+    config = model.config
+    costs = {}
+    for structure in adapter.structures:
+        width = adapter.unit_width(structure, config)
+        group = adapter.group_size(structure, config)
+        macs = 0
+        for rows in structure.rows:
+            module = adapter.module(model, 0, rows.path)
+            in_features = module.weight.shape[weight_dims(module)[1]]
+            macs += sum(in_features * width * (group if s == UNIT else 1) for s in rows.segments)
+        output = adapter.module(model, 0, structure.output)
+        macs += output.weight.shape[weight_dims(output)[0]] * width * group
+        if structure.attention:
+            macs += 2 * seq_len * width * group
+        costs[structure.name] = macs
+    return costs
+
+
+def block_flops(model: nn.Module, seq_len: int, original: bool = False) -> int:
+    """FLOPs (2 x multiply-adds) of the attention and FFN of every block for one sequence of ``seq_len``.
+
+    Args:
+        model (`nn.Module`): a model of a registered family.
+        seq_len (`int`): tokens in the sequence.
+        original (`bool`, *optional*, defaults to `False`): count the unpruned model instead.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> from hf_gradprune import prune_units
+        >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        ...                              intermediate_size=37, vocab_size=99))
+        >>> dense = block_flops(model, 16)
+        >>> _ = prune_units(model, {"heads": {0: [0, 1]}, "ffn": {1: list(range(37))}}, allow_empty=True)
+        >>> round(block_flops(model, 16) / dense, 3)
+        0.5
+    """
+    adapter = get_adapter(model)
+    record = PruningRecord.from_config(model.config)
+    costs = unit_macs(model, seq_len)
+    num_layers = len(adapter.blocks(model))
+    total = 0
+    for structure in adapter.structures:
+        num_units = adapter.num_units(structure, model.config)
+        group = adapter.group_size(structure, model.config)
+        for layer in range(num_layers):
+            kept = num_units if original else len(record.kept(structure.name, layer, num_units))
+            total += kept // group * costs[structure.name]
+    return 2 * seq_len * total

@@ -1,0 +1,235 @@
+"""Mask tuning (Kwon et al., 2022): rescale the kept units so each pruned block reproduces the original.
+
+After a structural cut every structure's output layer (the attention output projection, the FFN down
+projection) sums the contributions of fewer units. Layer by layer, in forward order, the kept units get one
+scale each, the least-squares solution of
+
+    min_m  Σ_tokens || Σ_u m_u · W_u a_u  -  (y_orig + x_orig - x_pruned - bias) ||²
+
+where ``a_u`` is unit ``u``'s input columns of the output layer and ``W_u`` its weight columns in the pruned
+model, ``y_orig`` the original output layer's output and ``x`` the residual stream it is added to (from the
+unpruned model, and from the pruned model whose earlier layers are already rescaled). Matching the sum
+``y + x`` lets a layer make up for the errors of the layers before it. The scales are folded into the
+output layer's weight columns, so the model has no new parameter. The normal equations are accumulated
+over tokens: with ``S = Σ a aᵀ`` and ``G = WᵀW``, ``AᵀA`` is the block sum of ``G ∘ S``, so memory stays
+at two (units × width)² matrices per layer whatever the number of tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import ArchitectureAdapter, Structure, get_adapter, weight_dims
+from .importance import frozen_for_probe, prepare_batch
+from .record import PruningRecord
+
+logger = logging.getLogger(__name__)
+#: Scales outside this range are not applied (the least-squares problem was ill-posed).
+MAX_SCALE = 10.0
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the layer of interest has run."""
+
+
+@dataclass(frozen=True)
+class _Site:
+    layer: int
+    structure: Structure
+
+
+def _first_input(args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor:
+    if args:
+        return args[0]
+    return kwargs.get("hidden_states", next(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
+
+
+def _sites(model: nn.Module, adapter: ArchitectureAdapter) -> list[_Site]:
+    return [_Site(layer, s) for layer in range(len(adapter.blocks(model))) for s in adapter.structures]
+
+
+def _run(model: nn.Module, batch: Mapping[str, Any]) -> None:
+    with contextlib.suppress(_Stop):
+        model(**prepare_batch(model, batch))
+
+
+def _output_matrix(module: nn.Module) -> torch.Tensor:
+    """The output layer's weight as (out, in) in float64."""
+    weight = module.weight.detach().double()
+    return weight.t() if weight_dims(module)[0] == 1 else weight
+
+
+def capture_targets(
+    model: nn.Module, batches: list[Mapping[str, Any]], show_progress: bool = True
+) -> dict[tuple[int, str], list[torch.Tensor]]:
+    """Run the model (before its cut) and keep, per layer and structure, ``y + x`` for every batch.
+
+    Args:
+        model (`nn.Module`): the model before pruning, of a registered family.
+        batches (`list[Mapping]`): the calibration batches (given again to :func:`rescale_units`).
+        show_progress (`bool`, *optional*, defaults to `True`): a progress bar over batches.
+
+    Returns:
+        `dict[tuple[int, str], list[torch.Tensor]]`: ``(layer, structure name)`` to one float32 tensor per
+        batch of the output layer's output plus its residual input.
+    """
+    adapter = get_adapter(model)
+    targets: dict[tuple[int, str], list[torch.Tensor]] = {}
+    residuals: dict[tuple[int, str], torch.Tensor] = {}
+    handles = []
+
+    def keep_residual(key, _module, args, kwargs):
+        residuals[key] = _first_input(args, kwargs).detach()
+
+    def keep_target(key, _module, _args, output):
+        targets.setdefault(key, []).append((output.detach() + residuals.pop(key)).float())
+
+    try:
+        for site in _sites(model, adapter):
+            key = (site.layer, site.structure.name)
+            residual = adapter.module(model, site.layer, site.structure.residual)
+            output = adapter.module(model, site.layer, site.structure.output)
+            handles.append(
+                residual.register_forward_pre_hook(functools.partial(keep_residual, key), with_kwargs=True)
+            )
+            handles.append(output.register_forward_hook(functools.partial(keep_target, key)))
+        with frozen_for_probe(model), torch.no_grad():
+            for batch in tqdm(batches, desc="Mask tuning: original outputs", disable=not show_progress):
+                _run(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return targets
+
+
+def _normal_equations(
+    model: nn.Module,
+    adapter: ArchitectureAdapter,
+    site: _Site,
+    batches: list[Mapping[str, Any]],
+    targets: list[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(AᵀA, Aᵀb)`` of one layer's least-squares problem, over the (unpadded) tokens of ``batches``."""
+    output = adapter.module(model, site.layer, site.structure.output)
+    residual = adapter.module(model, site.layer, site.structure.residual)
+    weight = _output_matrix(output)
+    bias = output.bias.detach().double() if output.bias is not None else 0.0
+    columns = weight.shape[1]
+    gram = torch.zeros(columns, columns, dtype=torch.float64, device=weight.device)
+    cross = torch.zeros(columns, dtype=torch.float64, device=weight.device)
+    state: dict[str, torch.Tensor] = {}
+
+    def keep_residual(_module, args, kwargs):
+        state["x"] = _first_input(args, kwargs).detach()
+
+    def accumulate(_module, args):
+        nonlocal gram, cross
+        inputs = args[0].detach().double().reshape(-1, columns)
+        wanted = (state["target"].double() - state.pop("x").double()).reshape(-1, weight.shape[0]) - bias
+        tokens = state.get("tokens")
+        if tokens is not None and tokens.numel() == inputs.shape[0]:
+            inputs, wanted = inputs[tokens], wanted[tokens]
+        gram += inputs.t() @ inputs
+        cross += (inputs * (wanted @ weight)).sum(dim=0)
+        raise _Stop
+
+    handles = [
+        residual.register_forward_pre_hook(keep_residual, with_kwargs=True),
+        output.register_forward_pre_hook(accumulate),
+    ]
+    try:
+        with torch.no_grad():
+            for batch, target in zip(batches, targets, strict=True):
+                state["target"] = target
+                mask = batch.get("attention_mask")
+                state["tokens"] = mask.reshape(-1).bool().to(weight.device) if mask is not None else None
+                _run(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    width = adapter.unit_width(site.structure, model.config)
+    units = columns // width
+    blocks = (weight.t() @ weight * gram).reshape(units, width, units, width).sum(dim=(1, 3))
+    return blocks, cross.reshape(units, width).sum(dim=1)
+
+
+def _solve(ata: torch.Tensor, atb: torch.Tensor) -> torch.Tensor | None:
+    """Ridge-damped least squares; ``None`` when the scales are not finite or out of range."""
+    damping = 1e-6 * ata.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(ata.shape[0], dtype=ata.dtype, device=ata.device)
+    scales = torch.linalg.solve(ata + damping * eye, atb)
+    if not torch.isfinite(scales).all() or scales.abs().max() > MAX_SCALE:
+        return None
+    return scales
+
+
+def _fold(module: nn.Module, scales: torch.Tensor, width: int) -> None:
+    """Multiply each unit's input columns of ``module`` by its scale, in place (dtype kept)."""
+    in_dim = weight_dims(module)[1]
+    per_column = scales.repeat_interleave(width).to(module.weight.dtype)
+    shape = [1, 1]
+    shape[in_dim] = -1
+    with torch.no_grad():
+        module.weight.mul_(per_column.view(shape))
+
+
+def rescale_units(
+    model: nn.Module,
+    batches: list[Mapping[str, Any]],
+    targets: dict[tuple[int, str], list[torch.Tensor]],
+    structures: Iterable[str] | None = None,
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """Fold least-squares scales of the kept units into the output layers, layer by layer (mask tuning).
+
+    Args:
+        model (`nn.Module`): the pruned model.
+        batches (`list[Mapping]`): the batches :func:`capture_targets` ran on, in the same order.
+        targets (`dict`): what :func:`capture_targets` returned for the unpruned model.
+        structures (`Iterable[str]`, *optional*): the structures to rescale (default: those pruned).
+        show_progress (`bool`, *optional*, defaults to `True`): a progress bar over layers.
+
+    Returns:
+        `dict[str, float]`: ``prune/mask_tuning_layers`` (layers rescaled), ``prune/mask_tuning_skipped``
+        (ill-posed ones left as they were) and ``prune/mask_tuning_mean_scale``.
+    """
+    adapter = get_adapter(model)
+    record = PruningRecord.from_config(model.config)
+    wanted = set(structures) if structures is not None else set(record.pruned)
+    sites = [s for s in _sites(model, adapter) if s.structure.name in wanted]
+    done, skipped, scale_sum = 0, 0, 0.0
+    with frozen_for_probe(model):
+        for site in tqdm(sites, desc="Mask tuning", disable=not show_progress):
+            num_units = adapter.num_units(site.structure, model.config)
+            if not record.kept(site.structure.name, site.layer, num_units):
+                continue
+            ata, atb = _normal_equations(
+                model, adapter, site, batches, targets[site.layer, site.structure.name]
+            )
+            scales = _solve(ata, atb)
+            if scales is None:
+                skipped += 1
+                logger.warning(
+                    "Mask tuning left layer %d (%s) as it was: its least-squares scales are ill-posed.",
+                    site.layer,
+                    site.structure.name,
+                )
+                continue
+            width = adapter.unit_width(site.structure, model.config)
+            _fold(adapter.module(model, site.layer, site.structure.output), scales, width)
+            done += 1
+            scale_sum += float(scales.mean())
+    return {
+        "prune/mask_tuning_layers": float(done),
+        "prune/mask_tuning_skipped": float(skipped),
+        "prune/mask_tuning_mean_scale": scale_sum / done if done else 1.0,
+    }
