@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import EvalPrediction, Trainer, TrainingArguments, set_seed
+from transformers import EvalPrediction, PrinterCallback, Trainer, TrainingArguments, set_seed
 
 from hf_gradprune import PruningArguments, PruningTrainer
 from hf_gradprune.masks import compute_sparsity, get_masks
@@ -93,6 +93,7 @@ def pruned_and_retrained(
         compute_metrics=accuracy,
         pruning_args=pruning,
     )
+    trainer.remove_callback(PrinterCallback)  # keep the table readable
     trainer.train()  # prunes before the first step (evaluated right then), then retrains
     final = trainer.evaluate()
     masks = get_masks(model)
@@ -112,7 +113,7 @@ def main() -> None:
     parser.add_argument("--output_dir", type=Path, default=Path("runs/cnn"))
     parser.add_argument("--criteria", nargs="+", default=list(CRITERIA), choices=CRITERIA)
     parser.add_argument("--sparsities", nargs="+", type=float, default=list(SPARSITIES))
-    parser.add_argument("--epochs", type=float, default=3.0, help="Dense training epochs.")
+    parser.add_argument("--epochs", type=float, default=5.0, help="Dense training epochs.")
     parser.add_argument("--retrain_epochs", type=float, default=1.0, help="Retraining epochs after pruning.")
     parser.add_argument("--learning_rate", type=float, default=2e-3)
     parser.add_argument("--retrain_lr", type=float, default=5e-4)
@@ -132,6 +133,7 @@ def main() -> None:
         eval_dataset=data["test"],
         compute_metrics=accuracy,
     )
+    trainer.remove_callback(PrinterCallback)
     trainer.train()
     before = trainer.evaluate()["eval_accuracy"]
     print(f"Dense CNN: test accuracy {before:.4f} on {len(data['test'])} digits\n")

@@ -249,7 +249,7 @@ class GradientPruningCallback(TrainerCallback):
         args = self.pruning_args
         scores = compute_weight_importance(
             model,
-            batches,
+            batches if args.weight_importance != "magnitude" else None,
             method=args.weight_importance,
             target_modules=args.prune_target_modules,
             show_progress=self._progress,
