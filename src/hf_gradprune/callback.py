@@ -239,7 +239,7 @@ class GradientPruningCallback(TrainerCallback):
         prune_units(model, plan, optimizer=optimizer, allow_empty=args.allow_empty_layers)
         logs = self.structure_logs(model)
         if targets is not None:
-            logs.update(rescale_units(model, batches, targets, structures=plan, show_progress=self._progress))
+            logs.update(rescale_units(model, batches, targets, show_progress=self._progress))
         return logs
 
     def prune_weights_now(

@@ -4,12 +4,13 @@ After a structural cut every structure's output layer (the attention output proj
 projection) sums the contributions of fewer units. Layer by layer, in forward order, the kept units get one
 scale each, the least-squares solution of
 
-    min_m  Σ_tokens || Σ_u m_u · W_u a_u  -  (y_orig + x_orig - x_pruned - bias) ||²
+    min_m  Σ_tokens || Σ_u m_u · W_u a_u  -  (y_orig + x_orig - x_pruned - bias) ||²  +  λ ||m - 1||²
 
 where ``a_u`` is unit ``u``'s input columns of the output layer and ``W_u`` its weight columns in the pruned
 model, ``y_orig`` the original output layer's output and ``x`` the residual stream it is added to (from the
 unpruned model, and from the pruned model whose earlier layers are already rescaled). Matching the sum
-``y + x`` lets a layer make up for the errors of the layers before it. The scales are folded into the
+``y + x`` lets a layer make up for the errors of the layers before it; the small ``λ`` (``DAMPING`` times
+the mean diagonal of ``AᵀA``) keeps scales the data do not determine near 1. The scales are folded into the
 output layer's weight columns, so the model has no new parameter. The normal equations are accumulated
 over tokens: with ``S = Σ a aᵀ`` and ``G = WᵀW``, ``AᵀA`` is the block sum of ``G ∘ S``, so memory stays
 at two (units × width)² matrices per layer whatever the number of tokens.
@@ -35,6 +36,8 @@ from .record import PruningRecord
 logger = logging.getLogger(__name__)
 #: Scales outside this range are not applied (the least-squares problem was ill-posed).
 MAX_SCALE = 10.0
+#: Weight of ``||m - 1||²`` against the data term, relative to the mean diagonal of ``AᵀA``.
+DAMPING = 1e-3
 
 
 class _Stop(Exception):
@@ -163,10 +166,11 @@ def _normal_equations(
 
 
 def _solve(ata: torch.Tensor, atb: torch.Tensor) -> torch.Tensor | None:
-    """Ridge-damped least squares; ``None`` when the scales are not finite or out of range."""
-    damping = 1e-6 * ata.diagonal().mean().clamp_min(1e-12)
+    """Least squares with a small pull towards scale 1 (no change) in the directions the data leave
+    undetermined; ``None`` when the scales are not finite or out of range."""
+    damping = DAMPING * ata.diagonal().mean().clamp_min(1e-12)
     eye = torch.eye(ata.shape[0], dtype=ata.dtype, device=ata.device)
-    scales = torch.linalg.solve(ata + damping * eye, atb)
+    scales = torch.linalg.solve(ata + damping * eye, atb + damping)
     if not torch.isfinite(scales).all() or scales.abs().max() > MAX_SCALE:
         return None
     return scales
@@ -195,7 +199,8 @@ def rescale_units(
         model (`nn.Module`): the pruned model.
         batches (`list[Mapping]`): the batches :func:`capture_targets` ran on, in the same order.
         targets (`dict`): what :func:`capture_targets` returned for the unpruned model.
-        structures (`Iterable[str]`, *optional*): the structures to rescale (default: those pruned).
+        structures (`Iterable[str]`, *optional*): the structures to rescale (default: all). Layers before
+            the first cut are left alone: they reproduce the original exactly.
         show_progress (`bool`, *optional*, defaults to `True`): a progress bar over layers.
 
     Returns:
@@ -204,8 +209,12 @@ def rescale_units(
     """
     adapter = get_adapter(model)
     record = PruningRecord.from_config(model.config)
-    wanted = set(structures) if structures is not None else set(record.pruned)
-    sites = [s for s in _sites(model, adapter) if s.structure.name in wanted]
+    wanted = set(structures) if structures is not None else {s.name for s in adapter.structures}
+    sites = _sites(model, adapter)
+    first_cut = next(
+        (i for i, s in enumerate(sites) if record.removed(s.structure.name, s.layer)), len(sites)
+    )
+    sites = [s for s in sites[first_cut:] if s.structure.name in wanted]
     done, skipped, scale_sum = 0, 0, 0.0
     with frozen_for_probe(model):
         for site in tqdm(sites, desc="Mask tuning", disable=not show_progress):

@@ -186,8 +186,10 @@ def select_units_under_budget(
 
     The prunable units (groups of ``groups[name]`` units) of every structure are sorted by
     ``score / cost`` and removed, cheapest loss per saved multiply-add first, until the removed cost
-    reaches ``remove_cost``; a layer keeps at least ``min_units_per_layer`` of each structure. Scores must be
-    on one scale across structures, such as the Fisher information of their gates.
+    reaches ``remove_cost``; a unit that would overshoot is passed over while cheaper units (neurons) can
+    close the gap, so the target is met within one cheapest unit. A layer keeps at least
+    ``min_units_per_layer`` of each structure. Scores must be on one scale across structures, such as the
+    Fisher information of their gates.
 
     Args:
         importance (`Mapping[str, torch.Tensor]`): structure name to ``(num_layers, num_units)`` scores,
@@ -232,14 +234,24 @@ def select_units_under_budget(
     candidates.sort(key=lambda c: c[0])
     chosen: dict[str, dict[int, list[int]]] = {name: {} for name in importance}
     removed = 0.0
-    for _, name, layer, unit in candidates:
-        if removed >= remove_cost:
-            break
-        if left[name, layer] <= minimum.get(name, 1):
-            continue
-        chosen[name].setdefault(layer, []).append(unit)
-        left[name, layer] -= 1
-        removed += float(costs[name])
+    cheapest = min((float(costs[name]) for name in importance), default=0.0)
+    # First pass: lowest score per cost first, but a unit that would overshoot the target is passed over
+    # while cheaper units can still close the gap; the second pass takes passed-over units if needed.
+    passed_over = []
+    for pass_over in (True, False):
+        for candidate in candidates if pass_over else passed_over:
+            _, name, layer, unit = candidate
+            if removed >= remove_cost:
+                break
+            if left[name, layer] <= minimum.get(name, 1):
+                continue
+            cost = float(costs[name])
+            if pass_over and cost > cheapest and removed + cost > remove_cost:
+                passed_over.append(candidate)
+                continue
+            chosen[name].setdefault(layer, []).append(unit)
+            left[name, layer] -= 1
+            removed += cost
     if removed < remove_cost:
         raise ValueError(
             f"Cannot remove {remove_cost:,.0f} of cost: only {removed:,.0f} can go while every layer keeps "
