@@ -73,7 +73,7 @@ def test_gated_to_zero_equals_structurally_pruned(model_type, which):
 def test_uneven_heads_and_ffn_reload_in_a_fresh_process(model_type, tmp_path):
     model = build_tiny(model_type)
     prune_units(model, uneven_cut(model))
-    adapter, num_heads, group, num_ffn = layout(model)
+    num_ffn = layout(model)[3]
     sizes = [len(PruningRecord.from_config(model.config).kept("ffn", layer, num_ffn)) for layer in range(3)]
     assert len(set(sizes)) == 3
     model.save_pretrained(tmp_path / "saved")
@@ -127,19 +127,18 @@ def test_ffn_importance_is_the_gradient_of_the_neuron_gate():
     ]
     expected = torch.zeros(3, 37)
     for batch in batches:
-        taken = {}
+        taken: list[torch.Tensor] = []
         hooks = [
-            layer.output.dense.register_forward_pre_hook(
-                lambda _m, args, i=i: taken.__setitem__(i, args[0].requires_grad_()) or None
-            )
-            for i, layer in enumerate(model.bert.encoder.layer)
+            layer.output.dense.register_forward_pre_hook(lambda _m, args: taken.append(args[0]))
+            for layer in model.bert.encoder.layer
         ]
-        loss = model(**batch).loss
-        grads = torch.autograd.grad(loss, [taken[i] for i in range(3)])
+        grads = torch.autograd.grad(model(**batch).loss, taken)  # dL/da for each down projection input a
         for handle in hooks:
             handle.remove()
-        for i, (grad, act) in enumerate(zip(grads, [taken[i] for i in range(3)], strict=True)):
-            expected[i] += (grad * act).sum(dim=(0, 1)).detach() ** 2
+        for i, (grad, act) in enumerate(zip(grads, taken, strict=True)):
+            expected[i] += (grad * act).sum(
+                dim=(0, 1)
+            ).detach() ** 2  # dL/dgate = sum over tokens of a * dL/da
     torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-10)
 
 

@@ -166,7 +166,7 @@ def test_pruning_metrics_reach_integrations_that_run_before_the_pruning_callback
     trainer.train()
     (logged,) = [entry for entry in recorder.logs if "prune/sparsity" in entry]
     assert logged["prune/sparsity"] == 0.5 and "loss" in logged
-    assert [e for e in trainer.state.log_history if "prune/sparsity" in e][0]["prune/sparsity"] == 0.5
+    assert next(e for e in trainer.state.log_history if "prune/sparsity" in e)["prune/sparsity"] == 0.5
 
 
 def test_plain_trainer_logs_pruning_metrics_through_its_logging(tmp_path):
