@@ -129,7 +129,7 @@ def test_ffn_importance_is_the_gradient_of_the_neuron_gate():
     for batch in batches:
         taken: list[torch.Tensor] = []
         hooks = [
-            layer.output.dense.register_forward_pre_hook(lambda _m, args: taken.append(args[0]))
+            layer.output.dense.register_forward_pre_hook(lambda _m, args, kept=taken: kept.append(args[0]))
             for layer in model.bert.encoder.layer
         ]
         grads = torch.autograd.grad(model(**batch).loss, taken)  # dL/da for each down projection input a
