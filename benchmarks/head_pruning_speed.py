@@ -22,8 +22,6 @@ import copy
 import datetime
 import json
 import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -39,12 +37,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
 
-import hf_gradprune
 from hf_gradprune import compute_head_importance, prune_heads, select_heads_to_prune
 from hf_gradprune.importance import compute_weight_importance
 from hf_gradprune.masks import apply_masks
 from hf_gradprune.selection import compute_weight_masks
 from hf_gradprune.testing import load_rotten_tomatoes, minilm_path, smollm2_gguf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, speed, time_interleaved
 
 NAME = "head_pruning_speed"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -115,71 +115,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.repeats < 2:
         parser.error(f"--repeats must be at least 2 (quartiles need two rounds), got {args.repeats}.")
     return args
-
-
-def machine_info() -> dict[str, Any]:
-    """Versions, threads and CPU of this run; the load average shows how busy the machine was."""
-    cpu = platform.processor()
-    if not cpu and Path("/proc/cpuinfo").exists():
-        names = [
-            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")
-        ]
-        cpu = names[0].partition(":")[2].strip() if names else ""
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "hf_gradprune": hf_gradprune.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": cpu or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": list(os.getloadavg()),
-    }
-
-
-def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
-    """25th, 50th and 75th percentiles."""
-    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, median, q3
-
-
-def time_interleaved(
-    calls: Mapping[str, Callable[[], Any]], repeats: int, warmup: int
-) -> dict[str, list[float]]:
-    """Seconds per call of each entry, called round-robin with the order rotated every round."""
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
-    names = list(calls)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(repeats):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def speed(times: Sequence[float], dense: Sequence[float]) -> dict[str, Any]:
-    """Quartiles of ``times`` (ms), speed-up over ``dense`` and quartiles of the per-round ratios.
-
-    The speed-up is the ratio of medians. The per-round ratios pair calls made seconds apart; when the
-    ratio of medians falls outside their quartiles, a burst of load hit one variant more than the other.
-    """
-    q1, median, q3 = quartiles(times)
-    ratio_q1, ratio_median, ratio_q3 = quartiles([d / t for d, t in zip(dense, times, strict=True)])
-    return {
-        "median_ms": median * 1e3,
-        "p25_ms": q1 * 1e3,
-        "p75_ms": q3 * 1e3,
-        "speedup": statistics.median(dense) / median,
-        "speedup_round_p25": ratio_q1,
-        "speedup_round_median": ratio_median,
-        "speedup_round_p75": ratio_q3,
-        "times_ms": [round(t * 1e3, 2) for t in times],
-    }
 
 
 def footprint(model: PreTrainedModel) -> dict[str, int]:

@@ -13,10 +13,11 @@ from .arguments import PruningArguments
 from .callback import GradientPruningCallback
 from .cards import create_pruning_model_card, save_head_importance_heatmap
 from .checkpoint import load_pruned, save_pruned
-from .flops import block_flops
+from .flops import block_flops, select_units_for_flops
 from .gates import HeadGates, UnitGates, add_head_gates
 from .hub import push_folder_to_hub
 from .importance import compute_head_importance, compute_unit_importance, compute_weight_importance
+from .oneshot import prune_and_rescale, prune_to_flops
 from .record import PruningRecord
 from .rescale import capture_targets, rescale_units
 from .selection import (
@@ -49,7 +50,9 @@ __all__ = [
     "find_target_modules",
     "get_adapter",
     "load_pruned",
+    "prune_and_rescale",
     "prune_heads",
+    "prune_to_flops",
     "prune_units",
     "push_folder_to_hub",
     "register_adapter",
@@ -57,6 +60,7 @@ __all__ = [
     "save_head_importance_heatmap",
     "save_pruned",
     "select_heads_to_prune",
+    "select_units_for_flops",
     "select_units_to_prune",
     "select_units_under_budget",
     "supported_model_types",

@@ -18,7 +18,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .adapters import FFN, HEADS, find_target_modules, get_adapter, weight_input_dims, weight_layer_groups
 from .arguments import PruningArguments
-from .flops import block_flops, unit_macs
+from .flops import block_flops, select_units_for_flops
 from .importance import compute_unit_importance, compute_weight_importance, normalize_per_layer
 from .masks import (
     MASKS_FILENAME,
@@ -29,16 +29,14 @@ from .masks import (
     reapply_masks,
     save_masks,
 )
+from .oneshot import prune_and_rescale
 from .record import PruningRecord
-from .rescale import capture_targets, rescale_units
 from .selection import (
     compute_weight_masks,
     select_heads_to_prune,
     select_units_to_prune,
-    select_units_under_budget,
     sparsity_at_step,
 )
-from .surgery import prune_units
 
 logger = logging.getLogger(__name__)
 
@@ -177,17 +175,8 @@ class GradientPruningCallback(TrainerCallback):
         config = model.config
         min_units = {HEADS: args.prune_min_heads_per_layer, FFN: 0 if args.allow_empty_layers else 1}
         if args.prunes_by_flops:
-            original = block_flops(model, args.flops_seq_len, original=True)
-            excess = block_flops(model, args.flops_seq_len) - self.flops_ratio_at(step) * original
-            if excess <= 0:
-                return {}
-            groups = {s.name: adapter.group_size(s, config) for s in adapter.structures}
-            return select_units_under_budget(
-                self.importance,
-                unit_macs(model, args.flops_seq_len),
-                excess / (2 * args.flops_seq_len),
-                groups=groups,
-                min_units_per_layer=min_units,
+            return select_units_for_flops(
+                model, self.importance, self.flops_ratio_at(step), args.flops_seq_len, min_units
             )
         plan = {}
         num_layers = len(adapter.blocks(model))
@@ -234,13 +223,16 @@ class GradientPruningCallback(TrainerCallback):
                 show_progress=self._progress,
             )
         )
-        plan = self._structure_plan(model, step)
-        targets = capture_targets(model, batches, self._progress) if args.mask_tuning and plan else None
-        prune_units(model, plan, optimizer=optimizer, allow_empty=args.allow_empty_layers)
-        logs = self.structure_logs(model)
-        if targets is not None:
-            logs.update(rescale_units(model, batches, targets, show_progress=self._progress))
-        return logs
+        report = prune_and_rescale(
+            model,
+            self._structure_plan(model, step),
+            batches,
+            mask_tuning=args.mask_tuning,
+            optimizer=optimizer,
+            allow_empty=args.allow_empty_layers,
+            show_progress=self._progress,
+        )
+        return {**self.structure_logs(model), **report}
 
     def prune_weights_now(
         self, model: nn.Module, batches: list, sparsity: float, optimizer: torch.optim.Optimizer | None = None

@@ -11,10 +11,14 @@ output layer are left out).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import torch
 from torch import nn
 
 from .adapters import UNIT, get_adapter, weight_dims
 from .record import PruningRecord
+from .selection import select_units_under_budget
 
 
 def unit_macs(model: nn.Module, seq_len: int) -> dict[str, int]:
@@ -67,8 +71,8 @@ def block_flops(model: nn.Module, seq_len: int, original: bool = False) -> int:
         ...                              intermediate_size=37, vocab_size=99))
         >>> dense = block_flops(model, 16)
         >>> _ = prune_units(model, {"heads": {0: [0, 1]}, "ffn": {1: list(range(37))}}, allow_empty=True)
-        >>> round(block_flops(model, 16) / dense, 3)
-        0.5
+        >>> round(block_flops(model, 16) / dense, 3)  # layer 0: half its heads; layer 1: no FFN
+        0.671
     """
     adapter = get_adapter(model)
     record = PruningRecord.from_config(model.config)
@@ -82,3 +86,44 @@ def block_flops(model: nn.Module, seq_len: int, original: bool = False) -> int:
             kept = num_units if original else len(record.kept(structure.name, layer, num_units))
             total += kept // group * costs[structure.name]
     return 2 * seq_len * total
+
+
+def select_units_for_flops(
+    model: nn.Module,
+    importance: Mapping[str, torch.Tensor],
+    target_ratio: float,
+    seq_len: int = 128,
+    min_units_per_layer: int | Mapping[str, int] = 1,
+) -> dict[str, dict[int, list[int]]]:
+    """Heads and FFN neurons to remove so that the block FLOPs fall to ``target_ratio`` of the original.
+
+    Units of every scored structure are ranked together by importance per multiply-add they cost
+    (:func:`hf_gradprune.selection.select_units_under_budget`), so the scores must share one scale: the
+    Fisher information of the gates (``compute_unit_importance(..., accumulate="fisher")``, not normalised).
+
+    Args:
+        model (`nn.Module`): a model of a registered family, possibly pruned already.
+        importance (`Mapping[str, torch.Tensor]`): structure name to ``(num_layers, num_units)`` scores.
+        target_ratio (`float`): the fraction in (0, 1] of the original block FLOPs to keep.
+        seq_len (`int`, *optional*, defaults to 128): the sequence length FLOPs are counted at.
+        min_units_per_layer (`int` or `Mapping[str, int]`, *optional*, defaults to 1): units (groups) of each
+            structure every layer keeps.
+
+    Returns:
+        `dict[str, dict[int, list[int]]]`: the ``units_to_prune`` of :func:`hf_gradprune.prune_units` (empty
+        when the model is already at or below the target).
+    """
+    if not 0.0 < target_ratio <= 1.0:
+        raise ValueError(f"`target_ratio` must be in (0, 1], got {target_ratio}.")
+    adapter = get_adapter(model)
+    excess = block_flops(model, seq_len) - target_ratio * block_flops(model, seq_len, original=True)
+    if excess <= 0:
+        return {}
+    groups = {s.name: adapter.group_size(s, model.config) for s in adapter.structures}
+    return select_units_under_budget(
+        importance,
+        {name: cost for name, cost in unit_macs(model, seq_len).items() if name in importance},
+        excess / (2 * seq_len),
+        groups=groups,
+        min_units_per_layer=min_units_per_layer,
+    )
