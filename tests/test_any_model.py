@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import sys
@@ -21,7 +22,7 @@ from hf_gradprune import (
     save_pruned,
 )
 from hf_gradprune.adapters import weight_input_dims
-from hf_gradprune.masks import MASKS_FILENAME, get_masks, load_masks
+from hf_gradprune.masks import MASKS_FILENAME, apply_masks, get_masks, load_masks
 from hf_gradprune.testing import load_mnist_5k
 
 from .helpers import run_fresh
@@ -216,3 +217,35 @@ def test_cnn_in_plain_trainer_prunes_resumes_and_reloads_fresh_with_exact_masks(
     assert json.loads((tmp_path / "run" / "checkpoint-3" / "pruning_state.json").read_text())[
         "weight_sparsity"
     ] == pytest.approx(0.35)
+
+
+def test_sequential_pruning_scores_each_layer_on_the_layers_already_pruned():
+    from hf_gradprune import prune_weights
+
+    model = cnn()
+    data = image_batches(count=2)
+    sequential = copy.deepcopy(model)
+    masks = prune_weights(
+        sequential, data, 0.5, method="wanda", scope="per_row", sequential=True, show_progress=False
+    )
+    # By hand: conv1 from the dense model, then conv2 scored with conv1 masked, then fc with both.
+    manual = copy.deepcopy(model)
+    for name in ("conv1", "conv2", "fc"):
+        scores = compute_weight_importance(
+            manual, data, method="wanda", target_modules=[f"^{name}$"], show_progress=False
+        )
+        dims = weight_input_dims(manual, [f"^{name}$"])
+        step = compute_weight_masks(scores, 0.5, scope="per_row", input_dims=dims)
+        apply_masks(manual, step)
+        assert torch.equal(masks[f"{name}.weight"], step[f"{name}.weight"]), name
+    together = prune_weights(
+        copy.deepcopy(model), data, 0.5, method="wanda", scope="per_row", show_progress=False
+    )
+    assert not torch.equal(together["fc.weight"], masks["fc.weight"])  # the order made a difference
+
+
+def test_sequential_pruning_refuses_a_global_threshold():
+    from hf_gradprune import prune_weights
+
+    with pytest.raises(ValueError, match=r"`scope` 'global' cannot be used layer by layer"):
+        prune_weights(cnn(), image_batches(), 0.5, method="wanda", scope="global", sequential=True)

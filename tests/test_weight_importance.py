@@ -12,7 +12,7 @@ from hf_gradprune.importance import compute_weight_importance
 
 from .helpers import build_tiny, tiny_batch
 
-GRADIENT_METHODS = ("gradient", "taylor", "fisher", "combined")
+GRADIENT_METHODS = ("gradient", "taylor", "fisher", "obd", "combined")
 
 
 def batches(model, count=2):
@@ -38,6 +38,8 @@ def direct_score(method, weight, gradients):
         return (weight * total).abs()
     if method == "fisher":
         return sum(g * g for g in gradients)
+    if method == "obd":
+        return weight.square() * sum(g * g for g in gradients)
     return weight.abs() / weight.abs().mean() + total.abs() / total.abs().mean()
 
 
@@ -218,3 +220,30 @@ def test_compute_weight_importance_magnitude_warns_on_data():
     model = build_tiny("bert")
     with pytest.warns(UserWarning, match="ignored with method='magnitude'"):
         compute_weight_importance(model, batches(model), method="magnitude")
+
+
+def test_compute_weight_importance_gblm_joins_gradient_norm_and_wanda():
+    model = build_tiny("bert")
+    data = batches(model)
+    gblm = compute_weight_importance(model, data, method="gblm", gblm_alpha=3.0, show_progress=False)
+    wanda = compute_weight_importance(model, data, method="wanda", show_progress=False)
+    fisher = compute_weight_importance(model, data, method="fisher", show_progress=False)
+    magnitude = compute_weight_importance(model, method="magnitude")
+    for name, score in gblm.items():
+        torch.testing.assert_close(score, 3.0 * fisher[name].sqrt() * magnitude[name] + wanda[name])
+
+
+def test_compute_weight_importance_causal_lm_without_labels_uses_input_ids():
+    model = build_tiny("llama")
+    batch = tiny_batch(model)
+    batch["attention_mask"][0, :2] = 0  # padding is left out of the loss
+    labelled = {**batch, "labels": batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)}
+    unlabelled = {k: v for k, v in batch.items() if k != "labels"}
+    expected = compute_weight_importance(model, [labelled], method="fisher", show_progress=False)
+    from hf_gradprune import importance
+
+    importance._warn_label_free.cache_clear()
+    with pytest.warns(UserWarning, match=r"without `labels` on a causal LM: using labels = input_ids"):
+        got = compute_weight_importance(model, [unlabelled], method="fisher", show_progress=False)
+    for name, score in got.items():
+        torch.testing.assert_close(score, expected[name])

@@ -191,3 +191,20 @@ def test_sparsity_at_step_rejects_bad_arguments(kwargs, message):
     arguments = {"step": 0, "target": 0.5, "start_step": 10, "end_step": 20, **kwargs}
     with pytest.raises(ValueError, match=message):
         sparsity_at_step(**arguments)
+
+
+def test_compute_weight_masks_per_row_prunes_the_lowest_of_every_row(scores):
+    masks = compute_weight_masks(scores, 0.5, scope="per_row")
+    for name, score in scores.items():
+        assert (~masks[name]).sum(dim=1).tolist() == [round(0.5 * score.shape[1])] * score.shape[0]
+        for row, keep in zip(score, masks[name], strict=True):
+            assert row[~keep].max() <= row[keep].min()
+
+
+def test_compute_weight_masks_per_row_follows_input_dims():
+    score = torch.arange(24.0).view(2, 3, 4)  # a convolution: 2 output channels, 3 x 4 inputs each
+    transposed = score.flatten(1).t().contiguous()  # Conv1D layout: (inputs, outputs)
+    conv = compute_weight_masks({"w": score}, 0.25, scope="per_row", input_dims={"w": (1, 2)})["w"]
+    conv1d = compute_weight_masks({"w": transposed}, 0.25, scope="per_row", input_dims={"w": 0})["w"]
+    assert (~conv).flatten(1).sum(dim=1).tolist() == [3, 3]
+    assert torch.equal(conv1d, conv.flatten(1).t())

@@ -9,7 +9,7 @@ from typing import Any
 
 HEAD_NORMALIZATIONS = ("layer_sum", "l2", "none")
 HEAD_ACCUMULATIONS = ("fisher", "sum_of_abs", "abs_of_sum")
-WEIGHT_IMPORTANCES = ("magnitude", "gradient", "taylor", "fisher", "combined", "wanda")
+WEIGHT_IMPORTANCES = ("magnitude", "gradient", "taylor", "fisher", "obd", "combined", "wanda", "gblm")
 SPARSITY_SCOPES = ("per_tensor", "per_row", "per_layer", "global")
 SPARSITY_SCHEDULES = ("one_shot", "linear", "cubic")
 PATTERN_FORM = re.compile(r"^(unstructured|(\d+):(\d+))$")
@@ -94,10 +94,21 @@ class PruningArguments:
     weight_importance: str = field(
         default="taylor",
         metadata={
-            "help": "|w| (magnitude), |g| (gradient), |w*g| (taylor), g^2 (fisher), combined "
-            "(normalised |w| + |g|) or wanda (|w| * ||x||).",
+            "help": "|w| (magnitude), |sum g| (gradient), |w * sum g| (taylor), sum g^2 (fisher), "
+            "w^2 * sum g^2 (obd), combined (normalised |w| + |sum g|), wanda (|w| * ||x||) or gblm "
+            "(|w| * (alpha * ||g|| + ||x||)).",
             "choices": WEIGHT_IMPORTANCES,
         },
+    )
+    sequential_calibration: bool = field(
+        default=False,
+        metadata={
+            "help": "Mask weights layer by layer, each layer scored on inputs that come through the layers "
+            "already pruned (as Wanda and SparseGPT run); gradient criteria use the model's loss."
+        },
+    )
+    gblm_alpha: float = field(
+        default=100.0, metadata={"help": "Weight of the gradient norm in --weight_importance gblm."}
     )
     sparsity_scope: str = field(
         default="per_tensor",
@@ -207,6 +218,13 @@ class PruningArguments:
                 "`--prune_heads_per_layer`, `--prune_heads_fraction`, `--prune_ffn_fraction` or "
                 "`--target_flops_ratio`."
             )
+        if self.sequential_calibration and self.sparsity_scope == "global":
+            raise ValueError(
+                "`--sequential_calibration` scores each layer on a different model: use `--sparsity_scope` "
+                "per_row, per_tensor or per_layer, not global."
+            )
+        if self.gblm_alpha < 0:
+            raise ValueError(f"`--gblm_alpha` must be >= 0, got {self.gblm_alpha}.")
         if not 0.0 <= self.weight_sparsity < 1.0:
             raise ValueError(f"`--weight_sparsity` must be in [0, 1), got {self.weight_sparsity}.")
         self._validate_pattern()

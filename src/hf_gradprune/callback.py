@@ -16,10 +16,10 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .adapters import FFN, HEADS, find_target_modules, get_adapter, weight_input_dims, weight_layer_groups
+from .adapters import FFN, HEADS, find_target_modules, get_adapter, weight_layer_groups
 from .arguments import PruningArguments
 from .flops import block_flops, select_units_for_flops
-from .importance import compute_unit_importance, compute_weight_importance, normalize_per_layer
+from .importance import compute_unit_importance, normalize_per_layer
 from .masks import (
     MASKS_FILENAME,
     apply_masks,
@@ -29,10 +29,9 @@ from .masks import (
     reapply_masks,
     save_masks,
 )
-from .oneshot import prune_and_rescale
+from .oneshot import prune_and_rescale, prune_weights
 from .record import PruningRecord
 from .selection import (
-    compute_weight_masks,
     select_heads_to_prune,
     select_units_to_prune,
     sparsity_at_step,
@@ -239,25 +238,18 @@ class GradientPruningCallback(TrainerCallback):
     ) -> None:
         """Score the target weights on ``batches``, mask them to ``sparsity``; pruned entries stay pruned."""
         args = self.pruning_args
-        scores = compute_weight_importance(
+        masks = prune_weights(
             model,
             batches if args.weight_importance != "magnitude" else None,
+            sparsity,
             method=args.weight_importance,
+            scope=args.sparsity_scope,
+            pattern=args.sparsity_pattern,
             target_modules=args.prune_target_modules,
+            sequential=args.sequential_calibration,
+            gblm_alpha=args.gblm_alpha,
             show_progress=self._progress,
         )
-        for name, mask in get_masks(model).items():
-            if name in scores:
-                scores[name] = scores[name].masked_fill(~mask.to(scores[name].device), float("-inf"))
-        layout = {}
-        if args.sparsity_scope == "per_layer" and args.sparsity_pattern == "unstructured":
-            layout["groups"] = weight_layer_groups(model, args.prune_target_modules)
-        if args.sparsity_pattern != "unstructured" or args.sparsity_scope == "per_row":
-            layout["input_dims"] = weight_input_dims(model, args.prune_target_modules)
-        masks = compute_weight_masks(
-            scores, sparsity, scope=args.sparsity_scope, pattern=args.sparsity_pattern, **layout
-        )
-        apply_masks(model, masks)
         if optimizer is not None:
             zero_pruned_optimizer_state(optimizer, model, masks)
         self.weight_sparsity = sparsity

@@ -262,72 +262,107 @@ def _mean_normalized(scores: torch.Tensor) -> torch.Tensor:
     return scores.div_(scores.mean().clamp_min(torch.finfo(torch.float32).tiny))
 
 
-def _gradient_sums(
-    model: nn.Module, weights: list[nn.Parameter], batches: Iterable, squared: bool
-) -> tuple[list[torch.Tensor], int]:
-    """Per weight, the float32 sum over batches of dL/dW (of its square when ``squared``); batch count."""
-    sums = [torch.zeros_like(weight, dtype=torch.float32) for weight in weights]
-    seen = 0
-    with frozen_for_probe(model):
-        for weight in weights:
-            weight.requires_grad_(True)
-        for batch in batches:
-            grads = torch.autograd.grad(batch_loss(model, batch), weights, materialize_grads=True)
-            for total, grad in zip(sums, grads, strict=True):
-                if squared:
-                    total.addcmul_(grad, grad)
-                else:
-                    total.add_(grad)
-            seen += 1
-    return sums, seen
-
-
 def _add_square_sum(total: torch.Tensor, channel_dim: int, _module: nn.Module, args: tuple) -> None:
     inputs = args[0].detach().float().movedim(channel_dim, -1)
     total.add_(inputs.square().reshape(-1, inputs.shape[-1]).sum(dim=0))
 
 
-def _input_square_sums(
-    model: nn.Module, modules: dict[str, nn.Module], batches: Iterable
-) -> tuple[list[torch.Tensor], int]:
-    """Per module, the float32 sum of its squared inputs per input channel over every token (and every
-    position of a convolution's input); batch count."""
-    sums = [
-        torch.zeros(
-            m.weight.shape[weight_dims(m)[1]] * getattr(m, "groups", 1),
-            dtype=torch.float32,
-            device=m.weight.device,
-        )
-        for m in modules.values()
-    ]
-    handles = [
-        module.register_forward_pre_hook(functools.partial(_add_square_sum, total, input_channel_dim(module)))
-        for module, total in zip(modules.values(), sums, strict=True)
-    ]
+def _add_gradient(total: torch.Tensor, squared: bool, param: nn.Parameter) -> None:
+    """Fold the gradient just accumulated into ``param.grad`` into ``total``, and free it at once."""
+    if squared:
+        total.addcmul_(param.grad, param.grad)
+    else:
+        total.add_(param.grad)
+    param.grad = None
+
+
+def _calibration_sums(
+    model: nn.Module, modules: dict[str, nn.Module], batches: Iterable, gradients: str | None, inputs: bool
+) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None, int]:
+    """One pass over ``batches``: per target weight the float32 sum over batches of dL/dW
+    (``gradients="sum"``) or of its square (``"square"``), per module the sum of its squared inputs per
+    input channel over every token and position (``inputs``), and the batch count.
+
+    Gradients are folded into their accumulator as soon as backward produces them and then freed, so the
+    pass holds the model, one accumulator per weight and only the gradients in flight. The model's own
+    ``.grad`` are put back afterwards.
+    """
+    weights = [m.weight for m in modules.values()]
+    grad_sums = [torch.zeros_like(w, dtype=torch.float32) for w in weights] if gradients else None
+    input_sums = None
+    handles = []
+    if inputs:
+        input_sums = [
+            torch.zeros(
+                m.weight.shape[weight_dims(m)[1]] * getattr(m, "groups", 1),
+                dtype=torch.float32,
+                device=m.weight.device,
+            )
+            for m in modules.values()
+        ]
+        handles += [
+            m.register_forward_pre_hook(functools.partial(_add_square_sum, total, input_channel_dim(m)))
+            for m, total in zip(modules.values(), input_sums, strict=True)
+        ]
+    saved_grads = [w.grad for w in weights]
     seen = 0
     try:
-        with frozen_for_probe(model), torch.no_grad():
+        with frozen_for_probe(model):
+            if grad_sums is not None:
+                for weight, total in zip(weights, grad_sums, strict=True):
+                    weight.grad = None
+                    weight.requires_grad_(True)
+                    handles.append(
+                        weight.register_post_accumulate_grad_hook(
+                            functools.partial(_add_gradient, total, gradients == "square")
+                        )
+                    )
             for batch in batches:
-                model(**prepare_batch(model, with_labels(model, batch)))
+                if grad_sums is not None:
+                    batch_loss(model, batch).backward()
+                else:
+                    with torch.no_grad():
+                        model(**prepare_batch(model, with_labels(model, batch)))
                 seen += 1
     finally:
         for handle in handles:
             handle.remove()
-    return sums, seen
+        for weight, grad in zip(weights, saved_grads, strict=True):
+            weight.grad = grad
+    return grad_sums, input_sums, seen
 
 
-def _finalize(method: str, module: nn.Module, total: torch.Tensor) -> torch.Tensor:
-    """The score of ``module.weight`` from its all-reduced accumulator (reused in place)."""
+#: What each method takes from the calibration pass: gradients ("sum" or "square"), and input norms.
+_NEEDS = {
+    "gradient": ("sum", False),
+    "taylor": ("sum", False),
+    "combined": ("sum", False),
+    "fisher": ("square", False),
+    "obd": ("square", False),
+    "wanda": (None, True),
+    "gblm": ("square", True),
+}
+
+
+def _finalize(
+    method: str, module: nn.Module, grads: torch.Tensor | None, inputs: torch.Tensor | None, alpha: float
+) -> torch.Tensor:
+    """The score of ``module.weight`` from its all-reduced accumulators (reused in place)."""
     if method == "wanda":
-        return _magnitude(module).mul_(per_input_channel(module, total.sqrt_()))
+        return _magnitude(module).mul_(per_input_channel(module, inputs.sqrt_()))
+    if method == "gblm":
+        norms = per_input_channel(module, inputs.sqrt_())
+        return grads.sqrt_().mul_(alpha).add_(norms).mul_(_magnitude(module))
     if method == "fisher":
-        return total
+        return grads
+    if method == "obd":
+        return grads.mul_(_magnitude(module).square_())
     if method == "taylor":
-        return total.mul_(module.weight.detach()).abs_()
-    total.abs_()
+        return grads.mul_(module.weight.detach()).abs_()
+    grads.abs_()
     if method == "gradient":
-        return total
-    return _mean_normalized(total).add_(_mean_normalized(_magnitude(module)))
+        return grads
+    return _mean_normalized(grads).add_(_mean_normalized(_magnitude(module)))
 
 
 def compute_weight_importance(
@@ -337,6 +372,7 @@ def compute_weight_importance(
     target_modules: Sequence[str] | None = None,
     num_batches: int | None = None,
     show_progress: bool = True,
+    gblm_alpha: float = 100.0,
 ) -> dict[str, torch.Tensor]:
     """Weight importance: one score per entry of every target weight, higher is more important.
 
@@ -347,16 +383,23 @@ def compute_weight_importance(
     - ``"gradient"``: ``|Σ g|``.
     - ``"taylor"``: ``|w · Σ g|``, the first-order Taylor estimate of the loss change when ``w`` is removed.
     - ``"fisher"``: ``Σ g²``, the empirical Fisher diagonal.
+    - ``"obd"``: ``w² · Σ g²``, the diagonal second-order saliency of Optimal Brain Damage with the empirical
+      Fisher (per weight, Molchanov's ``Σ (w·g)²``): unlike first-order Taylor it does not cancel at a
+      trained model.
     - ``"combined"``: ``|w| / mean(|w|) + |Σ g| / mean(|Σ g|)``, each term divided by its mean over the
       tensor so that magnitude and gradient weigh alike.
     - ``"wanda"``: ``|w| · sqrt(Σ x²)``, ``x`` the weight's input and the sum over every token of every batch
       (padding included), per input column (Sun et al., 2023); forward passes only, labels not needed. For a
       convolution the sum runs over every position of the input channel, shared by its kernel entries.
+    - ``"gblm"``: ``|w| · (α · sqrt(Σ g²) + sqrt(Σ x²))``, GBLM-Pruner (Das et al., 2023): Wanda plus the
+      gradient norm over calibration batches, weighted by ``gblm_alpha`` (the paper's 100, with one
+      sequence per batch).
 
-    Gradient methods take one forward and one backward per batch, through ``torch.autograd.grad`` with
-    respect to the target weights only: the model's ``.grad``, ``requires_grad`` flags and train/eval mode
-    are left as they were (the probe runs in eval mode). Each target weight gets one float32 accumulator,
-    which becomes its score. Entries masked by :func:`hf_gradprune.masks.apply_masks` get a zero gradient
+    Gradient methods take one forward and one backward per batch with respect to the target weights only:
+    the model's ``.grad``, ``requires_grad`` flags and train/eval mode are left as they were (the probe runs
+    in eval mode). Each target weight gets one float32 accumulator, which becomes its score; a gradient is
+    folded into it as soon as backward produces it and freed, so peak memory stays near twice the targeted
+    weights plus activations. Entries masked by :func:`hf_gradprune.masks.apply_masks` get a zero gradient
     through the mask's hook, so they score 0 with every gradient method. Under ``torch.distributed`` the
     accumulators are all-reduced, so every rank gets the same scores.
 
@@ -371,6 +414,7 @@ def compute_weight_importance(
             every block of a registered family; every Linear/Conv but the output layer of any other model).
         num_batches (`int`, *optional*): stop after this many batches (default: all).
         show_progress (`bool`, *optional*, defaults to `True`): a progress bar over batches.
+        gblm_alpha (`float`, *optional*, defaults to 100.0): the gradient weight of ``"gblm"``.
 
     Returns:
         `dict[str, torch.Tensor]`: parameter name (``"<module>.weight"``) to float32 scores of the weight's
@@ -402,14 +446,30 @@ def compute_weight_importance(
         return {f"{name}.weight": _magnitude(module) for name, module in modules.items()}
     batches, total = limited(dataloader, num_batches)
     batches = tqdm(batches, total=total, desc=f"Weight importance ({method})", disable=not show_progress)
-    if method == "wanda":
-        sums, seen = _input_square_sums(model, modules, batches)
-    else:
-        weights = [module.weight for module in modules.values()]
-        sums, seen = _gradient_sums(model, weights, batches, squared=method == "fisher")
+    return score_modules(model, modules, batches, method, gblm_alpha)
+
+
+def score_modules(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    batches: Iterable,
+    method: str,
+    gblm_alpha: float = 100.0,
+) -> dict[str, torch.Tensor]:
+    """The scores of :func:`compute_weight_importance` for the weights of ``modules`` (qualified name to
+    module), in one pass over ``batches``."""
+    check_choice("method", method, WEIGHT_IMPORTANCES)
+    if method == "magnitude":
+        return {f"{name}.weight": _magnitude(module) for name, module in modules.items()}
+    gradients, inputs = _NEEDS[method]
+    grad_sums, input_sums, seen = _calibration_sums(model, dict(modules), batches, gradients, inputs)
     if seen == 0:
         raise ValueError("`dataloader` yielded no batches: weight importance needs at least one.")
-    return {
-        f"{name}.weight": _finalize(method, module, all_reduce_sum(total))
-        for (name, module), total in zip(modules.items(), sums, strict=True)
-    }
+    scores = {}
+    for index, (name, module) in enumerate(modules.items()):
+        grads = all_reduce_sum(grad_sums[index]) if grad_sums is not None else None
+        norms = all_reduce_sum(input_sums[index]) if input_sums is not None else None
+        scores[f"{name}.weight"] = _finalize(method, module, grads, norms, gblm_alpha)
+        if grad_sums is not None:
+            grad_sums[index] = None  # the score reuses the accumulator: never hold two copies
+    return scores

@@ -1,4 +1,5 @@
-"""One-shot structured pruning outside the ``Trainer``: score, cut to a FLOPs budget, rescale."""
+"""One-shot pruning outside the ``Trainer``: structures to a FLOPs budget with rescaling, and weights
+layer by layer."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from .adapters import get_adapter
+from .adapters import find_target_modules, get_adapter, weight_input_dims, weight_layer_groups
 from .arguments import HEAD_ACCUMULATIONS, check_choice
 from .flops import select_units_for_flops
-from .importance import compute_unit_importance
+from .importance import compute_unit_importance, score_modules
+from .masks import apply_masks, get_masks
 from .rescale import capture_targets, rescale_units
+from .selection import compute_weight_masks
 from .surgery import prune_units
 
 
@@ -93,3 +97,86 @@ def prune_to_flops(
         model, units, batches, mask_tuning=mask_tuning, allow_empty=allow_empty, show_progress=show_progress
     )
     return {"units": units, "importance": importance, **report}
+
+
+def prune_weights(
+    model: nn.Module,
+    batches: Sequence[Mapping[str, Any]] | None,
+    sparsity: float | None,
+    method: str = "taylor",
+    scope: str = "per_tensor",
+    pattern: str = "unstructured",
+    target_modules: Sequence[str] | None = None,
+    sequential: bool = False,
+    gblm_alpha: float = 100.0,
+    show_progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Score the target weights on ``batches`` and mask them to ``sparsity``; weights masked already stay
+    masked (a new mask is the old one ANDed with the new choice).
+
+    With ``sequential`` the layers are pruned one after the other, each scored on what comes through the
+    layers already pruned, as Wanda and SparseGPT run: the blocks of a registered family in forward order
+    (every target module alone for any other model). Gradient criteria then use the model's own loss (a full
+    forward and backward per layer), activation criteria (``wanda``) a forward per layer.
+
+    Args:
+        model (`nn.Module`): the model.
+        batches (`Sequence[Mapping]`, *optional*): calibration batches (with labels for gradient criteria;
+            a causal LM may omit them); ``None`` for ``magnitude``.
+        sparsity (`float`, *optional*): as for :func:`hf_gradprune.compute_weight_masks`.
+        method (`str`, *optional*, defaults to `"taylor"`): a weight importance (see
+            :func:`hf_gradprune.compute_weight_importance`).
+        scope (`str`, *optional*, defaults to `"per_tensor"`): one of ``SPARSITY_SCOPES``; not ``global``
+            with ``sequential`` (each layer is scored on a different model).
+        pattern (`str`, *optional*, defaults to `"unstructured"`): ``unstructured`` or ``N:M``.
+        target_modules (`Sequence[str]`, *optional*): as for :func:`hf_gradprune.compute_weight_importance`.
+        sequential (`bool`, *optional*, defaults to `False`): prune layer by layer.
+        gblm_alpha (`float`, *optional*, defaults to 100.0): the gradient weight of ``gblm``.
+        show_progress (`bool`, *optional*, defaults to `True`): progress bars.
+
+    Returns:
+        `dict[str, torch.Tensor]`: the masks applied, parameter name to bool mask.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> masks = prune_weights(model, None, 0.5, method="magnitude", scope="per_row")
+        >>> list(masks), int(masks["0.weight"].sum())
+        (['0.weight'], 32)
+    """
+    if sequential and scope == "global":
+        raise ValueError(
+            "`scope` 'global' cannot be used layer by layer (each layer is scored on a different model): "
+            "use 'per_row', 'per_tensor' or 'per_layer'."
+        )
+    modules = find_target_modules(model, target_modules)
+    layer_of = weight_layer_groups(model, target_modules)
+    dims = weight_input_dims(model, target_modules)
+    layers: dict[str, dict[str, nn.Module]] = {}
+    for name, module in modules.items():
+        layers.setdefault(layer_of[f"{name}.weight"] if sequential else "all", {})[name] = module
+    if method != "magnitude":
+        batches = list(batches)  # read once per layer
+    applied: dict[str, torch.Tensor] = {}
+    with_data = method != "magnitude"
+    steps = tqdm(
+        layers.values(), desc=f"Layer by layer ({method})", disable=not (show_progress and sequential)
+    )
+    for group in steps:
+        data = batches
+        if with_data and show_progress and not sequential:
+            data = tqdm(batches, desc=f"Weight importance ({method})")
+        scores = score_modules(model, group, data, method, gblm_alpha)
+        for name, mask in get_masks(model).items():
+            if name in scores:
+                scores[name] = scores[name].masked_fill(~mask.to(scores[name].device), float("-inf"))
+        layout: dict[str, Any] = {}
+        if scope == "per_layer" and pattern == "unstructured":
+            layout["groups"] = {name: layer_of[name] for name in scores}
+        if scope == "per_row" or pattern != "unstructured":
+            layout["input_dims"] = {name: dims[name] for name in scores}
+        masks = compute_weight_masks(scores, sparsity, scope=scope, pattern=pattern, **layout)
+        apply_masks(model, masks)
+        applied.update(masks)
+    return applied
