@@ -69,3 +69,53 @@ def test_example_prunes_heads_and_weights_and_reloads(tmp_path):
     assert len(targets) == 36 and all(sparsity[name] == 0.5 for name in targets), sparsity
     assert torch.count_nonzero(model.bert.embeddings.word_embeddings.weight) > 0
     assert torch.count_nonzero(model.classifier.weight) == model.classifier.weight.numel()
+
+
+def test_example_reads_csv_files_with_named_columns_and_prunes_to_a_flops_budget(tmp_path):
+    import csv
+
+    rows = [("a gripping, beautifully acted film", "pos"), ("dull, lifeless and far too long", "neg")] * 24
+    for name in ("train.csv", "test.csv"):
+        with open(tmp_path / name, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["review", "sentiment"])
+            writer.writerows(rows)
+    out = tmp_path / "run"
+    flags = [
+        *("--output_dir", str(out), "--train_file", str(tmp_path / "train.csv")),
+        *("--validation_file", str(tmp_path / "test.csv"), "--text_column_name", "review"),
+        *("--label_column_name", "sentiment", "--max_steps", "3", "--per_device_train_batch_size", "8"),
+        *("--max_seq_length", "32", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true"),
+        *("--target_flops_ratio", "0.5", "--flops_seq_len", "32", "--mask_tuning", "true"),
+        *("--importance_batches", "2", "--learning_rate", "1e-4"),
+    ]
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((out / "pruning_results.json").read_text())
+    assert 0.45 <= results["flops_ratio"] <= 0.5
+    assert min(results["ffn_per_layer"]) < 1536 and results["eval_right_after_pruning"]["eval_accuracy"] >= 0
+    model = load_pruned(out)
+    assert model.config.id2label == {0: "neg", 1: "pos"}
+    card = (out / "README.md").read_text()
+    assert "| accuracy |" in card and "Right after pruning" in card and "a local dataset" not in card
+
+
+def test_example_bad_data_flags_are_clear_errors(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--output_dir",
+            str(tmp_path),
+            "--train_file",
+            "data.txt",
+            "--validation_file",
+            "data.txt",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0 and "`--train_file` must be a .csv, .json or .jsonl file" in result.stderr
