@@ -9,7 +9,9 @@ scale each, the least-squares solution of
 where ``a_u`` is unit ``u``'s input columns of the output layer and ``W_u`` its weight columns in the pruned
 model, ``y_orig`` the original output layer's output and ``x`` the residual stream it is added to (from the
 unpruned model, and from the pruned model whose earlier layers are already rescaled). Matching the sum
-``y + x`` lets a layer make up for the errors of the layers before it; the small ``λ`` (``DAMPING`` times
+``y + x`` lets a layer make up for the errors of the layers before it. Blocks are replayed one at a time
+from the hidden states of the blocks before them, so tuning every layer costs about three passes over the
+calibration batches, not one per layer. The small ``λ`` (``DAMPING`` times
 the mean diagonal of ``AᵀA``) keeps scales the data do not determine near 1. The scales are folded into the
 output layer's weight columns, so the model has no new parameter. The normal equations are accumulated
 over tokens: with ``S = Σ a aᵀ`` and ``G = WᵀW``, ``AᵀA`` is the block sum of ``G ∘ S``, so memory stays
@@ -114,10 +116,55 @@ def capture_targets(
     return targets
 
 
+class _BlockReplay:
+    """Runs one block at a time on every calibration batch, from the hidden states the blocks before it
+    produced: one pass over the model in all, however many layers are tuned.
+
+    The arguments of every block's call (attention masks, position embeddings) are recorded in one forward
+    of the model; the hidden states are then carried from block to block.
+    """
+
+    def __init__(self, model: nn.Module, adapter: ArchitectureAdapter, batches: list[Mapping[str, Any]]):
+        self.blocks = adapter.blocks(model)
+        self.calls: list[list[tuple[tuple, dict]]] = []
+        recorded: list[tuple[tuple, dict]] = []
+
+        def record(_module, args, kwargs):
+            recorded.append(((None, *args[1:]), kwargs))  # the hidden states are carried, not recorded
+
+        def first(_module, args, kwargs):
+            self.hidden.append(_first_input(args, kwargs).detach())
+
+        self.hidden: list[torch.Tensor] = []
+        handles = [block.register_forward_pre_hook(record, with_kwargs=True) for block in self.blocks]
+        handles.append(self.blocks[0].register_forward_pre_hook(first, with_kwargs=True))
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    recorded = []
+                    _run(model, batch)
+                    self.calls.append(recorded)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def run(self, layer: int, index: int) -> torch.Tensor:
+        """Block ``layer`` on batch ``index``'s hidden states."""
+        (_, *rest), kwargs = self.calls[index][layer]
+        output = self.blocks[layer](self.hidden[index], *rest, **kwargs)
+        return output[0] if isinstance(output, tuple) else output
+
+    def advance(self, layer: int) -> None:
+        """Carry every batch's hidden states through block ``layer``."""
+        with torch.no_grad():
+            self.hidden = [self.run(layer, index).detach() for index in range(len(self.hidden))]
+
+
 def _normal_equations(
     model: nn.Module,
     adapter: ArchitectureAdapter,
     site: _Site,
+    replay: _BlockReplay,
     batches: list[Mapping[str, Any]],
     targets: list[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,11 +198,12 @@ def _normal_equations(
     ]
     try:
         with torch.no_grad():
-            for batch, target in zip(batches, targets, strict=True):
+            for index, (batch, target) in enumerate(zip(batches, targets, strict=True)):
                 state["target"] = target
                 mask = batch.get("attention_mask")
                 state["tokens"] = mask.reshape(-1).bool().to(weight.device) if mask is not None else None
-                _run(model, batch)
+                with contextlib.suppress(_Stop):
+                    replay.run(site.layer, index)
     finally:
         for handle in handles:
             handle.remove()
@@ -214,29 +262,32 @@ def rescale_units(
     first_cut = next(
         (i for i, s in enumerate(sites) if record.removed(s.structure.name, s.layer)), len(sites)
     )
-    sites = [s for s in sites[first_cut:] if s.structure.name in wanted]
+    tuned = [s for s in sites[first_cut:] if s.structure.name in wanted]
     done, skipped, scale_sum = 0, 0, 0.0
     with frozen_for_probe(model):
-        for site in tqdm(sites, desc="Mask tuning", disable=not show_progress):
-            num_units = adapter.num_units(site.structure, model.config)
-            if not record.kept(site.structure.name, site.layer, num_units):
-                continue
-            ata, atb = _normal_equations(
-                model, adapter, site, batches, targets[site.layer, site.structure.name]
-            )
-            scales = _solve(ata, atb)
-            if scales is None:
-                skipped += 1
-                logger.warning(
-                    "Mask tuning left layer %d (%s) as it was: its least-squares scales are ill-posed.",
-                    site.layer,
-                    site.structure.name,
-                )
-                continue
-            width = adapter.unit_width(site.structure, model.config)
-            _fold(adapter.module(model, site.layer, site.structure.output), scales, width)
-            done += 1
-            scale_sum += float(scales.mean())
+        replay = _BlockReplay(model, adapter, batches)
+        for layer in tqdm(range(len(replay.blocks)), desc="Mask tuning", disable=not show_progress):
+            for site in (s for s in tuned if s.layer == layer):
+                num_units = adapter.num_units(site.structure, model.config)
+                if not record.kept(site.structure.name, site.layer, num_units):
+                    continue
+                targets_of_site = targets[site.layer, site.structure.name]
+                ata, atb = _normal_equations(model, adapter, site, replay, batches, targets_of_site)
+                scales = _solve(ata, atb)
+                if scales is None:
+                    skipped += 1
+                    logger.warning(
+                        "Mask tuning left layer %d (%s) as it was: its least-squares scales are ill-posed.",
+                        site.layer,
+                        site.structure.name,
+                    )
+                    continue
+                width = adapter.unit_width(site.structure, model.config)
+                _fold(adapter.module(model, site.layer, site.structure.output), scales, width)
+                done += 1
+                scale_sum += float(scales.mean())
+            if layer < len(replay.blocks) - 1:
+                replay.advance(layer)
     return {
         "prune/mask_tuning_layers": float(done),
         "prune/mask_tuning_skipped": float(skipped),
