@@ -1,9 +1,10 @@
 """The main job end to end, offline: prune the real MiniLM on real reviews, push, load back from the Hub.
 
 `make demo` runs this. It starts hf_gradprune's local Hub-protocol server (the real ``huggingface_hub``
-client talks to it through ``HF_ENDPOINT``), runs ``examples/text_classification.py`` with head and weight
-pruning and ``--push_to_hub``, then loads the pushed model in a fresh process with ``load_pruned`` and
-checks its logits against the local copy.
+client talks to it through ``HF_ENDPOINT``), runs ``examples/text_classification.py`` with structured
+pruning (heads and FFN neurons to half the block FLOPs, with mask tuning), 30% weight sparsity and
+``--push_to_hub``, then loads the pushed model in a fresh process with ``load_pruned`` and checks its logits
+against the local copy. Accuracy is reported before pruning, right after it and after fine-tuning on.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def main() -> None:
         endpoint = hub.endpoint
         env = hub.client_env(out / "hf_home", token)  # child processes talk to this hub, with this token
         print(f"Local Hub at {endpoint}")
-        # The classic flow: fine-tune, score heads and weights at --prune_step, prune, fine-tune on. The
-        # evaluation at that step (dense, fine-tuned) is "before pruning", the final one "after".
+        # Fine-tune, score heads, FFN neurons and weights at --prune_step, cut to half the block FLOPs,
+        # rescale the kept units, fine-tune on. The evaluation at that step (dense) is "before pruning", the
+        # one the trainer makes right after the cut "right after", the final one "after".
         flags = [
             *("--output_dir", str(out / "model"), "--hub_model_id", REPO_ID, "--push_to_hub", "true"),
             *f"--max_steps {options.max_steps} --prune_steps {options.prune_step}".split(),
@@ -61,8 +63,8 @@ def main() -> None:
             *["--learning_rate", "2e-4", "--warmup_steps", "10", "--seed", "0", "--max_seq_length", "96"],
             *["--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "64"],
             *["--logging_steps", "10", "--save_strategy", "no", "--report_to", "tensorboard"],
-            *["--prune_heads_per_layer", "1", "--weight_sparsity", "0.5", "--weight_importance", "taylor"],
-            *["--importance_batches", "8"],
+            *["--target_flops_ratio", "0.5", "--flops_seq_len", "96", "--mask_tuning", "true"],
+            *["--measure_speedup", "true", "--weight_sparsity", "0.3", "--importance_batches", "8"],
         ]
         subprocess.run([sys.executable, str(HERE / "text_classification.py"), *flags], check=True, env=env)
         results = json.loads((out / "model" / "pruning_results.json").read_text())
@@ -74,15 +76,24 @@ def main() -> None:
             text=True,
         )
         reload = json.loads(check.stdout.strip().splitlines()[-1])
-    before, after = results["eval_before"], results["eval_after"]
+    before, right_after, after = (
+        results["eval_before"],
+        results["eval_right_after_pruning"],
+        results["eval_after"],
+    )
     print("\n=== hf_gradprune demo ===")
     print(f"Heads per layer: {results['heads_per_layer']}  (12 before)")
+    print(f"FFN neurons per layer: {results['ffn_per_layer']}  (1536 before)")
+    flops, speedup = results["flops_ratio"], results["speedup"]
+    print(f"Block FLOPs: {flops:.1%} of the original; measured forward speed-up {speedup:.2f}x")
     print(f"Zero weights in the pruned matrices: {results['weight_sparsity']['overall']:.2%}")
     print(f"Parameters: {results['params_before']:,} -> {results['params_after']:,}")
-    print(
-        f"Accuracy: {before['eval_accuracy']:.4f} -> {after['eval_accuracy']:.4f}   "
-        f"F1: {before['eval_f1']:.4f} -> {after['eval_f1']:.4f} (before: step {options.prune_step}, unpruned)"
-    )
+    for metric in ("eval_accuracy", "eval_f1"):
+        print(
+            f"{metric[5:].capitalize():9s} before pruning (step {options.prune_step}) {before[metric]:.4f}, "
+            f"right after pruning {right_after[metric]:.4f}, after fine-tuning to step {options.max_steps} "
+            f"{after[metric]:.4f}"
+        )
     print(f"Pushed to {endpoint}/{REPO_ID} at commit {results['hub']['commit']}")
     print(
         f"Loaded back with load_pruned({REPO_ID!r}) in a fresh process: logits identical to the local copy: "

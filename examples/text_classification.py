@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ffn_per_layer": structure_sizes(reloaded, "ffn"),
         "flops_ratio": block_flops(reloaded, pruning_args.flops_seq_len)
         / block_flops(reloaded, pruning_args.flops_seq_len, original=True),
+        "speedup": trainer.pruning_callback.speedup,
         "weight_sparsity": compute_sparsity(reloaded, targets) if pruning_args.prunes_weights else None,
     }
     if training_args.push_to_hub:

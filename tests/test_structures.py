@@ -230,7 +230,11 @@ def test_trainer_prunes_to_a_flops_budget_with_mask_tuning_and_reloads(model_typ
         ),
         train_dataset=tiny_dataset(causal=model_type == "llama"),
         pruning_args=PruningArguments(
-            target_flops_ratio=0.5, flops_seq_len=32, mask_tuning=True, importance_batches=2
+            target_flops_ratio=0.5,
+            flops_seq_len=32,
+            mask_tuning=True,
+            measure_speedup=True,
+            importance_batches=2,
         ),
     )
     trainer.train()
@@ -238,6 +242,7 @@ def test_trainer_prunes_to_a_flops_budget_with_mask_tuning_and_reloads(model_typ
     assert 0.45 <= ratio <= 0.5
     entry = next(e for e in trainer.state.log_history if "prune/flops_ratio" in e)
     assert entry["prune/flops_ratio"] == pytest.approx(ratio) and entry["prune/mask_tuning_layers"] > 0
+    assert entry["prune/speedup"] > 0 and trainer.pruning_callback.speedup == entry["prune/speedup"]
     record = PruningRecord.from_config(trainer.model.config)
     assert record.pruned.get("ffn") and set(record.pruned) <= {"heads", "ffn"}
     trainer.save_model()
@@ -245,4 +250,4 @@ def test_trainer_prunes_to_a_flops_budget_with_mask_tuning_and_reloads(model_typ
     reloaded = fresh_reload_logits(tmp_path / "out", batch, tmp_path)
     assert torch.equal(reloaded, logits(trainer.model.eval(), batch))
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "FFN neurons kept" in card and "Block FLOPs" in card
+    assert "FFN neurons kept" in card and "Block FLOPs" in card and "Measured inference speed-up" in card

@@ -247,3 +247,20 @@ def test_compute_weight_importance_causal_lm_without_labels_uses_input_ids():
         got = compute_weight_importance(model, [unlabelled], method="fisher", show_progress=False)
     for name, score in got.items():
         torch.testing.assert_close(score, expected[name])
+
+
+def test_compute_weight_importance_several_methods_share_one_pass():
+    model = build_tiny("gpt2")
+    data = batches(model)
+    methods = ["taylor", "obd", "gblm", "wanda", "magnitude"]
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    together = compute_weight_importance(model, data, method=methods, show_progress=False)
+    handle.remove()
+    assert len(calls) == len(data)  # one forward (and backward) per batch for all five
+    for method in methods:
+        alone = compute_weight_importance(
+            model, None if method == "magnitude" else data, method=method, show_progress=False
+        )
+        for name, score in alone.items():
+            torch.testing.assert_close(together[method][name], score)

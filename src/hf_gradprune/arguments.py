@@ -79,6 +79,14 @@ class PruningArguments:
         default=False,
         metadata={"help": "Let a layer lose all its heads or all its FFN neurons (the block still runs)."},
     )
+    measure_speedup: bool = field(
+        default=False,
+        metadata={
+            "help": "At each structural cut, time the forward before and after on one calibration batch and "
+            "report the speed-up (logged as prune/speedup and written on the model card); holds a copy of "
+            "the model for a moment."
+        },
+    )
     mask_tuning: bool = field(
         default=False,
         metadata={

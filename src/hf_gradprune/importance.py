@@ -267,32 +267,37 @@ def _add_square_sum(total: torch.Tensor, channel_dim: int, _module: nn.Module, a
     total.add_(inputs.square().reshape(-1, inputs.shape[-1]).sum(dim=0))
 
 
-def _add_gradient(total: torch.Tensor, squared: bool, param: nn.Parameter) -> None:
-    """Fold the gradient just accumulated into ``param.grad`` into ``total``, and free it at once."""
-    if squared:
-        total.addcmul_(param.grad, param.grad)
-    else:
-        total.add_(param.grad)
+def _add_gradient(
+    sums: list[torch.Tensor], squares: list[torch.Tensor], index: int, param: nn.Parameter
+) -> None:
+    """Fold the gradient just accumulated into ``param.grad`` into its accumulators, and free it at once."""
+    if sums:
+        sums[index].add_(param.grad)
+    if squares:
+        squares[index].addcmul_(param.grad, param.grad)
     param.grad = None
 
 
 def _calibration_sums(
-    model: nn.Module, modules: dict[str, nn.Module], batches: Iterable, gradients: str | None, inputs: bool
-) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None, int]:
-    """One pass over ``batches``: per target weight the float32 sum over batches of dL/dW
-    (``gradients="sum"``) or of its square (``"square"``), per module the sum of its squared inputs per
-    input channel over every token and position (``inputs``), and the batch count.
+    model: nn.Module, modules: dict[str, nn.Module], batches: Iterable, needs: set[str]
+) -> tuple[dict[str, list[torch.Tensor]], int]:
+    """One pass over ``batches`` gathering what ``needs`` asks for, per target weight: ``"sum"`` (the float32
+    sum over batches of dL/dW), ``"square"`` (of its square), ``"inputs"`` (per module, the sum of its
+    squared inputs per input channel over every token and position); and the batch count.
 
-    Gradients are folded into their accumulator as soon as backward produces them and then freed, so the
-    pass holds the model, one accumulator per weight and only the gradients in flight. The model's own
-    ``.grad`` are put back afterwards.
+    Gradients are folded into their accumulators as soon as backward produces them and then freed, so the
+    pass holds the model, the accumulators and only the gradients in flight. The model's own ``.grad`` are
+    put back afterwards.
     """
     weights = [m.weight for m in modules.values()]
-    grad_sums = [torch.zeros_like(w, dtype=torch.float32) for w in weights] if gradients else None
-    input_sums = None
+    sums = {
+        need: [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+        for need in ("sum", "square")
+        if need in needs
+    }
     handles = []
-    if inputs:
-        input_sums = [
+    if "inputs" in needs:
+        sums["inputs"] = [
             torch.zeros(
                 m.weight.shape[weight_dims(m)[1]] * getattr(m, "groups", 1),
                 dtype=torch.float32,
@@ -302,23 +307,21 @@ def _calibration_sums(
         ]
         handles += [
             m.register_forward_pre_hook(functools.partial(_add_square_sum, total, input_channel_dim(m)))
-            for m, total in zip(modules.values(), input_sums, strict=True)
+            for m, total in zip(modules.values(), sums["inputs"], strict=True)
         ]
+    gradients = bool({"sum", "square"} & needs)
     saved_grads = [w.grad for w in weights]
     seen = 0
     try:
         with frozen_for_probe(model):
-            if grad_sums is not None:
-                for weight, total in zip(weights, grad_sums, strict=True):
+            if gradients:
+                for index, weight in enumerate(weights):
                     weight.grad = None
                     weight.requires_grad_(True)
-                    handles.append(
-                        weight.register_post_accumulate_grad_hook(
-                            functools.partial(_add_gradient, total, gradients == "square")
-                        )
-                    )
+                    hook = functools.partial(_add_gradient, sums.get("sum"), sums.get("square"), index)
+                    handles.append(weight.register_post_accumulate_grad_hook(hook))
             for batch in batches:
-                if grad_sums is not None:
+                if gradients:
                     batch_loss(model, batch).backward()
                 else:
                     with torch.no_grad():
@@ -329,51 +332,54 @@ def _calibration_sums(
             handle.remove()
         for weight, grad in zip(weights, saved_grads, strict=True):
             weight.grad = grad
-    return grad_sums, input_sums, seen
+    return sums, seen
 
 
-#: What each method takes from the calibration pass: gradients ("sum" or "square"), and input norms.
+#: What each method takes from the calibration pass.
 _NEEDS = {
-    "gradient": ("sum", False),
-    "taylor": ("sum", False),
-    "combined": ("sum", False),
-    "fisher": ("square", False),
-    "obd": ("square", False),
-    "wanda": (None, True),
-    "gblm": ("square", True),
+    "magnitude": set(),
+    "gradient": {"sum"},
+    "taylor": {"sum"},
+    "combined": {"sum"},
+    "fisher": {"square"},
+    "obd": {"square"},
+    "wanda": {"inputs"},
+    "gblm": {"square", "inputs"},
 }
 
 
 def _finalize(
-    method: str, module: nn.Module, grads: torch.Tensor | None, inputs: torch.Tensor | None, alpha: float
+    method: str, module: nn.Module, sums: Mapping[str, torch.Tensor | None], alpha: float
 ) -> torch.Tensor:
-    """The score of ``module.weight`` from its all-reduced accumulators (reused in place)."""
+    """The score of ``module.weight`` from its all-reduced accumulators (copied, so several methods can share
+    them)."""
+    if method == "magnitude":
+        return _magnitude(module)
     if method == "wanda":
-        return _magnitude(module).mul_(per_input_channel(module, inputs.sqrt_()))
+        return _magnitude(module).mul_(per_input_channel(module, sums["inputs"].sqrt()))
     if method == "gblm":
-        norms = per_input_channel(module, inputs.sqrt_())
-        return grads.sqrt_().mul_(alpha).add_(norms).mul_(_magnitude(module))
+        norms = per_input_channel(module, sums["inputs"].sqrt())
+        return sums["square"].sqrt().mul_(alpha).add_(norms).mul_(_magnitude(module))
     if method == "fisher":
-        return grads
+        return sums["square"].clone()
     if method == "obd":
-        return grads.mul_(_magnitude(module).square_())
+        return _magnitude(module).square_().mul_(sums["square"])
     if method == "taylor":
-        return grads.mul_(module.weight.detach()).abs_()
-    grads.abs_()
+        return sums["sum"].mul(module.weight.detach()).abs_()
     if method == "gradient":
-        return grads
-    return _mean_normalized(grads).add_(_mean_normalized(_magnitude(module)))
+        return sums["sum"].abs()
+    return _mean_normalized(sums["sum"].abs()).add_(_mean_normalized(_magnitude(module)))
 
 
 def compute_weight_importance(
     model: nn.Module,
     dataloader: Iterable[Mapping[str, Any]] | None = None,
-    method: str = "taylor",
+    method: str | Sequence[str] = "taylor",
     target_modules: Sequence[str] | None = None,
     num_batches: int | None = None,
     show_progress: bool = True,
     gblm_alpha: float = 100.0,
-) -> dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor] | dict[str, dict[str, torch.Tensor]]:
     """Weight importance: one score per entry of every target weight, higher is more important.
 
     With ``g`` the gradient of the loss with respect to a weight ``w`` on one batch and ``Σ`` the sum over
@@ -408,7 +414,8 @@ def compute_weight_importance(
             reads it (``outputs["loss"]`` or ``outputs[0]``).
         dataloader (`Iterable[Mapping]`, *optional*): batches, with labels for the gradient methods; required
             by every method except ``"magnitude"``.
-        method (`str`, *optional*, defaults to `"taylor"`): one of ``WEIGHT_IMPORTANCES``.
+        method (`str` or `Sequence[str]`, *optional*, defaults to `"taylor"`): one of ``WEIGHT_IMPORTANCES``,
+            or several: they share one pass over the data (one forward and backward per batch for all).
         target_modules (`Sequence[str]`, *optional*): regular expressions selecting the modules, see
             :func:`hf_gradprune.adapters.find_target_modules` (default: the attention and FFN linears of
             every block of a registered family; every Linear/Conv but the output layer of any other model).
@@ -419,7 +426,7 @@ def compute_weight_importance(
     Returns:
         `dict[str, torch.Tensor]`: parameter name (``"<module>.weight"``) to float32 scores of the weight's
         own shape, on the weight's device: (out, in) for ``nn.Linear``, (in, out) for GPT-2's ``Conv1D``,
-        (out, in, *kernel) for convolutions.
+        (out, in, *kernel) for convolutions. With several methods: method to that mapping.
 
     Example:
         >>> import torch
@@ -431,19 +438,22 @@ def compute_weight_importance(
         >>> scores["bert.encoder.layer.0.intermediate.dense.weight"].shape
         torch.Size([37, 32])
     """
-    check_choice("method", method, WEIGHT_IMPORTANCES)
-    if method != "magnitude" and dataloader is None:
+    methods = [method] if isinstance(method, str) else list(method)
+    for name in methods:
+        check_choice("method", name, WEIGHT_IMPORTANCES)
+    needs_data = any(_NEEDS[name] for name in methods)
+    if needs_data and dataloader is None:
         raise ValueError(
             f"method={method!r} needs a `dataloader` of batches; only 'magnitude' works without data."
         )
     modules = find_target_modules(model, target_modules)
-    if method == "magnitude":
+    if not needs_data:
         if dataloader is not None or num_batches is not None:
             warnings.warn(
                 "`dataloader` and `num_batches` are ignored with method='magnitude' (it needs no data).",
                 stacklevel=2,
             )
-        return {f"{name}.weight": _magnitude(module) for name, module in modules.items()}
+        return score_modules(model, modules, None, method)
     batches, total = limited(dataloader, num_batches)
     batches = tqdm(batches, total=total, desc=f"Weight importance ({method})", disable=not show_progress)
     return score_modules(model, modules, batches, method, gblm_alpha)
@@ -452,24 +462,27 @@ def compute_weight_importance(
 def score_modules(
     model: nn.Module,
     modules: Mapping[str, nn.Module],
-    batches: Iterable,
-    method: str,
+    batches: Iterable | None,
+    method: str | Sequence[str],
     gblm_alpha: float = 100.0,
-) -> dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor] | dict[str, dict[str, torch.Tensor]]:
     """The scores of :func:`compute_weight_importance` for the weights of ``modules`` (qualified name to
-    module), in one pass over ``batches``."""
-    check_choice("method", method, WEIGHT_IMPORTANCES)
-    if method == "magnitude":
-        return {f"{name}.weight": _magnitude(module) for name, module in modules.items()}
-    gradients, inputs = _NEEDS[method]
-    grad_sums, input_sums, seen = _calibration_sums(model, dict(modules), batches, gradients, inputs)
-    if seen == 0:
-        raise ValueError("`dataloader` yielded no batches: weight importance needs at least one.")
-    scores = {}
+    module), in one pass over ``batches`` whatever the number of methods: one method gives parameter name
+    to score, a sequence of methods gives method to that mapping."""
+    methods = [method] if isinstance(method, str) else list(method)
+    for name in methods:
+        check_choice("method", name, WEIGHT_IMPORTANCES)
+    needs = set().union(*(_NEEDS[name] for name in methods))
+    sums: dict[str, list[torch.Tensor]] = {}
+    if needs:
+        sums, seen = _calibration_sums(model, dict(modules), batches, needs)
+        if seen == 0:
+            raise ValueError("`dataloader` yielded no batches: weight importance needs at least one.")
+    scores: dict[str, dict[str, torch.Tensor]] = {name: {} for name in methods}
     for index, (name, module) in enumerate(modules.items()):
-        grads = all_reduce_sum(grad_sums[index]) if grad_sums is not None else None
-        norms = all_reduce_sum(input_sums[index]) if input_sums is not None else None
-        scores[f"{name}.weight"] = _finalize(method, module, grads, norms, gblm_alpha)
-        if grad_sums is not None:
-            grad_sums[index] = None  # the score reuses the accumulator: never hold two copies
-    return scores
+        reduced = {need: all_reduce_sum(values[index]) for need, values in sums.items()}
+        for method_name in methods:
+            scores[method_name][f"{name}.weight"] = _finalize(method_name, module, reduced, gblm_alpha)
+        for values in sums.values():
+            values[index] = None  # free the accumulators as their scores are made
+    return scores[methods[0]] if isinstance(method, str) else scores

@@ -268,7 +268,7 @@ class PruningTrainer(Trainer):
             "eval_before": self.eval_before,
             "eval_pruned": self.eval_pruned,
             "eval_after": self.eval_after,
-            "speedup": self.speedup,
+            "speedup": self.speedup or self.pruning_callback.speedup,
             "heatmap_filename": heatmap,
             "repo_id": repo_id or self.args.hub_model_id,
             "dataset_name": self.dataset_name,
