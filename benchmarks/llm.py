@@ -1,0 +1,189 @@
+"""The causal-LM example's table with the cost of every criterion: wall time and peak memory of its scoring
+pass, and the perplexity at 50% per row, 50% per tensor and 2:4, on SmolLM2-135M (float32).
+
+Each criterion is scored alone, in its own pass over the calibration batches of
+``examples/causal_lm_pruning.py`` (same text, same settings). Peak memory is sampled from the process's
+resident set every 2 ms during the pass and reported above what the process held before it, as a multiple
+of the float32 model's size (``extra``), and with the model itself (``total``). Layer-by-layer Wanda and OBD
+follow, timed the same way.
+
+Run: ``.venv/bin/python benchmarks/llm.py`` (``--quick`` for a smoke run). Writes ``results/llm.{json,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from hf_gradprune import compute_weight_importance, compute_weight_masks, prune_weights
+from hf_gradprune.adapters import weight_input_dims
+from hf_gradprune.masks import remove_masks
+from hf_gradprune.testing import load_rotten_tomatoes
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine_info
+
+NAME = "llm"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "causal_lm_pruning.py"
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("causal_lm_pruning", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * PAGE
+
+
+class PeakMemory:
+    """The largest resident set seen while inside, sampled every 2 ms by a thread."""
+
+    def __enter__(self) -> PeakMemory:
+        self.start = self.peak = resident_bytes()
+        self._running = True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self._running:
+            self.peak = max(self.peak, resident_bytes())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._running = False
+        self._thread.join()
+        self.peak = max(self.peak, resident_bytes())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--calibration_batches", type=int, default=8)
+    parser.add_argument("--eval_batches", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--seq_len", type=int, default=128)
+    parser.add_argument("--output_dir", type=Path, default=RESULTS)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.calibration_batches, args.eval_batches = 1, 1
+    example = load_example()
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    model, tokenizer = example.load_smollm2()
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    reviews = load_rotten_tomatoes()
+    shape = (args.batch_size, args.seq_len)
+    calibration = example.text_batches(tokenizer, reviews["train"]["text"], args.calibration_batches, *shape)
+    held_out = example.text_batches(tokenizer, reviews["test"]["text"], args.eval_batches, *shape)
+    dims = weight_input_dims(model)
+    rows = [
+        {
+            "criterion": "dense",
+            **{label: example.perplexity(model, held_out) for label, *_ in example.PATTERNS},
+        }
+    ]
+    print(json.dumps(rows[0]), flush=True)
+    for criterion in example.CRITERIA:
+        data = None if criterion == "magnitude" else calibration
+        with PeakMemory() as memory:
+            start = time.perf_counter()
+            scores = compute_weight_importance(model, data, method=criterion, show_progress=False)
+            seconds = time.perf_counter() - start
+        row = {
+            "criterion": criterion,
+            "seconds": seconds,
+            "extra_memory": (memory.peak - memory.start) / model_bytes,
+        }
+        for label, sparsity, scope, pattern in example.PATTERNS:
+            masks = compute_weight_masks(
+                scores,
+                sparsity,
+                scope=scope,
+                pattern=pattern,
+                input_dims=dims if scope == "per_row" or pattern != "unstructured" else None,
+            )
+            row[label] = example.with_masks(model, masks, lambda m: example.perplexity(m, held_out))
+        del scores
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    for criterion in ("wanda", "obd"):
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        with PeakMemory() as memory:
+            start = time.perf_counter()
+            prune_weights(
+                model,
+                calibration,
+                0.5,
+                method=criterion,
+                scope="per_row",
+                sequential=True,
+                show_progress=False,
+            )
+            seconds = time.perf_counter() - start
+        row = {
+            "criterion": f"{criterion}, layer by layer",
+            "seconds": seconds,
+            "extra_memory": (memory.peak - memory.start) / model_bytes,
+            "50% per row": example.perplexity(model, held_out),
+        }
+        remove_masks(model)
+        model.load_state_dict(saved)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    results = {
+        "benchmark": NAME,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "model_bytes": model_bytes,
+        "rows": rows,
+        "runtime_s": round(time.perf_counter() - started, 1),
+    }
+    stem = NAME + ("_quick" if args.quick else "")
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    plot(results, args.output_dir / f"{stem}.png")
+    labels = [label for label, *_ in example.PATTERNS]
+    print("\n| criterion | " + " | ".join(labels) + " | scoring s | peak memory (x fp32 model) |")
+    print("|---|" + "---:|" * (len(labels) + 2))
+    for row in rows:
+        cells = [f"{row[label]:.1f}" if label in row else "–" for label in labels]
+        cost = f"{row['seconds']:.0f} | {row['extra_memory']:.2f} extra" if "seconds" in row else "– | –"
+        print(f"| {row['criterion']} | " + " | ".join(cells) + f" | {cost} |")
+
+
+def plot(results: dict, path: Path) -> None:
+    rows = [r for r in results["rows"] if "50% per row" in r]
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    positions = range(len(rows))
+    axes.bar(positions, [r["50% per row"] for r in rows], color="tab:blue")
+    axes.set_yscale("log")
+    axes.set_xticks(list(positions), [r["criterion"] for r in rows], fontsize=7, rotation=20)
+    axes.set_ylabel("perplexity on held-out reviews (log)")
+    axes.set_title("SmolLM2-135M, 50% of every attention and MLP matrix pruned per row, no retraining")
+    figure.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
