@@ -67,8 +67,9 @@ def _masked(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
 
 
 def _zero_masked(module: nn.Module, attr: str) -> None:
+    # In place, no temporary: this runs after every optimizer step.
     with torch.no_grad():
-        getattr(module, attr).masked_fill_(getattr(module, _buffer_name(attr)).logical_not(), 0)
+        getattr(module, attr).mul_(getattr(module, _buffer_name(attr)))
 
 
 def _check_mask(name: str, mask: object) -> None:
@@ -90,14 +91,18 @@ def _parameters(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Paramete
 
 
 class _GradientMask:
-    """Gradient hook zeroing the masked entries; it reads the buffer at each call to follow ``model.to()``."""
+    """Gradient hook zeroing the masked entries; it reads the buffer at each call to follow ``model.to()``.
+
+    It zeroes the fresh gradient in place (a new tensor per step and parameter costs as much as the step's
+    matrix products on a CPU); the gradient of a parameter reaches nothing but its accumulation.
+    """
 
     def __init__(self, module: nn.Module, attr: str):
         self.module = module
         self.buffer = _buffer_name(attr)
 
     def __call__(self, grad: torch.Tensor) -> torch.Tensor:
-        return torch.where(getattr(self.module, self.buffer), grad, 0.0)
+        return grad.mul_(getattr(self.module, self.buffer))
 
 
 def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
