@@ -12,6 +12,8 @@ model is all-MiniLM-L6-v2 with a new 2-label head, fine-tuned one epoch (AdamW, 
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import platform
 import random
@@ -226,3 +228,21 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def results_header(name: str, args: Any) -> dict[str, Any]:
+    """The fields every results file starts with: benchmark, date, machine and settings."""
+    return {
+        "benchmark": name,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
+
+
+def write_results(results: dict[str, Any], args: Any, plot: Callable[[dict, Path], None]) -> None:
+    """``<output_dir>/<benchmark>.json`` and ``.png`` (``_quick`` ones for a ``--quick`` run)."""
+    stem = results["benchmark"] + ("_quick" if getattr(args, "quick", False) else "")
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, args.output_dir / f"{stem}.png")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import sys
 import time
@@ -35,10 +34,11 @@ from common import (
     accuracy,
     dense_minilm,
     encode,
-    machine_info,
     peer_split,
     peer_training_args,
+    results_header,
     train_rows,
+    write_results,
 )
 
 NAME = "heads_curve"
@@ -99,19 +99,13 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     results = {
-        "benchmark": NAME,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        **results_header(NAME, args),
         "dense_accuracy": dense_accuracy,
         "test_reviews": len(test),
         "rows": rows,
         "runtime_s": round(time.perf_counter() - started, 1),
     }
-    stem = NAME + ("_quick" if args.quick else "")
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    plot(results, args.output_dir / f"{stem}.png")
+    write_results(results, args, plot)
     print_table(results)
 
 

@@ -13,7 +13,6 @@ Run: ``.venv/bin/python benchmarks/llm.py`` (``--quick`` for a smoke run). Write
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
 import os
@@ -32,7 +31,7 @@ from hf_gradprune.masks import remove_masks
 from hf_gradprune.testing import load_rotten_tomatoes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_info
+from common import RESULTS, results_header, write_results
 
 NAME = "llm"
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "causal_lm_pruning.py"
@@ -150,18 +149,12 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     results = {
-        "benchmark": NAME,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        **results_header(NAME, args),
         "model_bytes": model_bytes,
         "rows": rows,
         "runtime_s": round(time.perf_counter() - started, 1),
     }
-    stem = NAME + ("_quick" if args.quick else "")
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    plot(results, args.output_dir / f"{stem}.png")
+    write_results(results, args, plot)
     labels = [label for label, *_ in example.PATTERNS]
     print("\n| criterion | " + " | ".join(labels) + " | scoring s | peak memory (x fp32 model) |")
     print("|---|" + "---:|" * (len(labels) + 2))

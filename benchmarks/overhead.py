@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
 import statistics
 import sys
 import time
@@ -38,12 +36,13 @@ from common import (
     RESULTS,
     dense_minilm,
     encode,
-    machine_info,
     peer_split,
     peer_training_args,
+    results_header,
     speed,
     time_interleaved,
     train_rows,
+    write_results,
 )
 
 NAME = "overhead"
@@ -135,17 +134,19 @@ def main() -> None:
         args.steps, args.rounds, args.repeats = 4, 1, 3
     started = time.perf_counter()
     results = {
-        "benchmark": NAME,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        **results_header(NAME, args),
         "step_time": step_times(args),
         "importance": importance_cost(args),
+        "runtime_s": round(time.perf_counter() - started, 1),
     }
-    results["runtime_s"] = round(time.perf_counter() - started, 1)
-    stem = NAME + ("_quick" if args.quick else "")
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    write_results(results, args, plot)
+    print("\n| measured | median ms | / reference |\n|---|---:|---:|")
+    for key in ("step_time", "importance"):
+        for name, row in results[key].items():
+            print(f"| {name} | {row['median_ms']:.0f} | {row['ratio']:.3f}x |")
+
+
+def plot(results: dict, path: Path) -> None:
     figure = Figure(figsize=(9, 3.5), layout="constrained")
     FigureCanvasAgg(figure)
     for index, (key, title) in enumerate((("step_time", "training step"), ("importance", "importance pass"))):
@@ -156,11 +157,7 @@ def main() -> None:
         axes.set_xticks(range(len(names)), names, fontsize=7, rotation=10)
         axes.set_ylabel("time / reference (median)")
         axes.set_title(f"MiniLM, batch 32: {title}")
-    figure.savefig(args.output_dir / f"{stem}.png", dpi=110)
-    print("\n| measured | median ms | / reference |\n|---|---:|---:|")
-    for key in ("step_time", "importance"):
-        for name, row in results[key].items():
-            print(f"| {name} | {row['median_ms']:.0f} | {row['ratio']:.3f}x |")
+    figure.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import math
 import sys
@@ -51,13 +50,14 @@ from common import (
     accuracy,
     dense_minilm,
     encode,
-    machine_info,
     peer_split,
     peer_training_args,
+    results_header,
     speed,
     time_interleaved,
     tokenizer,
     train_rows,
+    write_results,
 )
 
 NAME = "structured_speed"
@@ -291,20 +291,11 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     args = parse_args()
     started = time.perf_counter()
-    results = {
-        "benchmark": NAME,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "minilm": minilm(args),
-    }
+    results = {**results_header(NAME, args), "minilm": minilm(args)}
     if not args.skip_smollm2:
         results["smollm2"] = smollm2(args)
     results["runtime_s"] = round(time.perf_counter() - started, 1)
-    stem = NAME + ("_quick" if args.quick else "")
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    plot(results, args.output_dir / f"{stem}.png")
+    write_results(results, args, plot)
     print(
         "\n| MiniLM variant | FLOPs | accuracy right after (2000 / peers' 1000) | after 1 epoch "
         "| throughput b32 | latency b1 |"
