@@ -2,7 +2,8 @@
 
 Usage: ``torchrun --nproc_per_node 2 tests/distributed_worker.py OUT_DIR MODE`` with MODE one of
 ``one_shot`` (weight sparsity 0.5 at step 0), ``linear`` (0 -> 0.5 over steps 0..6, every 2 steps),
-``heads0`` (PruningTrainer: one head per layer cut before training, then weight sparsity 0.5) or ``heads``
+``heads0`` (PruningTrainer: one head per layer cut before training, then weight sparsity 0.5), ``flops0``
+(PruningTrainer: heads and FFN neurons to half the FLOPs with mask tuning, before training) or ``heads``
 (a head cut at step 3, mid-training, which the callback refuses in multi-process training).
 
 Each rank writes into OUT_DIR:
@@ -10,7 +11,7 @@ Each rank writes into OUT_DIR:
 - ``batches_rank{R}.safetensors``: the ``input_ids`` of the importance batches the callback draws at step 0;
 - ``masks_rank{R}_step{S}.safetensors``: the masks right after each step ``S`` at which they changed;
 - ``masks_rank{R}.safetensors`` and ``weights_rank{R}.safetensors``: masks and parameters after training;
-- ``heads_rank{R}.json``: the pruned heads of the model's pruning record;
+- ``heads_rank{R}.json`` and ``record_rank{R}.json``: the pruned heads, and the whole pruning record;
 - in ``heads`` mode, ``error_rank{R}.txt`` with the message of the ``ValueError`` (then re-raised).
 
 ``HF_GRADPRUNE_TEST_NO_ALLREDUCE=1`` replaces ``hf_gradprune.importance.all_reduce_sum`` by the identity
@@ -51,6 +52,7 @@ PRUNING = {
     },
     "heads0": {"prune_heads_per_layer": 1, "prune_steps": "0", "weight_sparsity": 0.5},
     "heads": {"prune_heads_per_layer": 1, "prune_steps": "3"},
+    "flops0": {"target_flops_ratio": 0.5, "flops_seq_len": LENGTH, "mask_tuning": True, "prune_steps": "0"},
 }
 
 
@@ -109,7 +111,7 @@ def main() -> None:
     model = build_tiny("bert").train()
     pruning_args = PruningArguments(importance_batches=IMPORTANCE_BATCHES, **PRUNING[mode])
     common = {"model": model, "args": args, "train_dataset": random_dataset()}
-    if mode == "heads0":  # PruningTrainer cuts step-0 heads before DDP wraps the model
+    if mode in ("heads0", "flops0"):  # PruningTrainer cuts step-0 structures before DDP wraps the model
         trainer = PruningTrainer(**common, pruning_args=pruning_args, callbacks=[Recorder(out, rank)])
         trainer.pruning_callback.show_progress = False
     else:
@@ -124,8 +126,9 @@ def main() -> None:
         dist.barrier()  # both ranks have written their file before either exits
         raise
     save_masks(get_masks(model), out / f"masks_rank{rank}.safetensors")
-    heads = PruningRecord.from_config(model.config).pruned_heads
-    (out / f"heads_rank{rank}.json").write_text(json.dumps(heads))
+    record = PruningRecord.from_config(model.config)
+    (out / f"heads_rank{rank}.json").write_text(json.dumps(record.pruned_heads))
+    (out / f"record_rank{rank}.json").write_text(json.dumps(record.to_dict()))
     weights = {name: p.detach().contiguous() for name, p in model.named_parameters()}
     save_file(weights, out / f"weights_rank{rank}.safetensors")
     dist.barrier()

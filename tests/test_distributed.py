@@ -160,3 +160,15 @@ def test_distributed_head_pruning_refused_on_every_rank(tmp_path):
     for rank in (0, 1):
         assert (out / f"error_rank{rank}.txt").read_text().startswith(HEAD_REFUSAL)
     assert not list(out.glob("masks_rank*")), "training went on after the refusal"
+
+
+def test_distributed_flops_budget_cuts_the_same_heads_and_neurons_on_every_rank(tmp_path):
+    out = trained(tmp_path / "flops0", "flops0")
+    first, second = (json.loads((out / f"record_rank{rank}.json").read_text()) for rank in (0, 1))
+    assert first == second and first["pruned_ffn"] and first["pruned_heads"]
+    weights = [load_file(out / f"weights_rank{rank}.safetensors") for rank in (0, 1)]
+    assert different_tensors(*weights) == []
+    # The control: each rank scoring only its own shard cuts other units, and DDP cannot wrap models of
+    # different shapes.
+    control = torchrun(tmp_path / "flops0_control", "flops0", env={"HF_GRADPRUNE_TEST_NO_ALLREDUCE": "1"})
+    assert control.returncode != 0

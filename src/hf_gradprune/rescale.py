@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import ArchitectureAdapter, Structure, get_adapter, weight_dims
-from .importance import frozen_for_probe, prepare_batch
+from .importance import all_reduce_sum, frozen_for_probe, prepare_batch
 from .record import PruningRecord
 
 logger = logging.getLogger(__name__)
@@ -207,6 +207,8 @@ def _normal_equations(
     finally:
         for handle in handles:
             handle.remove()
+    all_reduce_sum(gram)  # every process solves the same problem, so the scales agree across ranks
+    all_reduce_sum(cross)
     width = adapter.unit_width(site.structure, model.config)
     units = columns // width
     blocks = (weight.t() @ weight * gram).reshape(units, width, units, width).sum(dim=(1, 3))
