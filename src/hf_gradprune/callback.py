@@ -171,7 +171,7 @@ class GradientPruningCallback(TrainerCallback):
 
     # --- pruning ----------------------------------------------------------------------------------
     def _structure_plan(self, model: nn.Module, step: int) -> dict[str, dict[int, list[int]]]:
-        """Score the structures on the stored batches and choose the units to remove at ``step``."""
+        """The units to remove at ``step``, chosen from the scores of this step's importance pass."""
         args = self.pruning_args
         adapter = get_adapter(model)
         config = model.config
