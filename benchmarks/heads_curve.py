@@ -112,6 +112,8 @@ def main() -> None:
 def plot(results: dict, path: Path) -> None:
     figure = Figure(figsize=(10, 4), layout="constrained")
     FigureCanvasAgg(figure)
+    names = list(dict.fromkeys(row["order"] for row in results["rows"]))
+    colors = {name: f"C{index}" for index, name in enumerate(names)}  # one colour per order in both panels
     for index, (key, title) in enumerate(
         (("accuracy", "right after the cut"), ("accuracy_finetuned", "after a short fine-tune"))
     ):
@@ -122,7 +124,7 @@ def plot(results: dict, path: Path) -> None:
                 (row["fraction"], row[key]) for row in results["rows"] if row["order"] == name and key in row
             ]
             style = ":" if name.startswith("random") else "-"
-            axes.plot(*zip(*points, strict=True), style, marker="o", label=name)
+            axes.plot(*zip(*points, strict=True), style, marker="o", label=name, color=colors[name])
         axes.axhline(results["dense_accuracy"], color="black", linestyle="--", linewidth=1, label="dense")
         axes.set_title(f"MiniLM heads removed: {title}")
         axes.set_xlabel("fraction of heads removed (every layer)")

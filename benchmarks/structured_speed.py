@@ -2,16 +2,18 @@
 
 MiniLM on the peers' protocol (``common.py``; TextPruner and Torch-Pruning were measured on the same
 split, calibration and timing): the fine-tuned dense model; half of the heads (6 of 12 in every layer,
-Fisher of the head gates); heads and FFN neurons chosen together by Fisher importance per FLOP until the
-block FLOPs at sequence 128 are half, with and without mask tuning; and the peers' uniform shape (6 heads
-and 768 neurons in every layer) by the same importance. Accuracy right after pruning on 2,000 test reviews
+Fisher of the head gates) at once or in 6 rounds; the peers' uniform shape (6 heads and 768 neurons in every
+layer) by the same importance in 8 rounds; and heads and FFN neurons chosen together by Fisher importance
+per FLOP until the block FLOPs at sequence 128 are half, in 1, 8 (the default) or 16 rounds, with and
+without mask tuning. Accuracy right after pruning on 2,000 test reviews
 (and on the peers' 1,000), then after one epoch of the peers' fine-tune, beside the dense model given the
 same epoch. Speed: throughput at batch 32 x 128 tokens and latency at batch 1 x 128, every variant timed
 interleaved in one process with ``--threads`` torch threads (the peers used 1).
 
 SmolLM2-135M (GGUF, float32) at 75% and 50% of the block FLOPs (key/value groups and FFN neurons, Fisher
-on label-free review text, mask tuning): forward (batch 8 x 128) and greedy ``generate`` (batch 1)
-speed-ups, and perplexity on held-out reviews disjoint from the calibration text.
+on label-free review text, ``--smollm2_rounds`` rounds, with and without mask tuning): forward (batch
+8 x 128) and greedy ``generate`` (batch 1) speed-ups, and perplexity on held-out reviews disjoint from the
+calibration text.
 
 Run: ``.venv/bin/python benchmarks/structured_speed.py`` (``--quick`` for a smoke run; ``--skip_smollm2``).
 Writes ``results/structured_speed.{json,png}``.
@@ -35,8 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 from hf_gradprune import (
     block_flops,
-    compute_unit_importance,
-    prune_and_rescale,
+    prune_in_rounds,
     prune_to_flops,
     select_heads_to_prune,
     select_units_to_prune,
@@ -74,7 +75,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--calibration_reviews", type=int, default=512)
     parser.add_argument("--finetune", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--skip_smollm2", action="store_true")
-    parser.add_argument("--smollm2_calibration", type=int, default=16, help="Batches of 8 x 128 tokens.")
+    parser.add_argument("--smollm2_calibration", type=int, default=8, help="Batches of 8 x 128 tokens.")
+    parser.add_argument("--smollm2_rounds", type=int, default=4, help="Scoring rounds of each cut.")
     parser.add_argument("--smollm2_eval_batches", type=int, default=16, help="Held-out batches of 8 x 128.")
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
@@ -127,31 +129,38 @@ def minilm(args: argparse.Namespace) -> dict[str, Any]:
     calibration = encode(train[: args.calibration_reviews], 32)
     tests = {"test": encode(test, 128), "peers_test": encode(peers_test, 128)}
     dense = dense_minilm()
-    fisher = compute_unit_importance(dense, calibration, ("heads", "ffn"), show_progress=False)
     variants: dict[str, torch.nn.Module] = {"dense": dense}
     reports: dict[str, dict] = {}
 
-    heads = copy.deepcopy(dense)
-    prune_and_rescale(
-        heads,
-        {"heads": select_heads_to_prune(fisher["heads"], per_layer=6)},
-        calibration,
-        show_progress=False,
-    )
-    variants["heads 50%"] = heads
-    uniform = copy.deepcopy(dense)
-    uniform_units = {
-        "heads": select_heads_to_prune(fisher["heads"], per_layer=6),
-        "ffn": select_units_to_prune(fisher["ffn"], per_layer=768),
+    def per_layer(heads: int, neurons: int, rounds: int):
+        """A chooser removing ``heads`` and ``neurons`` from every layer over ``rounds`` rounds."""
+
+        def choose(importance, index):
+            share = [round(n * (index + 1) / rounds) - round(n * index / rounds) for n in (heads, neurons)]
+            units = {"heads": select_heads_to_prune(importance["heads"], per_layer=share[0])}
+            if "ffn" in importance:
+                units["ffn"] = select_units_to_prune(importance["ffn"], per_layer=share[1])
+            return units
+
+        return choose
+
+    shapes = {
+        "heads 50%, one-shot": (("heads",), per_layer(6, 0, 1), 1, False),
+        "heads 50%, 6 rounds": (("heads",), per_layer(6, 0, 6), 6, False),
+        "6 heads + 768 neurons per layer, 8 rounds": (("heads", "ffn"), per_layer(6, 768, 8), 8, False),
     }
-    prune_and_rescale(uniform, uniform_units, calibration, mask_tuning=True, show_progress=False)
-    variants["6 heads + 768 neurons per layer, tuned"] = uniform
-    for tuning in (False, True):
+    for name, (structures, choose, rounds, tuning) in shapes.items():
+        model = copy.deepcopy(dense)
+        prune_in_rounds(
+            model, calibration, structures, choose, rounds=rounds, mask_tuning=tuning, show_progress=False
+        )
+        variants[name] = model
+    for rounds, tuning in ((1, False), (1, True), (8, False), (8, True), (16, False)):
         model = copy.deepcopy(dense)
         report = prune_to_flops(
-            model, calibration, 0.5, seq_len=SEQ_LEN, mask_tuning=tuning, show_progress=False
+            model, calibration, 0.5, seq_len=SEQ_LEN, rounds=rounds, mask_tuning=tuning, show_progress=False
         )
-        name = "FLOPs 50%" + (", tuned" if tuning else "")
+        name = f"FLOPs 50%, {rounds} round{'s' if rounds > 1 else ''}" + (", tuned" if tuning else "")
         reports[name] = {k: v for k, v in report.items() if k.startswith("prune/")}
         reports[name]["units"] = {
             s: {str(layer): len(u) for layer, u in layers.items()} for s, layers in report["units"].items()
@@ -184,7 +193,7 @@ def minilm(args: argparse.Namespace) -> dict[str, Any]:
         row["latency_b1"] = latency[row["name"]]["forward"]
 
     if args.finetune:
-        for name in ("dense", "FLOPs 50%, tuned"):
+        for name in ("dense", "FLOPs 50%, 8 rounds"):
             model = copy.deepcopy(variants[name]).train()
             train_rows(model, train, args=peer_training_args(CACHE / "scratch"))
             row = next(r for r in rows if r["name"] == name)
@@ -226,16 +235,23 @@ def smollm2(args: argparse.Namespace) -> dict[str, Any]:
     held_out = _review_batches(tok, reviews["test"]["text"], args.smollm2_eval_batches)
     variants = {"dense": dense}
     rows = []
-    for ratio in (0.75, 0.5):
+    for ratio, tuning in ((0.75, False), (0.75, True), (0.5, False), (0.5, True)):
         model = copy.deepcopy(dense)
         start = time.perf_counter()
         report = prune_to_flops(
-            model, calibration, ratio, seq_len=SEQ_LEN, mask_tuning=True, show_progress=False
+            model,
+            calibration,
+            ratio,
+            seq_len=SEQ_LEN,
+            rounds=args.smollm2_rounds,
+            mask_tuning=tuning,
+            show_progress=False,
         )
-        variants[f"FLOPs {ratio:.0%}, tuned"] = model
+        name = f"FLOPs {ratio:.0%}, {args.smollm2_rounds} rounds" + (", tuned" if tuning else "")
+        variants[name] = model
         rows.append(
             {
-                "name": f"FLOPs {ratio:.0%}, tuned",
+                "name": name,
                 "prune_seconds": time.perf_counter() - start,
                 **{k: v for k, v in report.items() if k.startswith("prune/")},
             }

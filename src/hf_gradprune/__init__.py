@@ -17,7 +17,7 @@ from .flops import block_flops, select_units_for_flops
 from .gates import HeadGates, UnitGates, add_head_gates
 from .hub import push_folder_to_hub
 from .importance import compute_head_importance, compute_unit_importance, compute_weight_importance
-from .oneshot import prune_and_rescale, prune_to_flops, prune_weights
+from .oneshot import prune_in_rounds, prune_to_flops, prune_weights
 from .record import PruningRecord
 from .rescale import capture_targets, rescale_units
 from .selection import (
@@ -50,8 +50,8 @@ __all__ = [
     "find_target_modules",
     "get_adapter",
     "load_pruned",
-    "prune_and_rescale",
     "prune_heads",
+    "prune_in_rounds",
     "prune_to_flops",
     "prune_units",
     "prune_weights",

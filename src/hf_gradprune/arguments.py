@@ -79,6 +79,13 @@ class PruningArguments:
         default=False,
         metadata={"help": "Let a layer lose all its heads or all its FFN neurons (the block still runs)."},
     )
+    prune_rounds: int = field(
+        default=8,
+        metadata={
+            "help": "Rounds in which a structural cut is made, each scored anew on the model the rounds "
+            "before left (one importance pass per round; a per-layer count takes at most that many rounds)."
+        },
+    )
     measure_speedup: bool = field(
         default=False,
         metadata={
@@ -218,6 +225,8 @@ class PruningArguments:
                     f"`--target_flops_ratio` chooses heads and FFN neurons itself: leave out "
                     f"{', '.join('`--' + flag + '`' for flag in given)}."
                 )
+        if self.prune_rounds < 1:
+            raise ValueError(f"`--prune_rounds` must be >= 1, got {self.prune_rounds}.")
         if self.flops_seq_len < 1:
             raise ValueError(f"`--flops_seq_len` must be >= 1, got {self.flops_seq_len}.")
         if self.mask_tuning and not self.prunes_structures:

@@ -20,7 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .adapters import FFN, HEADS, find_target_modules, get_adapter, weight_layer_groups
 from .arguments import PruningArguments
 from .flops import block_flops, measure_speedup, select_units_for_flops
-from .importance import compute_unit_importance, normalize_per_layer, prepare_batch
+from .importance import normalize_per_layer, prepare_batch
 from .masks import (
     MASKS_FILENAME,
     apply_masks,
@@ -30,7 +30,7 @@ from .masks import (
     reapply_masks,
     save_masks,
 )
-from .oneshot import prune_and_rescale, prune_weights
+from .oneshot import prune_in_rounds, prune_weights
 from .record import PruningRecord
 from .selection import (
     select_heads_to_prune,
@@ -170,21 +170,46 @@ class GradientPruningCallback(TrainerCallback):
         return target if target > self.weight_sparsity else None
 
     # --- pruning ----------------------------------------------------------------------------------
-    def _structure_plan(self, model: nn.Module, step: int) -> dict[str, dict[int, list[int]]]:
-        """The units to remove at ``step``, chosen from the scores of this step's importance pass."""
+    def _rounds(self, model: nn.Module, step: int) -> int:
+        """Rounds of this step's cut: ``--prune_rounds``, at most the units a layer loses in it."""
+        args = self.pruning_args
+        if args.prunes_by_flops:
+            return args.prune_rounds
+        adapter = get_adapter(model)
+        config = model.config
+        largest = 1
+        if args.prune_heads_per_layer is not None:
+            largest = max(largest, self.head_units_to_remove(step, 0) or 0)
+        elif args.prune_heads_fraction:
+            largest = max(largest, args.prune_heads_fraction * adapter.num_key_value_heads(config))
+        neurons = self.ffn_units_to_remove(step, adapter.num_units(adapter.structure(FFN), config))
+        return max(1, min(args.prune_rounds, int(max(largest, neurons or 0))))
+
+    def _structure_plan(
+        self,
+        model: nn.Module,
+        step: int,
+        importance: dict[str, torch.Tensor],
+        part: tuple[int, int],
+        start: float,
+    ) -> dict[str, dict[int, list[int]]]:
+        """The units to remove in round ``part[0]`` of the ``part[1]`` rounds of ``step``'s cut, from the
+        round's ``importance``; ``start`` is the block-FLOPs ratio before the step."""
         args = self.pruning_args
         adapter = get_adapter(model)
         config = model.config
+        index, rounds = part
         min_units = {HEADS: args.prune_min_heads_per_layer, FFN: 0 if args.allow_empty_layers else 1}
         if args.prunes_by_flops:
-            return select_units_for_flops(
-                model, self.importance, self.flops_ratio_at(step), args.flops_seq_len, min_units
-            )
+            ratio = start + (self.flops_ratio_at(step) - start) * (index + 1) / rounds
+            return select_units_for_flops(model, importance, ratio, args.flops_seq_len, min_units)
+        steps = [*range(rounds)]
         plan = {}
         num_layers = len(adapter.blocks(model))
         heads = self.head_units_to_remove(step, adapter.num_key_value_heads(config) * num_layers)
+        heads = _share(index, steps, heads) if heads else 0
         if heads:
-            scores = normalize_per_layer(self.importance[HEADS], args.head_importance_normalize)
+            scores = normalize_per_layer(importance[HEADS], args.head_importance_normalize)
             if args.prune_heads_per_layer is not None:
                 amount = {"per_layer": heads}
             else:
@@ -200,44 +225,44 @@ class GradientPruningCallback(TrainerCallback):
                 **amount,
             )
         neurons = self.ffn_units_to_remove(step, adapter.num_units(adapter.structure(FFN), config))
+        neurons = _share(index, steps, neurons) if neurons else 0
         if neurons:
             plan[FFN] = select_units_to_prune(
-                self.importance[FFN],
-                per_layer=neurons,
-                min_units_per_layer=min_units[FFN],
-                unit_name="neurons",
+                importance[FFN], per_layer=neurons, min_units_per_layer=min_units[FFN], unit_name="neurons"
             )
         return plan
 
     def prune_structures_now(
         self, model: nn.Module, batches: list, step: int, optimizer: torch.optim.Optimizer | None = None
     ) -> dict[str, float]:
-        """Score heads and FFN neurons on ``batches``, remove what ``step`` asks for, optionally rescale the
-        kept units (mask tuning); weight masks are kept. Returns the logs of the cut."""
+        """Score heads and FFN neurons on ``batches`` and remove what ``step`` asks for, in ``--prune_rounds``
+        rounds each scored anew; optionally rescale the kept units (mask tuning). Weight masks are kept.
+        Returns the logs of the cut."""
         args = self.pruning_args
         names = [name for name, wanted in ((HEADS, args.prunes_heads), (FFN, args.prunes_ffn)) if wanted]
-        self.importance.update(
-            compute_unit_importance(
-                model,
-                batches,
-                names,
-                accumulate=args.head_importance_accumulate,
-                show_progress=self._progress,
-            )
-        )
-        plan = self._structure_plan(model, step)
-        reference = copy.deepcopy(model) if args.measure_speedup and any(plan.values()) else None
-        report = prune_and_rescale(
+        rounds = self._rounds(model, step)
+        seq_len = args.flops_seq_len
+        start = block_flops(model, seq_len) / block_flops(model, seq_len, original=True)
+        reference = copy.deepcopy(model) if args.measure_speedup else None
+
+        def choose(importance: dict[str, torch.Tensor], index: int) -> dict[str, dict[int, list[int]]]:
+            self.importance.update(importance)
+            return self._structure_plan(model, step, importance, (index, rounds), start)
+
+        report = prune_in_rounds(
             model,
-            plan,
             batches,
+            names,
+            choose,
+            rounds=rounds,
             mask_tuning=args.mask_tuning,
+            accumulate=args.head_importance_accumulate,
             optimizer=optimizer,
             allow_empty=args.allow_empty_layers,
             show_progress=self._progress,
         )
-        logs = {**self.structure_logs(model), **report}
-        if reference is not None:
+        logs = {**self.structure_logs(model), **{k: v for k, v in report.items() if k.startswith("prune/")}}
+        if reference is not None and report["units"]:
             was_training = model.training
             ratio = measure_speedup(reference, model, prepare_batch(model, batches[0]))
             model.train(was_training)

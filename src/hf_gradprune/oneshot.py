@@ -3,7 +3,7 @@ layer by layer."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .adapters import find_target_modules, get_adapter, weight_input_dims, weight_layer_groups
 from .arguments import HEAD_ACCUMULATIONS, check_choice
-from .flops import select_units_for_flops
+from .flops import block_flops, select_units_for_flops
 from .importance import compute_unit_importance, score_modules
 from .masks import apply_masks, get_masks
 from .rescale import capture_targets, rescale_units
@@ -20,24 +20,67 @@ from .selection import compute_weight_masks
 from .surgery import prune_units
 
 
-def prune_and_rescale(
+def prune_in_rounds(
     model: nn.Module,
-    units_to_prune: Mapping[str, Mapping[int, Sequence[int]]],
     batches: Sequence[Mapping[str, Any]],
+    structures: Sequence[str],
+    choose: Callable[[dict[str, torch.Tensor], int], Mapping[str, Mapping[int, Sequence[int]]]],
+    rounds: int = 1,
     mask_tuning: bool = False,
+    accumulate: str = "fisher",
     optimizer: torch.optim.Optimizer | None = None,
     allow_empty: bool = False,
     show_progress: bool = True,
-) -> dict[str, float]:
-    """:func:`hf_gradprune.prune_units`, then (``mask_tuning``) the kept units rescaled on ``batches`` so each
-    block reproduces the unpruned one (:func:`hf_gradprune.rescale_units`). Returns the tuning report."""
-    if not any(units_to_prune.values()):
-        return {}
-    targets = capture_targets(model, list(batches), show_progress) if mask_tuning else None
-    prune_units(model, units_to_prune, optimizer=optimizer, allow_empty=allow_empty)
-    if targets is None:
-        return {}
-    return rescale_units(model, list(batches), targets, show_progress=show_progress)
+) -> dict[str, Any]:
+    """Remove units in ``rounds`` rounds, each scored on the model the rounds before it left.
+
+    Every round scores ``structures`` on ``batches`` (:func:`hf_gradprune.compute_unit_importance`) and
+    removes what ``choose(importance, round_index)`` returns. Scores of a model that lost units are different
+    from the original's: units that seemed spare may carry what the removed ones did, so a cut made in steps
+    keeps more than one made at once (``benchmarks/structured_speed.py``). With ``mask_tuning`` the kept
+    units are rescaled once at the end against the original model's outputs
+    (:func:`hf_gradprune.rescale_units`).
+
+    Args:
+        model (`nn.Module`): a model of a registered family that returns a loss on ``batches``.
+        batches (`Sequence[Mapping]`): calibration batches.
+        structures (`Sequence[str]`): the structures to score (``"heads"``, ``"ffn"``).
+        choose (`Callable`): the units to remove this round, from the scores and the round's index.
+        rounds (`int`, *optional*, defaults to 1): scoring rounds.
+        mask_tuning (`bool`, *optional*, defaults to `False`): rescale the kept units at the end.
+        accumulate (`str`, *optional*, defaults to `"fisher"`): see
+            :func:`hf_gradprune.compute_unit_importance`.
+        optimizer (`torch.optim.Optimizer`, *optional*): remapped in place, see
+            :func:`hf_gradprune.prune_units`.
+        allow_empty (`bool`, *optional*, defaults to `False`): let a layer lose every unit of a structure.
+        show_progress (`bool`, *optional*, defaults to `True`): progress bars.
+
+    Returns:
+        `dict[str, Any]`: ``units`` (all removed, by structure and layer), ``importance`` (the last scores)
+        and the mask-tuning report.
+    """
+    check_choice("accumulate", accumulate, HEAD_ACCUMULATIONS)
+    if rounds < 1:
+        raise ValueError(f"`rounds` must be a positive number of rounds, got {rounds}.")
+    batches = list(batches)
+    targets = capture_targets(model, batches, show_progress) if mask_tuning else None
+    removed: dict[str, dict[int, list[int]]] = {}
+    importance: dict[str, torch.Tensor] = {}
+    for index in range(rounds):
+        importance = compute_unit_importance(
+            model, batches, structures, accumulate=accumulate, show_progress=show_progress
+        )
+        units = choose(importance, index)
+        if not any(units.values()):
+            continue
+        prune_units(model, units, optimizer=optimizer, allow_empty=allow_empty)
+        for name, layers in units.items():
+            for layer, chosen in layers.items():
+                removed.setdefault(name, {}).setdefault(layer, []).extend(chosen)
+    report = (
+        rescale_units(model, batches, targets, show_progress=show_progress) if targets and removed else {}
+    )
+    return {"units": removed, "importance": importance, **report}
 
 
 def prune_to_flops(
@@ -45,7 +88,8 @@ def prune_to_flops(
     batches: Sequence[Mapping[str, Any]],
     target_ratio: float,
     seq_len: int = 128,
-    mask_tuning: bool = True,
+    rounds: int = 8,
+    mask_tuning: bool = False,
     accumulate: str = "fisher",
     min_heads_per_layer: int = 1,
     allow_empty: bool = False,
@@ -54,15 +98,17 @@ def prune_to_flops(
     """Remove heads and FFN neurons until the block FLOPs fall to ``target_ratio``, without retraining.
 
     Heads and neurons are scored by the Fisher information of their gates on ``batches``, ranked together by
-    importance per FLOP, removed, and (``mask_tuning``) the kept ones rescaled layer by layer by least
-    squares so every block reproduces the original: the retraining-free recipe of Kwon et al. (2022).
+    importance per FLOP and removed, in ``rounds`` equal steps of FLOPs each scored anew on the model the
+    steps before left (:func:`prune_in_rounds`); ``mask_tuning`` then rescales the kept ones layer by layer
+    by least squares so every block reproduces the original (Kwon et al., 2022).
 
     Args:
         model (`nn.Module`): a model of a registered family that returns a loss on ``batches``.
         batches (`Sequence[Mapping]`): calibration batches with labels (a causal LM may omit them).
         target_ratio (`float`): fraction in (0, 1) of the original block FLOPs to keep.
         seq_len (`int`, *optional*, defaults to 128): the sequence length FLOPs are counted at.
-        mask_tuning (`bool`, *optional*, defaults to `True`): rescale the kept units.
+        rounds (`int`, *optional*, defaults to 8): scoring rounds.
+        mask_tuning (`bool`, *optional*, defaults to `False`): rescale the kept units at the end.
         accumulate (`str`, *optional*, defaults to `"fisher"`): how gate gradients become scores, see
             :func:`hf_gradprune.compute_unit_importance`.
         min_heads_per_layer (`int`, *optional*, defaults to 1): heads (key/value groups) every layer keeps.
@@ -70,7 +116,8 @@ def prune_to_flops(
         show_progress (`bool`, *optional*, defaults to `True`): progress bars.
 
     Returns:
-        `dict[str, Any]`: ``units`` (what was removed, by structure and layer) and the mask-tuning report.
+        `dict[str, Any]`: ``units`` (what was removed, by structure and layer), ``importance`` and the
+        mask-tuning report.
 
     Example:
         >>> import torch
@@ -80,23 +127,33 @@ def prune_to_flops(
         ...     num_attention_heads=4, intermediate_size=37, vocab_size=99)).eval()
         >>> batch = {"input_ids": torch.randint(1, 99, (4, 16)), "labels": torch.tensor([0, 1, 0, 1])}
         >>> dense = block_flops(model, 16)
-        >>> _ = prune_to_flops(model, [batch], 0.5, seq_len=16, show_progress=False)
-        >>> 0.45 < block_flops(model, 16) / dense <= 0.5
+        >>> _ = prune_to_flops(model, [batch], 0.5, seq_len=16, rounds=2, show_progress=False)
+        >>> 0.4 < block_flops(model, 16) / dense <= 0.5  # a tiny model: a head is a big step
         True
     """
-    check_choice("accumulate", accumulate, HEAD_ACCUMULATIONS)
+    if not 0.0 < target_ratio < 1.0:
+        raise ValueError(f"`target_ratio` must be in (0, 1), got {target_ratio}.")
     adapter = get_adapter(model)
     names = [structure.name for structure in adapter.structures]
-    importance = compute_unit_importance(
-        model, batches, names, accumulate=accumulate, show_progress=show_progress
-    )
     minimum = {name: 0 if allow_empty else 1 for name in names}
     minimum["heads"] = 0 if allow_empty else min_heads_per_layer
-    units = select_units_for_flops(model, importance, target_ratio, seq_len, minimum)
-    report = prune_and_rescale(
-        model, units, batches, mask_tuning=mask_tuning, allow_empty=allow_empty, show_progress=show_progress
+    start = block_flops(model, seq_len) / block_flops(model, seq_len, original=True)
+
+    def choose(importance: dict[str, torch.Tensor], index: int) -> dict[str, dict[int, list[int]]]:
+        ratio = start + (target_ratio - start) * (index + 1) / rounds
+        return select_units_for_flops(model, importance, ratio, seq_len, minimum)
+
+    return prune_in_rounds(
+        model,
+        batches,
+        names,
+        choose,
+        rounds=rounds,
+        mask_tuning=mask_tuning,
+        accumulate=accumulate,
+        allow_empty=allow_empty,
+        show_progress=show_progress,
     )
-    return {"units": units, "importance": importance, **report}
 
 
 def prune_weights(
