@@ -190,8 +190,8 @@ def remove_masks(model: nn.Module) -> None:
         >>> model = torch.nn.Linear(2, 1)
         >>> apply_masks(model, {"weight": torch.tensor([[True, False]])})
         >>> remove_masks(model)
-        >>> is_masked(model), model.weight[0, 1].item()
-        (False, 0.0)
+        >>> is_masked(model), model.weight[0, 1].item() == 0
+        (False, True)
     """
     for module in model.modules():
         for attr, handle in vars(module).pop(_HOOKS, {}).items():
