@@ -13,10 +13,16 @@ from hf_gradprune.importance import compute_weight_importance
 from .helpers import build_tiny, tiny_batch
 
 GRADIENT_METHODS = ("gradient", "taylor", "fisher", "obd", "combined")
+SQUARED_METHODS = ("fisher", "obd")  # the empirical Fisher: squares of single examples' gradients
 
 
 def batches(model, count=2):
     return [tiny_batch(model, seed=seed) for seed in range(count)]
+
+
+def rows(data):
+    """Every example of ``data`` as a batch of its own."""
+    return [{k: v[i : i + 1] for k, v in batch.items()} for batch in data for i in range(len(batch["labels"]))]
 
 
 def direct_gradients(model, data):
@@ -118,7 +124,7 @@ def test_weight_layer_groups_maps_blocks():
 def test_compute_weight_importance_matches_direct(model_type, method):
     model = build_tiny(model_type)
     data = batches(model)
-    gradients = direct_gradients(model, data)
+    gradients = direct_gradients(model, rows(data) if method in SQUARED_METHODS else data)
     scores = compute_weight_importance(model, data, method=method, show_progress=False)
     params = dict(model.named_parameters())
     assert list(scores) == [f"{name}.weight" for name in find_target_modules(model)]
@@ -257,10 +263,27 @@ def test_compute_weight_importance_several_methods_share_one_pass():
     handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
     together = compute_weight_importance(model, data, method=methods, show_progress=False)
     handle.remove()
-    assert len(calls) == len(data)  # one forward (and backward) per batch for all five
+    # one forward (and backward) per example for all five: obd and gblm square single examples' gradients,
+    # so taylor's sum comes from the same passes
+    assert len(calls) == len(rows(data))
     for method in methods:
         alone = compute_weight_importance(
-            model, None if method == "magnitude" else data, method=method, show_progress=False
+            model, None if method == "magnitude" else rows(data), method=method, show_progress=False
         )
         for name, score in alone.items():
             torch.testing.assert_close(together[method][name], score)
+
+
+def test_squared_gradients_skip_examples_without_loss():
+    """A row of padding has no labelled token, so no loss: it is left out with a warning, the rest counts."""
+    model = build_tiny("llama")
+    batch = tiny_batch(model, batch_size=3)
+    del batch["labels"]
+    batch["attention_mask"][1] = 0  # the second row is all padding
+    with pytest.warns(UserWarning, match="skipped 1 examples whose loss is not finite"):
+        scores = compute_weight_importance(model, [batch], method="fisher", show_progress=False)
+    kept = {k: v[[0, 2]] for k, v in batch.items()}
+    expected = compute_weight_importance(model, [kept], method="fisher", show_progress=False)
+    for name, score in scores.items():
+        assert torch.isfinite(score).all()
+        torch.testing.assert_close(score, expected[name])
