@@ -22,7 +22,9 @@ def batches(model, count=2):
 
 def rows(data):
     """Every example of ``data`` as a batch of its own."""
-    return [{k: v[i : i + 1] for k, v in batch.items()} for batch in data for i in range(len(batch["labels"]))]
+    return [
+        {k: v[i : i + 1] for k, v in batch.items()} for batch in data for i in range(len(batch["labels"]))
+    ]
 
 
 def direct_gradients(model, data):
