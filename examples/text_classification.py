@@ -190,7 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.train()  # with --eval_strategy steps, an evaluation just before a pruning step becomes "before"
     after = trainer.evaluate()
     before, right_after = trainer.eval_before, trainer.eval_pruned
-    trainer.save_model()
+    # push_to_hub saves the model, masks and card into output_dir and uploads them in one commit; with
+    # --push_to_hub, Trainer.save_model would push too (a second commit)
+    commit = trainer.push_to_hub() if training_args.push_to_hub else trainer.save_model()
 
     reloaded = load_pruned(training_args.output_dir)
     targets = trainer.pruning_callback.target_weight_names(reloaded)
@@ -208,7 +210,6 @@ def main(argv: list[str] | None = None) -> dict:
         "weight_sparsity": compute_sparsity(reloaded, targets) if pruning_args.prunes_weights else None,
     }
     if training_args.push_to_hub:
-        commit = trainer.push_to_hub()
         results["hub"] = {"repo_id": commit.repo_url.repo_id, "commit": commit.oid} if commit else None
     if training_args.should_save:
         path = Path(training_args.output_dir) / "pruning_results.json"
