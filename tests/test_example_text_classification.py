@@ -10,6 +10,8 @@ import torch
 
 from hf_gradprune import load_pruned
 from hf_gradprune.masks import compute_sparsity
+from hf_gradprune.testing import LocalHub
+from hf_gradprune.testing.hub import _Store
 from hf_gradprune.trainer import TRAINING_ARGS_JSON
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
@@ -17,9 +19,9 @@ pytestmark = [pytest.mark.real, pytest.mark.slow]
 SCRIPT = Path(__file__).parents[1] / "examples" / "text_classification.py"
 
 
-def test_example_prunes_heads_and_weights_and_reloads(tmp_path):
-    out = tmp_path / "run"
-    flags = [
+def small_run(out: Path) -> list[str]:
+    """Flags of a few-step run on a few reviews, pruning one head per layer and half of the weights."""
+    return [
         "--output_dir",
         str(out),
         "--max_steps",
@@ -51,8 +53,12 @@ def test_example_prunes_heads_and_weights_and_reloads(tmp_path):
         "--learning_rate",
         "1e-4",
     ]
+
+
+def test_example_prunes_heads_and_weights_and_reloads(tmp_path):
+    out = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, timeout=900
+        [sys.executable, str(SCRIPT), *small_run(out)], capture_output=True, text=True, timeout=900
     )
     assert result.returncode == 0, result.stderr[-4000:]
     results = json.loads((out / "pruning_results.json").read_text())
@@ -119,3 +125,21 @@ def test_example_bad_data_flags_are_clear_errors(tmp_path):
         timeout=300,
     )
     assert result.returncode != 0 and "`--train_file` must be a .csv, .json or .jsonl file" in result.stderr
+
+
+def test_example_push_to_hub_makes_one_commit(tmp_path):
+    """With --push_to_hub the model, masks and card land in one commit (Trainer.save_model would push too)."""
+    with LocalHub(tmp_path / "hub", token="secret") as hub:
+        env = hub.client_env(tmp_path / "home", "secret")
+        flags = [*small_run(tmp_path / "run"), "--push_to_hub", "true", "--hub_model_id", "test-user/example"]
+        result = subprocess.run(
+            [sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, timeout=900, env=env
+        )
+    assert result.returncode == 0, result.stderr[-4000:]
+    store = _Store(tmp_path / "hub")
+    repo = store.repo("test-user/example")
+    commits = list(store.history(repo, store.branch_head(repo, "main")))
+    uploads = [commit for _, commit in commits if "model.safetensors" in commit["files"]]
+    assert len(uploads) == 1, [commit["title"] for _, commit in commits]
+    results = json.loads((tmp_path / "run" / "pruning_results.json").read_text())
+    assert results["hub"]["commit"] == commits[0][0]
