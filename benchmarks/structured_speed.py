@@ -36,7 +36,7 @@ from matplotlib.figure import Figure
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 from hf_gradprune import (
-    block_flops,
+    flops_ratio,
     prune_in_rounds,
     prune_to_flops,
     select_heads_to_prune,
@@ -171,7 +171,7 @@ def minilm(args: argparse.Namespace) -> dict[str, Any]:
     for name, model in variants.items():
         row = {
             "name": name,
-            "flops_ratio": block_flops(model, SEQ_LEN) / block_flops(model, SEQ_LEN, original=True),
+            "flops_ratio": flops_ratio(model, SEQ_LEN),
             "parameters": sum(p.numel() for p in model.parameters()),
             **{f"accuracy_{split}": accuracy(model, batches) for split, batches in tests.items()},
             **reports.get(name, {}),
@@ -259,7 +259,7 @@ def smollm2(args: argparse.Namespace) -> dict[str, Any]:
     rows.insert(0, {"name": "dense"})
     for row in rows:
         model = variants[row["name"]]
-        row["flops_ratio"] = block_flops(model, SEQ_LEN) / block_flops(model, SEQ_LEN, original=True)
+        row["flops_ratio"] = flops_ratio(model, SEQ_LEN)
         row["parameters"] = sum(p.numel() for p in model.parameters())
         row["perplexity"] = perplexity(model, held_out)
         print(json.dumps(row), flush=True)

@@ -40,9 +40,9 @@ from transformers import (
 from hf_gradprune import (
     PruningArguments,
     PruningTrainer,
-    block_flops,
     compute_weight_importance,
     compute_weight_masks,
+    flops_ratio,
     prune_to_flops,
     prune_weights,
 )
@@ -173,8 +173,7 @@ def main() -> None:
     structured = copy.deepcopy(model)
     report = prune_to_flops(structured, calibration, options.flops_ratio, seq_len=options.seq_len)
     results["structured"] = {
-        "flops_ratio": block_flops(structured, options.seq_len)
-        / block_flops(structured, options.seq_len, original=True),
+        "flops_ratio": flops_ratio(structured, options.seq_len),
         "parameters": sum(p.numel() for p in structured.parameters()),
         "perplexity": perplexity(structured, held_out),
         "kv_groups_removed": sum(len(u) for u in report["units"].get("heads", {}).values()) // 3,

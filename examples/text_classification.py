@@ -40,7 +40,7 @@ from hf_gradprune import (
     PruningArguments,
     PruningRecord,
     PruningTrainer,
-    block_flops,
+    flops_ratio,
     get_adapter,
     load_pruned,
 )
@@ -204,8 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         "params_after": reloaded.num_parameters(),
         "heads_per_layer": structure_sizes(reloaded, "heads"),
         "ffn_per_layer": structure_sizes(reloaded, "ffn"),
-        "flops_ratio": block_flops(reloaded, pruning_args.flops_seq_len)
-        / block_flops(reloaded, pruning_args.flops_seq_len, original=True),
+        "flops_ratio": flops_ratio(reloaded, pruning_args.flops_seq_len),
         "speedup": trainer.pruning_callback.speedup,
         "weight_sparsity": compute_sparsity(reloaded, targets) if pruning_args.prunes_weights else None,
     }

@@ -13,7 +13,7 @@ from .arguments import PruningArguments
 from .callback import GradientPruningCallback
 from .cards import create_pruning_model_card, save_head_importance_heatmap
 from .checkpoint import load_pruned, save_pruned
-from .flops import block_flops, select_units_for_flops
+from .flops import block_flops, flops_ratio, select_units_for_flops
 from .gates import HeadGates, UnitGates, add_head_gates
 from .hub import push_folder_to_hub
 from .importance import compute_head_importance, compute_unit_importance, compute_weight_importance
@@ -48,6 +48,7 @@ __all__ = [
     "compute_weight_masks",
     "create_pruning_model_card",
     "find_target_modules",
+    "flops_ratio",
     "get_adapter",
     "load_pruned",
     "prune_heads",

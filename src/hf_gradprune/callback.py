@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import json
 import logging
@@ -19,7 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .adapters import FFN, HEADS, find_target_modules, get_adapter, weight_layer_groups
 from .arguments import PruningArguments
-from .flops import block_flops, measure_speedup, select_units_for_flops
+from .flops import flops_in_rounds, flops_ratio, measure_speedup
 from .importance import normalize_per_layer, prepare_batch
 from .masks import (
     MASKS_FILENAME,
@@ -185,24 +186,20 @@ class GradientPruningCallback(TrainerCallback):
         neurons = self.ffn_units_to_remove(step, adapter.num_units(adapter.structure(FFN), config))
         return max(1, min(args.prune_rounds, int(max(largest, neurons or 0))))
 
+    def _min_units(self) -> dict[str, int]:
+        """Units (groups) of each structure every layer keeps."""
+        args = self.pruning_args
+        return {HEADS: args.prune_min_heads_per_layer, FFN: 0 if args.allow_empty_layers else 1}
+
     def _structure_plan(
-        self,
-        model: nn.Module,
-        step: int,
-        importance: dict[str, torch.Tensor],
-        part: tuple[int, int],
-        start: float,
+        self, model: nn.Module, step: int, importance: dict[str, torch.Tensor], index: int, rounds: int
     ) -> dict[str, dict[int, list[int]]]:
-        """The units to remove in round ``part[0]`` of the ``part[1]`` rounds of ``step``'s cut, from the
-        round's ``importance``; ``start`` is the block-FLOPs ratio before the step."""
+        """The units to remove in round ``index`` of the ``rounds`` rounds of ``step``'s cut, from the round's
+        ``importance``, by per-layer counts (a FLOPs budget chooses through :func:`flops_in_rounds`)."""
         args = self.pruning_args
         adapter = get_adapter(model)
         config = model.config
-        index, rounds = part
-        min_units = {HEADS: args.prune_min_heads_per_layer, FFN: 0 if args.allow_empty_layers else 1}
-        if args.prunes_by_flops:
-            ratio = start + (self.flops_ratio_at(step) - start) * (index + 1) / rounds
-            return select_units_for_flops(model, importance, ratio, args.flops_seq_len, min_units)
+        min_units = self._min_units()
         steps = [*range(rounds)]
         plan = {}
         num_layers = len(adapter.blocks(model))
@@ -241,13 +238,16 @@ class GradientPruningCallback(TrainerCallback):
         args = self.pruning_args
         names = [name for name, wanted in ((HEADS, args.prunes_heads), (FFN, args.prunes_ffn)) if wanted]
         rounds = self._rounds(model, step)
-        seq_len = args.flops_seq_len
-        start = block_flops(model, seq_len) / block_flops(model, seq_len, original=True)
         reference = copy.deepcopy(model) if args.measure_speedup else None
+        if args.prunes_by_flops:
+            ratio = self.flops_ratio_at(step)
+            plan = flops_in_rounds(model, ratio, args.flops_seq_len, self._min_units(), rounds)
+        else:
+            plan = functools.partial(self._structure_plan, model, step, rounds=rounds)
 
         def choose(importance: dict[str, torch.Tensor], index: int) -> dict[str, dict[int, list[int]]]:
             self.importance.update(importance)
-            return self._structure_plan(model, step, importance, (index, rounds), start)
+            return plan(importance, index)
 
         report = prune_in_rounds(
             model,
@@ -474,8 +474,7 @@ class GradientPruningCallback(TrainerCallback):
             for layer in range(len(adapter.blocks(model))):
                 kept = record.kept(structure.name, layer, num_units)
                 logs[f"prune/{structure.name}_layer_{layer}"] = float(len(kept))
-        seq_len = self.pruning_args.flops_seq_len
-        logs["prune/flops_ratio"] = block_flops(model, seq_len) / block_flops(model, seq_len, original=True)
+        logs["prune/flops_ratio"] = flops_ratio(model, self.pruning_args.flops_seq_len)
         return logs
 
     def _write_figures(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> None:

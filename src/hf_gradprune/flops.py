@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -130,6 +130,30 @@ def select_units_for_flops(
         groups=groups,
         min_units_per_layer=min_units_per_layer,
     )
+
+
+def flops_ratio(model: nn.Module, seq_len: int) -> float:
+    """``model``'s block FLOPs at ``seq_len`` tokens as a fraction of its unpruned ones."""
+    return block_flops(model, seq_len) / block_flops(model, seq_len, original=True)
+
+
+def flops_in_rounds(
+    model: nn.Module,
+    target_ratio: float,
+    seq_len: int,
+    min_units_per_layer: int | Mapping[str, int],
+    rounds: int,
+) -> Callable[[Mapping[str, torch.Tensor], int], dict[str, dict[int, list[int]]]]:
+    """The ``choose`` of :func:`hf_gradprune.prune_in_rounds` for a FLOPs budget: round ``index`` of
+    ``rounds`` takes the block FLOPs an equal step from where they are now towards ``target_ratio``
+    (:func:`select_units_for_flops` on that round's scores)."""
+    start = flops_ratio(model, seq_len)
+
+    def choose(importance: Mapping[str, torch.Tensor], index: int) -> dict[str, dict[int, list[int]]]:
+        ratio = start + (target_ratio - start) * (index + 1) / rounds
+        return select_units_for_flops(model, importance, ratio, seq_len, min_units_per_layer)
+
+    return choose
 
 
 @torch.inference_mode()

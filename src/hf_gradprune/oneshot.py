@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .adapters import find_target_modules, get_adapter, weight_input_dims, weight_layer_groups
 from .arguments import HEAD_ACCUMULATIONS, check_choice
-from .flops import block_flops, select_units_for_flops
+from .flops import flops_in_rounds
 from .importance import compute_unit_importance, score_modules
 from .masks import apply_masks, get_masks
 from .rescale import capture_targets, rescale_units
@@ -137,17 +137,11 @@ def prune_to_flops(
     names = [structure.name for structure in adapter.structures]
     minimum = {name: 0 if allow_empty else 1 for name in names}
     minimum["heads"] = 0 if allow_empty else min_heads_per_layer
-    start = block_flops(model, seq_len) / block_flops(model, seq_len, original=True)
-
-    def choose(importance: dict[str, torch.Tensor], index: int) -> dict[str, dict[int, list[int]]]:
-        ratio = start + (target_ratio - start) * (index + 1) / rounds
-        return select_units_for_flops(model, importance, ratio, seq_len, minimum)
-
     return prune_in_rounds(
         model,
         batches,
         names,
-        choose,
+        flops_in_rounds(model, target_ratio, seq_len, minimum, rounds),
         rounds=rounds,
         mask_tuning=mask_tuning,
         accumulate=accumulate,
