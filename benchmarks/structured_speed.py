@@ -1,14 +1,14 @@
 """Structured pruning to a FLOPs budget: accuracy without retraining, after a fine-tune, and real speed.
 
-MiniLM on the peers' protocol (``common.py``; TextPruner and Torch-Pruning were measured on the same
-split, calibration and timing): the fine-tuned dense model; half of the heads (6 of 12 in every layer,
-Fisher of the head gates) at once or in 6 rounds; the peers' uniform shape (6 heads and 768 neurons in every
-layer) by the same importance in 8 rounds; and heads and FFN neurons chosen together by Fisher importance
-per FLOP until the block FLOPs at sequence 128 are half, in 1, 8 (the default) or 16 rounds, with and
-without mask tuning. Accuracy right after pruning on 2,000 test reviews
-(and on the peers' 1,000), then after one epoch of the peers' fine-tune, beside the dense model given the
-same epoch. Speed: throughput at batch 32 x 128 tokens and latency at batch 1 x 128, every variant timed
-interleaved in one process with ``--threads`` torch threads (the peers used 1).
+MiniLM on the peers' protocol (``common.py``; TextPruner and Torch-Pruning were measured on the same split,
+calibration and timing): the fine-tuned dense model; half of the heads (6 of 12 in every layer, Fisher of
+the head gates) at once or in 6 rounds; the peers' uniform shape (6 heads and 768 neurons in every layer) by
+the same importance in 8 rounds; and heads and FFN neurons chosen together by Fisher importance per FLOP
+until the block FLOPs at sequence 128 are half, in 1, 8 (the default) or 16 rounds, with and without mask
+tuning, neurons leaving in blocks of 64 (the default) or, once, one by one. Accuracy right after pruning on
+2,000 test reviews (and on the peers' 1,000), then after one epoch of the peers' fine-tune, beside the dense
+model given the same epoch. Speed: throughput at batch 32 x 128 tokens and latency at batch 1 x 128, every
+variant timed interleaved in one process with ``--threads`` torch threads (the peers used 1).
 
 SmolLM2-135M (GGUF, float32) at 75% and 50% of the block FLOPs (key/value groups and FFN neurons, Fisher
 on label-free review text, ``--smollm2_rounds`` rounds, with and without mask tuning): forward (batch
@@ -155,12 +155,27 @@ def minilm(args: argparse.Namespace) -> dict[str, Any]:
             model, calibration, structures, choose, rounds=rounds, mask_tuning=tuning, show_progress=False
         )
         variants[name] = model
-    for rounds, tuning in ((1, False), (1, True), (8, False), (8, True), (16, False)):
+    for rounds, tuning, multiple in (
+        (1, False, None),
+        (1, True, None),
+        (8, False, None),
+        (8, True, None),
+        (16, False, None),
+        (8, False, 1),
+    ):
         model = copy.deepcopy(dense)
         report = prune_to_flops(
-            model, calibration, 0.5, seq_len=SEQ_LEN, rounds=rounds, mask_tuning=tuning, show_progress=False
+            model,
+            calibration,
+            0.5,
+            seq_len=SEQ_LEN,
+            rounds=rounds,
+            mask_tuning=tuning,
+            ffn_multiple_of=multiple,
+            show_progress=False,
         )
         name = f"FLOPs 50%, {rounds} round{'s' if rounds > 1 else ''}" + (", tuned" if tuning else "")
+        name += ", neurons one by one" if multiple == 1 else ""
         reports[name] = {k: v for k, v in report.items() if k.startswith("prune/")}
         reports[name]["units"] = {
             s: {str(layer): len(u) for layer, u in layers.items()} for s, layers in report["units"].items()

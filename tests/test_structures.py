@@ -173,6 +173,16 @@ def test_budget_selection_reaches_the_flops_target():
     assert 0.48 <= block_flops(model, 64) / dense <= 0.5
 
 
+def test_budget_selection_removes_neurons_in_blocks_of_the_lowest_scored():
+    scores = {"heads": torch.tensor([[5.0, 6.0]] * 2), "ffn": torch.arange(20.0).reshape(2, 10).flip(1)}
+    plan = select_units_under_budget(scores, {"heads": 8.0, "ffn": 1.0}, 7, multiple_of={"ffn": 4})
+    # Layer 0 (scores 9..0) loses its remainder (the two lowest), then the next four; the last four stay
+    # (a layer keeps one); heads cost 8 and would overshoot; layer 1's remainder closes the gap: 2 + 4 + 2.
+    assert plan == {"heads": {}, "ffn": {0: [4, 5, 6, 7, 8, 9], 1: [8, 9]}}
+    with pytest.raises(ValueError, match=r"`multiple_of\['ffn'\]` must be >= 1, got 0"):
+        select_units_under_budget(scores, {"heads": 8.0, "ffn": 1.0}, 7, multiple_of={"ffn": 0})
+
+
 def test_budget_selection_that_cannot_be_met_is_a_clear_error():
     scores = {"heads": torch.ones(1, 2), "ffn": torch.ones(1, 3)}
     with pytest.raises(ValueError, match=r"Cannot remove 100 of cost: only 12 can go"):
@@ -236,11 +246,15 @@ def test_trainer_prunes_to_a_flops_budget_with_mask_tuning_and_reloads(model_typ
             mask_tuning=True,
             measure_speedup=True,
             importance_batches=2,
+            prune_ffn_multiple_of=8,
         ),
     )
     trainer.train()
     ratio = block_flops(trainer.model, 32) / dense
     assert 0.45 <= ratio <= 0.5
+    assert all(
+        (37 - len(gone)) % 8 == 0 for gone in PruningRecord.from_config(model.config).pruned["ffn"].values()
+    )
     entry = next(e for e in trainer.state.log_history if "prune/flops_ratio" in e)
     assert entry["prune/flops_ratio"] == pytest.approx(ratio) and entry["prune/mask_tuning_layers"] > 0
     assert entry["prune/speedup"] > 0 and trainer.pruning_callback.speedup == entry["prune/speedup"]
@@ -281,3 +295,5 @@ def test_prune_to_flops_in_rounds_reaches_the_target_on_the_real_minilm(review_b
     report = prune_to_flops(model, review_batches(2, 8), 0.5, seq_len=64, rounds=4, show_progress=False)
     assert 0.49 <= block_flops(model, 64) / dense <= 0.5
     assert set(report["units"]) == {"heads", "ffn"}
+    # The default keeps kernel-friendly widths: every layer a multiple of 64 of its 1536 neurons.
+    assert {(1536 - len(gone)) % 64 for gone in report["units"]["ffn"].values()} == {0}

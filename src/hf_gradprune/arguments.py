@@ -75,6 +75,14 @@ class PruningArguments:
     flops_seq_len: int = field(
         default=128, metadata={"help": "Sequence length at which FLOPs are counted for --target_flops_ratio."}
     )
+    prune_ffn_multiple_of: int | None = field(
+        default=None,
+        metadata={
+            "help": "Under --target_flops_ratio, FFN neurons leave each layer in blocks of this many, so "
+            "every layer keeps a multiple of it (default: 64 when the FFN width is a multiple of 64, else "
+            "1; 1 removes neurons one by one)."
+        },
+    )
     allow_empty_layers: bool = field(
         default=False,
         metadata={"help": "Let a layer lose all its heads or all its FFN neurons (the block still runs)."},
@@ -224,6 +232,13 @@ class PruningArguments:
                 raise ValueError(
                     f"`--target_flops_ratio` chooses heads and FFN neurons itself: leave out "
                     f"{', '.join('`--' + flag + '`' for flag in given)}."
+                )
+        if self.prune_ffn_multiple_of is not None:
+            if self.prune_ffn_multiple_of < 1:
+                raise ValueError(f"`--prune_ffn_multiple_of` must be >= 1, got {self.prune_ffn_multiple_of}.")
+            if self.target_flops_ratio is None:
+                raise ValueError(
+                    "`--prune_ffn_multiple_of` shapes a FLOPs budget: set `--target_flops_ratio`."
                 )
         if self.prune_rounds < 1:
             raise ValueError(f"`--prune_rounds` must be >= 1, got {self.prune_rounds}.")

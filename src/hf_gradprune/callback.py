@@ -20,7 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .adapters import FFN, HEADS, find_target_modules, get_adapter, weight_layer_groups
 from .arguments import PruningArguments
-from .flops import flops_in_rounds, flops_ratio, measure_speedup
+from .flops import flops_in_rounds, flops_ratio, measure_speedup, neuron_multiples
 from .importance import normalize_per_layer, prepare_batch
 from .masks import (
     MASKS_FILENAME,
@@ -241,7 +241,8 @@ class GradientPruningCallback(TrainerCallback):
         reference = copy.deepcopy(model) if args.measure_speedup else None
         if args.prunes_by_flops:
             ratio = self.flops_ratio_at(step)
-            plan = flops_in_rounds(model, ratio, args.flops_seq_len, self._min_units(), rounds)
+            multiples = neuron_multiples(model, args.prune_ffn_multiple_of)
+            plan = flops_in_rounds(model, ratio, args.flops_seq_len, self._min_units(), rounds, multiples)
         else:
             plan = functools.partial(self._structure_plan, model, step, rounds=rounds)
 

@@ -23,6 +23,10 @@ from .adapters import UNIT, get_adapter, weight_dims
 from .record import PruningRecord
 from .selection import select_units_under_budget
 
+KERNEL_MULTIPLE = 64
+"""FFN neurons leave a layer in blocks of this many under a FLOPs budget, when the FFN width is a multiple
+of it: dense kernels run layers of such widths at full speed (a layer cut to 39 neurons does not)."""
+
 
 def unit_macs(model: nn.Module, seq_len: int) -> dict[str, int]:
     """Structure name to the multiply-adds per token of one prunable unit (a whole key/value group).
@@ -91,12 +95,35 @@ def block_flops(model: nn.Module, seq_len: int, original: bool = False) -> int:
     return 2 * seq_len * total
 
 
+def neuron_multiples(model: nn.Module, ffn_multiple_of: int | None = None) -> dict[str, int]:
+    """The ``multiple_of`` of :func:`select_units_for_flops`: ``ffn_multiple_of`` for every structure that is
+    not attention, by default :data:`KERNEL_MULTIPLE` when the unpruned width is a multiple of it, else 1.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> neuron_multiples(BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        ...                                       intermediate_size=128, vocab_size=99)))
+        {'ffn': 64}
+    """
+    if ffn_multiple_of is not None and ffn_multiple_of < 1:
+        raise ValueError(f"`ffn_multiple_of` must be >= 1, got {ffn_multiple_of}.")
+    adapter = get_adapter(model)
+    multiples = {}
+    for structure in adapter.structures:
+        if not structure.attention:
+            width = adapter.num_units(structure, model.config)
+            default = KERNEL_MULTIPLE if width % KERNEL_MULTIPLE == 0 else 1
+            multiples[structure.name] = default if ffn_multiple_of is None else ffn_multiple_of
+    return multiples
+
+
 def select_units_for_flops(
     model: nn.Module,
     importance: Mapping[str, torch.Tensor],
     target_ratio: float,
     seq_len: int = 128,
     min_units_per_layer: int | Mapping[str, int] = 1,
+    multiple_of: Mapping[str, int] | None = None,
 ) -> dict[str, dict[int, list[int]]]:
     """Heads and FFN neurons to remove so that the block FLOPs fall to ``target_ratio`` of the original.
 
@@ -111,6 +138,8 @@ def select_units_for_flops(
         seq_len (`int`, *optional*, defaults to 128): the sequence length FLOPs are counted at.
         min_units_per_layer (`int` or `Mapping[str, int]`, *optional*, defaults to 1): units (groups) of each
             structure every layer keeps.
+        multiple_of (`Mapping[str, int]`, *optional*): structure name to the block size its units leave a
+            layer in (:func:`neuron_multiples` gives the kernel-friendly default; none: 1).
 
     Returns:
         `dict[str, dict[int, list[int]]]`: the ``units_to_prune`` of :func:`hf_gradprune.prune_units` (empty
@@ -129,6 +158,7 @@ def select_units_for_flops(
         excess / (2 * seq_len),
         groups=groups,
         min_units_per_layer=min_units_per_layer,
+        multiple_of=multiple_of,
     )
 
 
@@ -143,6 +173,7 @@ def flops_in_rounds(
     seq_len: int,
     min_units_per_layer: int | Mapping[str, int],
     rounds: int,
+    multiple_of: Mapping[str, int] | None = None,
 ) -> Callable[[Mapping[str, torch.Tensor], int], dict[str, dict[int, list[int]]]]:
     """The ``choose`` of :func:`hf_gradprune.prune_in_rounds` for a FLOPs budget: round ``index`` of
     ``rounds`` takes the block FLOPs an equal step from where they are now towards ``target_ratio``
@@ -151,7 +182,7 @@ def flops_in_rounds(
 
     def choose(importance: Mapping[str, torch.Tensor], index: int) -> dict[str, dict[int, list[int]]]:
         ratio = start + (target_ratio - start) * (index + 1) / rounds
-        return select_units_for_flops(model, importance, ratio, seq_len, min_units_per_layer)
+        return select_units_for_flops(model, importance, ratio, seq_len, min_units_per_layer, multiple_of)
 
     return choose
 

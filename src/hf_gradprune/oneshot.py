@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .adapters import find_target_modules, get_adapter, weight_input_dims, weight_layer_groups
 from .arguments import HEAD_ACCUMULATIONS, check_choice
-from .flops import flops_in_rounds
+from .flops import flops_in_rounds, neuron_multiples
 from .importance import compute_unit_importance, score_modules
 from .masks import apply_masks, get_masks
 from .rescale import capture_targets, rescale_units
@@ -93,6 +93,7 @@ def prune_to_flops(
     accumulate: str = "fisher",
     min_heads_per_layer: int = 1,
     allow_empty: bool = False,
+    ffn_multiple_of: int | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Remove heads and FFN neurons until the block FLOPs fall to ``target_ratio``, without retraining.
@@ -113,6 +114,9 @@ def prune_to_flops(
             :func:`hf_gradprune.compute_unit_importance`.
         min_heads_per_layer (`int`, *optional*, defaults to 1): heads (key/value groups) every layer keeps.
         allow_empty (`bool`, *optional*, defaults to `False`): let a layer lose every head or neuron.
+        ffn_multiple_of (`int`, *optional*): FFN neurons leave each layer in blocks of this many
+            (default: 64 when the FFN width is a multiple of 64, else 1; see
+            :func:`hf_gradprune.flops.neuron_multiples`).
         show_progress (`bool`, *optional*, defaults to `True`): progress bars.
 
     Returns:
@@ -141,7 +145,9 @@ def prune_to_flops(
         model,
         batches,
         names,
-        flops_in_rounds(model, target_ratio, seq_len, minimum, rounds),
+        flops_in_rounds(
+            model, target_ratio, seq_len, minimum, rounds, neuron_multiples(model, ffn_multiple_of)
+        ),
         rounds=rounds,
         mask_tuning=mask_tuning,
         accumulate=accumulate,

@@ -181,6 +181,7 @@ def select_units_under_budget(
     remove_cost: float,
     groups: Mapping[str, int] | None = None,
     min_units_per_layer: int | Mapping[str, int] = 1,
+    multiple_of: Mapping[str, int] | None = None,
 ) -> dict[str, dict[int, list[int]]]:
     """Units of several structures ranked together by importance per cost, removed until ``remove_cost``.
 
@@ -189,7 +190,9 @@ def select_units_under_budget(
     reaches ``remove_cost``; a unit that would overshoot is passed over while cheaper units (neurons) can
     close the gap, so the target is met within one cheapest unit. A layer keeps at least
     ``min_units_per_layer`` of each structure. Scores must be on one scale across structures, such as the
-    Fisher information of their gates.
+    Fisher information of their gates. With ``multiple_of[name] = m`` a layer's units of that structure
+    leave in blocks of its ``m`` lowest-scored ones (ranked by their mean score per cost), so every layer
+    keeps a multiple of ``m``: sizes that dense kernels run at full speed.
 
     Args:
         importance (`Mapping[str, torch.Tensor]`): structure name to ``(num_layers, num_units)`` scores,
@@ -200,6 +203,8 @@ def select_units_under_budget(
         groups (`Mapping[str, int]`, *optional*): structure name to units that leave together (default 1).
         min_units_per_layer (`int` or `Mapping[str, int]`, *optional*, defaults to 1): groups of each
             structure every layer keeps (one number for all, or per structure name).
+        multiple_of (`Mapping[str, int]`, *optional*): structure name to the block size its units leave in
+            (default 1); a layer whose count is not a multiple first loses the remainder.
 
     Returns:
         `dict[str, dict[int, list[int]]]`: structure name to layer index to sorted units to remove.
@@ -212,6 +217,8 @@ def select_units_under_budget(
         >>> scores = {"heads": torch.tensor([[4.0, 1.0]]), "ffn": torch.tensor([[0.2, 0.5, 0.1, 3.0]])}
         >>> select_units_under_budget(scores, {"heads": 10.0, "ffn": 1.0}, remove_cost=12)
         {'heads': {0: [1]}, 'ffn': {0: [0, 2]}}
+        >>> select_units_under_budget(scores, {"heads": 10.0, "ffn": 1.0}, 2, multiple_of={"ffn": 2})
+        {'heads': {}, 'ffn': {0: [0, 2]}}
     """
     if remove_cost < 0:
         raise ValueError(f"`remove_cost` must be >= 0, got {remove_cost}.")
@@ -221,36 +228,50 @@ def select_units_under_budget(
         if isinstance(min_units_per_layer, Mapping)
         else dict.fromkeys(importance, min_units_per_layer)
     )
-    candidates: list[tuple[float, str, int, int]] = []
+    candidates: list[tuple[float, str, int, list[int]]] = []
     left: dict[tuple[str, int], int] = {}
     for name, score in importance.items():
         unit_scores = _unit_scores(score.detach().float().cpu(), groups.get(name, 1))
         cost = float(costs[name])
         if cost <= 0:
             raise ValueError(f"`costs[{name!r}]` must be positive, got {cost}.")
+        block = (multiple_of or {}).get(name, 1)
+        if block < 1:
+            raise ValueError(f"`multiple_of[{name!r}]` must be >= 1, got {block}.")
         for layer, row in enumerate(unit_scores.tolist()):
-            left[name, layer] = sum(not math.isnan(v) for v in row)
-            candidates += [(v / cost, name, layer, unit) for unit, v in enumerate(row) if not math.isnan(v)]
+            present = sorted((v, unit) for unit, v in enumerate(row) if not math.isnan(v))
+            left[name, layer] = len(present)
+            start = 0
+            # Blocks from the lowest scores up: their means rise, so a layer's blocks go in order.
+            for size in [len(present) % block or block] + [block] * len(present):
+                units = present[start : start + size]
+                if not units:
+                    break
+                mean = sum(v for v, _ in units) / len(units)
+                candidates.append((mean / cost, name, layer, [unit for _, unit in units]))
+                start += size
     candidates.sort(key=lambda c: c[0])
     chosen: dict[str, dict[int, list[int]]] = {name: {} for name in importance}
     removed = 0.0
-    cheapest = min((float(costs[name]) for name in importance), default=0.0)
-    # First pass: lowest score per cost first, but a unit that would overshoot the target is passed over
-    # while cheaper units can still close the gap; the second pass takes passed-over units if needed.
-    passed_over = []
+    cheapest = min((float(costs[c[1]]) * len(c[3]) for c in candidates), default=0.0)
+    # First pass: lowest score per cost first, but a block that would overshoot the target is passed over
+    # while cheaper ones can still close the gap; the second pass takes the cheapest passed-over blocks.
+    passed_over: list[tuple[float, str, int, list[int]]] = []
     for pass_over in (True, False):
-        for candidate in candidates if pass_over else passed_over:
-            _, name, layer, unit = candidate
+        for candidate in (
+            candidates if pass_over else sorted(passed_over, key=lambda c: len(c[3]) * costs[c[1]])
+        ):
+            _, name, layer, units = candidate
             if removed >= remove_cost:
                 break
-            if left[name, layer] <= minimum.get(name, 1):
+            if left[name, layer] - len(units) < minimum.get(name, 1):
                 continue
-            cost = float(costs[name])
+            cost = float(costs[name]) * len(units)
             if pass_over and cost > cheapest and removed + cost > remove_cost:
                 passed_over.append(candidate)
                 continue
-            chosen[name].setdefault(layer, []).append(unit)
-            left[name, layer] -= 1
+            chosen[name].setdefault(layer, []).extend(units)
+            left[name, layer] -= len(units)
             removed += cost
     if removed < remove_cost:
         raise ValueError(
