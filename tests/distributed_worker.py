@@ -4,7 +4,8 @@ Usage: ``torchrun --nproc_per_node 2 tests/distributed_worker.py OUT_DIR MODE`` 
 ``one_shot`` (weight sparsity 0.5 at step 0), ``linear`` (0 -> 0.5 over steps 0..6, every 2 steps),
 ``heads0`` (PruningTrainer: one head per layer cut before training, then weight sparsity 0.5), ``flops0``
 (PruningTrainer: heads and FFN neurons to half the FLOPs with mask tuning, before training) or ``heads``
-(a head cut at step 3, mid-training, which the callback refuses in multi-process training).
+(a head cut at step 3, mid-training, which the callback refuses in multi-process training) or ``fsdp``
+(weight pruning under FSDP 2 ``full_shard``, which the callback refuses when the Trainer is built).
 
 Each rank writes into OUT_DIR:
 
@@ -12,7 +13,8 @@ Each rank writes into OUT_DIR:
 - ``masks_rank{R}_step{S}.safetensors``: the masks right after each step ``S`` at which they changed;
 - ``masks_rank{R}.safetensors`` and ``weights_rank{R}.safetensors``: masks and parameters after training;
 - ``heads_rank{R}.json`` and ``record_rank{R}.json``: the pruned heads, and the whole pruning record;
-- in ``heads`` mode, ``error_rank{R}.txt`` with the message of the ``ValueError`` (then re-raised).
+- in ``heads`` and ``fsdp`` modes, ``error_rank{R}.txt`` with the message of the ``ValueError`` (then
+  re-raised).
 
 ``HF_GRADPRUNE_TEST_NO_ALLREDUCE=1`` replaces ``hf_gradprune.importance.all_reduce_sum`` by the identity
 before training, so each rank selects from its own shard only: the control that shows the test can fail.
@@ -53,6 +55,7 @@ PRUNING = {
     "heads0": {"prune_heads_per_layer": 1, "prune_steps": "0", "weight_sparsity": 0.5},
     "heads": {"prune_heads_per_layer": 1, "prune_steps": "3"},
     "flops0": {"target_flops_ratio": 0.5, "flops_seq_len": LENGTH, "mask_tuning": True, "prune_steps": "0"},
+    "fsdp": {"weight_sparsity": 0.5},
 }
 
 
@@ -92,7 +95,9 @@ def main() -> None:
     out, mode = Path(sys.argv[1]), sys.argv[2]
     if os.environ.get("HF_GRADPRUNE_TEST_NO_ALLREDUCE") == "1":
         hf_gradprune.importance.all_reduce_sum = lambda tensor: tensor
+    sharding = {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}} if mode == "fsdp" else {}
     args = TrainingArguments(
+        **sharding,
         output_dir=str(out / "trainer"),
         max_steps=MAX_STEPS,
         per_device_train_batch_size=4,
@@ -111,6 +116,12 @@ def main() -> None:
     model = build_tiny("bert").train()
     pruning_args = PruningArguments(importance_batches=IMPORTANCE_BATCHES, **PRUNING[mode])
     common = {"model": model, "args": args, "train_dataset": random_dataset()}
+    if mode == "fsdp":
+        try:
+            Trainer(**common, callbacks=[GradientPruningCallback(pruning_args)])
+        except ValueError as error:
+            (out / f"error_rank{rank}.txt").write_text(str(error))
+            raise
     if mode in ("heads0", "flops0"):  # PruningTrainer cuts step-0 structures before DDP wraps the model
         trainer = PruningTrainer(**common, pruning_args=pruning_args, callbacks=[Recorder(out, rank)])
         trainer.pruning_callback.show_progress = False

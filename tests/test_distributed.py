@@ -172,3 +172,13 @@ def test_distributed_flops_budget_cuts_the_same_heads_and_neurons_on_every_rank(
     # different shapes.
     control = torchrun(tmp_path / "flops0_control", "flops0", env={"HF_GRADPRUNE_TEST_NO_ALLREDUCE": "1"})
     assert control.returncode != 0
+
+
+def test_distributed_fsdp_is_refused_with_the_reason(tmp_path):
+    out = tmp_path / "fsdp"
+    result = torchrun(out, "fsdp")
+    assert result.returncode != 0
+    for rank in (0, 1):
+        message = (out / f"error_rank{rank}.txt").read_text()
+        assert message.startswith("hf_gradprune does not support FSDP training yet"), message
+        assert "shards across processes" in message and "docs/scaling.md" in message

@@ -157,6 +157,25 @@ def test_compute_weight_masks_over_quantile_limit():
     assert pruned_count(mask) == round(0.5 * score.numel())
 
 
+def test_compute_weight_masks_of_50m_elements_are_exact_and_stay_exact_when_applied():
+    from hf_gradprune.masks import apply_masks, compute_sparsity
+
+    generator = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(10_000, 5_000, bias=False)  # 50M weights
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(5_000, 10_000, generator=generator))
+    mask = compute_weight_masks({"weight": layer.weight.detach().abs()}, 0.37)["weight"]
+    assert pruned_count(mask) == round(0.37 * 50_000_000)
+    apply_masks(layer, {"weight": mask})
+    assert compute_sparsity(layer)["overall"] == round(0.37 * 50_000_000) / 50_000_000  # counted zeros
+    scores = {
+        "a": torch.rand(6_000, 5_000, generator=generator),
+        "b": torch.rand(4_000, 5_000, generator=generator),
+    }
+    masks = compute_weight_masks(scores, 0.61, scope="global")
+    assert sum(pruned_count(m) for m in masks.values()) == round(0.61 * 50_000_000)
+
+
 def test_sparsity_at_step_one_shot():
     values = [sparsity_at_step(step, 0.5, 10, 20) for step in (0, 9, 10, 15, 100)]
     assert values == [0.0, 0.0, 0.5, 0.5, 0.5]

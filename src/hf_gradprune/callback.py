@@ -55,7 +55,14 @@ def take_batches(dataloader: Iterable, count: int) -> list[Any]:
     """
     loader = getattr(dataloader, "base_dataloader", dataloader)
     with torch.random.fork_rng(devices=[]):
-        return list(itertools.islice(iter(loader), count))
+        batches = list(itertools.islice(iter(loader), count))
+    if len(batches) < count:
+        warnings.warn(
+            f"`--importance_batches` is {count} but the training data gives {len(batches)} batch(es) per "
+            f"pass: importance is computed on those {len(batches)}.",
+            stacklevel=2,
+        )
+    return batches
 
 
 def _share(step: int, steps: list[int], target: float) -> int:
@@ -108,6 +115,7 @@ class GradientPruningCallback(TrainerCallback):
         self._progress = show_progress
         self._restored_masks: dict[str, torch.Tensor] | None = None
         self._resumed = False
+        self._noted_pruned = False
         self._structures_done_before_training = False
         self._pending_logs: dict[str, float] = {}
         self._writer = None
@@ -316,9 +324,82 @@ class GradientPruningCallback(TrainerCallback):
         return [s for s in self.pruning_args.prune_step_list if s >= step and s not in done]
 
     # --- events -----------------------------------------------------------------------------------
+    def note_already_pruned(self, model: nn.Module) -> None:
+        """Warn once, before a fresh run prunes, that ``model`` arrives pruned and how the arguments apply."""
+        if self._noted_pruned:
+            return
+        self._noted_pruned = True
+        record = PruningRecord.from_config(getattr(model, "config", None))
+        masked = len(get_masks(model))
+        if record.is_empty() and not masked:
+            return
+        args = self.pruning_args
+        found = [
+            f"{name}: {sum(map(len, layers.values()))} removed" for name, layers in record.pruned.items()
+        ]
+        found += [f"{masked} masked weight tensors"] if masked else []
+        message = (
+            f"The model is already pruned ({', '.join(found)}). Head and FFN counts and fractions remove "
+            "that many more; `--target_flops_ratio` counts from the original model; weight masks are "
+            "recomputed at `--weight_sparsity` over all weights, the zeros included."
+        )
+        if args.prunes_by_flops and getattr(model, "config", None) is not None and not record.is_empty():
+            now = flops_ratio(model, args.flops_seq_len)
+            if now <= args.target_flops_ratio:
+                message += f" Its FLOPs are already {now:.1%} of the original: no head or neuron will go."
+        warnings.warn(message, stacklevel=3)
+
+    def _warn_about_the_schedule(self, max_steps: int) -> None:
+        """Prune steps and ramp ends at or past the end of training never happen: say so at train begin."""
+        args = self.pruning_args
+        steps = args.prune_step_list if args.prunes_structures or args.sparsity_schedule == "one_shot" else []
+        late = [step for step in steps if step >= max_steps]
+        if late and (args.prunes_structures or args.prunes_weights):
+            warnings.warn(
+                f"`--prune_steps` {late} are at or past the end of training (max_steps={max_steps}): those "
+                "cuts never happen. Set steps below max_steps.",
+                stacklevel=3,
+            )
+        if (
+            args.prunes_weights
+            and args.sparsity_schedule != "one_shot"
+            and args.sparsity_schedule_end >= max_steps
+        ):
+            reached = max(
+                (s for s in range(max_steps) if self.weight_sparsity_at(s) is not None),
+                default=None,
+            )
+            final = 0.0 if reached is None else self.weight_sparsity_at(reached)
+            warnings.warn(
+                f"`--sparsity_schedule_end` {args.sparsity_schedule_end} is at or past the end of training "
+                f"(max_steps={max_steps}): the weights end at sparsity {final:.3g}, not the "
+                f"`--weight_sparsity` {args.weight_sparsity}. End the ramp before max_steps.",
+                stacklevel=3,
+            )
+
+    def refuse_sharded_training(self, fsdp: bool, deepspeed: bool) -> None:
+        """FSDP and DeepSpeed shard the parameters that masks and surgery need whole: a clear error."""
+        if not (fsdp or deepspeed):
+            return
+        name = "FSDP" if fsdp else "DeepSpeed"
+        raise ValueError(
+            f"hf_gradprune does not support {name} training yet: its weight masks and gradient hooks, "
+            f"importance and head/neuron surgery work on whole parameters, which {name} shards across "
+            "processes (the masks would not match the shards and the optimizer could not be remapped). "
+            "Train with DDP (tested), or score and prune in one process first (`prune_weights(..., "
+            "sequential=True)` holds one block's activations at a time) and fine-tune the pruned model with "
+            "its masks under DDP. See docs/scaling.md."
+        )
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.refuse_sharded_training(bool(args.fsdp), bool(args.deepspeed))
+
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         model = kwargs["model"]
         self._progress = self.show_progress and not args.disable_tqdm and state.is_local_process_zero
+        if state.global_step == 0:
+            self.note_already_pruned(model)
+            self._warn_about_the_schedule(state.max_steps)
         if self._structure_steps_left(state.global_step):
             get_adapter(model)  # heads and neurons need a registered family: a clear error now, not mid-run
             if args.world_size > 1:

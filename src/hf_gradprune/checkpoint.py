@@ -3,9 +3,13 @@ training state without pickle."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +17,7 @@ import numpy as np
 import torch
 import transformers
 from huggingface_hub import snapshot_download
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
@@ -24,8 +29,88 @@ from .masks import MASKS_FILENAME, apply_masks, get_masks, load_masks, save_mask
 from .record import PruningRecord, strip_record
 from .surgery import prune_units
 
+logger = logging.getLogger(__name__)
+
 HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download")
 LOAD_KWARGS = ("dtype",)
+PICKLED_WEIGHTS = "pytorch_model.bin"
+PARTIAL_PREFIX = ".saving-"
+PENDING_SAVE = ".pending-save"
+"""A complete new set of files being moved into a folder; its presence means that move was cut short."""
+
+
+def finish_interrupted_save(folder: str | os.PathLike) -> bool:
+    """Complete a save into ``folder`` that was killed while moving its files into place.
+
+    :func:`saving_into` writes every file into a temporary folder, renames it to ``.pending-save`` (one
+    atomic step: from then on the new set is whole) and moves its files into ``folder``. A process killed
+    before the rename leaves the previous files untouched; one killed during the moves leaves the rest in
+    ``.pending-save``, and this moves them. Stale temporary folders of dead processes are removed.
+
+    Returns:
+        `bool`: whether an interrupted save was completed.
+    """
+    folder = Path(folder)
+    for partial in folder.glob(f"{PARTIAL_PREFIX}*"):
+        pid = partial.name.removeprefix(PARTIAL_PREFIX).split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+    pending = folder / PENDING_SAVE
+    if not pending.is_dir():
+        return False
+    logger.warning("Completing an interrupted save in %s (files left in %s).", folder, PENDING_SAVE)
+    _move_files(pending, folder)
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _move_files(source: Path, folder: Path) -> None:
+    """Move every file below ``source`` to the same place below ``folder`` (``os.replace``), then drop it."""
+    for path in sorted(source.rglob("*")):
+        if path.is_file():
+            target = folder / path.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+    shutil.rmtree(source)
+
+
+@contextlib.contextmanager
+def saving_into(folder: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder to write a save into; on success its files replace those of ``folder``.
+
+    The other files of ``folder`` stay. A process killed while writing leaves ``folder`` as it was; one
+    killed while the files move is completed by :func:`finish_interrupted_save` (``load_pruned``, the
+    next save and resuming call it). An exception removes the temporary folder and leaves ``folder`` as it
+    was.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     with saving_into(folder) as partial:
+        ...         _ = (partial / "config.json").write_text("{}")
+        ...     sorted(p.name for p in Path(folder).iterdir())
+        ['config.json']
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    finish_interrupted_save(folder)
+    partial = Path(tempfile.mkdtemp(dir=folder, prefix=f"{PARTIAL_PREFIX}{os.getpid()}-"))
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    os.replace(partial, folder / PENDING_SAVE)
+    _move_files(folder / PENDING_SAVE, folder)
 
 
 def resolve_folder(path_or_repo_id: str | os.PathLike, **hub_kwargs: Any) -> Path:
@@ -42,13 +127,38 @@ def resolve_folder(path_or_repo_id: str | os.PathLike, **hub_kwargs: Any) -> Pat
     return Path(snapshot_download(text, **hub_kwargs))
 
 
-def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of the safetensors weights in ``folder`` (single file or sharded)."""
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"{path.name} in {path.parent.name!r} is damaged or truncated ({error}); nothing was loaded: "
+            "save the model again, or download it again with `force_download=True`."
+        ) from error
+
+
+def read_state_dict(folder: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of the safetensors weights in ``folder`` (single file or sharded); with ``allow_pickle``,
+    a folder with only ``pytorch_model.bin`` is read by ``torch.load(weights_only=True)``."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (folder / "model.safetensors").is_file():
-        shards = ["model.safetensors"]
+        missing = [shard for shard in shards if not (folder / shard).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{index.name} in {folder.name!r} lists shards that are not there: {missing}; nothing was "
+                "loaded: copy or download the whole folder."
+            )
+    elif (folder / SAFE_WEIGHTS_NAME).is_file():
+        shards = [SAFE_WEIGHTS_NAME]
+    elif (folder / PICKLED_WEIGHTS).is_file():
+        if not allow_pickle:
+            raise ValueError(
+                f"{folder.name!r} has only {PICKLED_WEIGHTS}, a pickle, which can run code when read: "
+                "hf_gradprune reads safetensors. Pass `allow_pickle=True` if you trust its source (it is "
+                "then read with torch.load(weights_only=True)), or convert it to model.safetensors."
+            )
+        return torch.load(folder / PICKLED_WEIGHTS, map_location="cpu", weights_only=True)
     else:
         raise FileNotFoundError(
             f"No model.safetensors in {folder.name!r}: hf_gradprune reads safetensors checkpoints only "
@@ -56,7 +166,7 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         )
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
-        state.update(load_file(folder / shard))
+        state.update(_read_safetensors(folder / shard))
     return state
 
 
@@ -80,6 +190,42 @@ def _build(config: PretrainedConfig, model_class: type | None) -> PreTrainedMode
         if issubclass(model_class, _BaseAutoModelClass):
             return model_class.from_config(config, dtype=dtype)
         return model_class._from_config(config, dtype=dtype)
+
+
+def _check_architecture(config: PretrainedConfig, model_class: type | None) -> None:
+    """A ``PreTrainedModel`` class must be of the checkpoint's family."""
+    expected = getattr(model_class, "config_class", None)
+    if model_class is None or not isinstance(expected, type) or isinstance(config, expected):
+        return
+    raise ValueError(
+        f"The checkpoint holds a {config.model_type!r} model ({', '.join(config.architectures or [])}), "
+        f"and {model_class.__name__} builds {expected.model_type!r} models: pass a class of the checkpoint's "
+        "family, an Auto class, or no `model_class`."
+    )
+
+
+def _check_masks_file(folder: Path, record: PruningRecord) -> dict[str, torch.Tensor] | None:
+    """The saved weight masks, checked against the record; ``None`` when there are none."""
+    path = folder / MASKS_FILENAME
+    if not path.is_file():
+        if record.weight_masks:
+            raise FileNotFoundError(
+                f"config.json of {folder.name!r} says {record.weight_masks} weight tensors are masked, but "
+                f"{MASKS_FILENAME} is missing: the folder was saved without it or the file was lost, and "
+                "the pruned weights would not stay zero in training. Save with `save_pruned` or "
+                "`trainer.save_model()`, or pass `apply_weight_masks=False` for inference only."
+            )
+        return None
+    try:
+        masks = load_masks(path)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{MASKS_FILENAME} in {folder.name!r} is damaged or truncated ({error}).") from error
+    if record.weight_masks and len(masks) != record.weight_masks:
+        raise ValueError(
+            f"{MASKS_FILENAME} in {folder.name!r} holds {len(masks)} masks, config.json says "
+            f"{record.weight_masks}: the files come from different saves."
+        )
+    return masks
 
 
 def _check_model_class(model_class: Any) -> None:
@@ -139,6 +285,7 @@ def load_pruned(
     model_class: type | None = None,
     apply_weight_masks: bool = True,
     model: nn.Module | None = None,
+    allow_pickle: bool = False,
     **from_pretrained_kwargs: Any,
 ) -> nn.Module:
     """Load a pruned checkpoint from a folder or a Hub repo id: shapes rebuilt, weights loaded strictly.
@@ -149,6 +296,9 @@ def load_pruned(
     plain ``from_pretrained``. Any other ``nn.Module`` (a CNN trained with the ``Trainer``) is passed as
     ``model=``, built by your code, and receives the weights strictly. Weight masks saved beside the weights
     (``pruning_masks.safetensors``) are applied again, so pruned weights stay zero if the model trains on.
+    Damaged files, a masks file that is missing or does not match, a record of a newer hf_gradprune and a
+    model class of another family are errors; a save that was killed while moving its files is completed
+    first (:func:`saving_into`).
 
     Args:
         path_or_repo_id (`str` or `os.PathLike`): a local folder or a Hub repository id.
@@ -158,6 +308,8 @@ def load_pruned(
             `False` for inference only: the masks cost one byte per masked weight).
         model (`nn.Module`, *optional*): an instance to load into, for models that are not transformers
             models; its own pruning record, if any, must be the checkpoint's.
+        allow_pickle (`bool`, *optional*, defaults to `False`): read a folder that has only
+            ``pytorch_model.bin`` (with ``torch.load(weights_only=True)``); otherwise safetensors only.
         from_pretrained_kwargs: ``revision``, ``token``, ``cache_dir``, ``local_files_only``,
             ``force_download`` (for the download) and ``dtype``.
 
@@ -191,28 +343,38 @@ def load_pruned(
         raise TypeError(f"`model` must be an nn.Module instance, got {type(model).__name__}.")
     hub_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in HUB_KWARGS}
     folder = resolve_folder(path_or_repo_id, **hub_kwargs)
+    if os.access(folder, os.W_OK):
+        finish_interrupted_save(folder)
     dtype = from_pretrained_kwargs.get("dtype")
     if model is not None:
         record = PruningRecord.from_config(getattr(model, "config", None))
-        load_strict(model, read_state_dict(folder), record)
+        masks = _check_masks_file(folder, record) if apply_weight_masks else None
+        load_strict(model, read_state_dict(folder, allow_pickle), record)
         if dtype is not None:
             model.to(dtype)
     else:
         config = AutoConfig.from_pretrained(folder)
         record = PruningRecord.from_config(config)
+        _check_architecture(config, model_class)
+        masks = _check_masks_file(folder, record) if apply_weight_masks else None
         if not record.is_empty():
             if dtype is not None:
                 config.dtype = dtype
             model = _build(strip_record(config), model_class)
             replay_record(model, record)
-            load_strict(model, read_state_dict(folder), record)
+            load_strict(model, read_state_dict(folder, allow_pickle), record)
             if model.can_generate() and (folder / "generation_config.json").is_file():
                 model.generation_config = GenerationConfig.from_pretrained(folder)
         else:
+            read_state_dict(
+                folder, allow_pickle
+            )  # the same checks (damage, pickle) before transformers reads
             cls = model_class or _architecture_class(config)
-            model = cls.from_pretrained(folder, **({"dtype": dtype} if dtype else {}))
-    if apply_weight_masks and (folder / MASKS_FILENAME).is_file():
-        apply_masks(model, load_masks(folder / MASKS_FILENAME))
+            model = cls.from_pretrained(
+                folder, use_safetensors=not allow_pickle, **({"dtype": dtype} if dtype else {})
+            )
+    if masks:
+        apply_masks(model, masks)
     return model.eval()
 
 
@@ -222,7 +384,8 @@ def save_pruned(model: nn.Module, save_directory: str | os.PathLike, **save_pret
     A transformers model goes through ``save_pretrained`` (safetensors, the model's own keys); any other
     ``nn.Module`` writes its state dict to ``model.safetensors``. Weight masks go to
     ``pruning_masks.safetensors``. Every file is written in a temporary folder first and moved into place
-    by ``os.replace``, so no file is ever half-written.
+    by ``os.replace`` (:func:`saving_into`): a process killed while saving leaves the previous files
+    loadable.
 
     Args:
         model (`nn.Module`): the pruned model.
@@ -244,27 +407,23 @@ def save_pruned(model: nn.Module, save_directory: str | os.PathLike, **save_pret
         >>> torch.equal(again[0].weight_mask, cnn[0].weight_mask)
         True
     """
+    if save_pretrained_kwargs and not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"{sorted(save_pretrained_kwargs)} are save_pretrained arguments; "
+            f"{type(model).__name__} is not a transformers model."
+        )
     folder = Path(save_directory)
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".saving-") as partial:
+    with saving_into(folder) as partial:
         if isinstance(model, PreTrainedModel):
             model.save_pretrained(partial, **save_pretrained_kwargs)
         else:
-            if save_pretrained_kwargs:
-                raise TypeError(
-                    f"{sorted(save_pretrained_kwargs)} are save_pretrained arguments; "
-                    f"{type(model).__name__} is not a transformers model."
-                )
             state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-            save_file(state, Path(partial) / SAFE_WEIGHTS_NAME, metadata={"format": "pt"})
+            save_file(state, partial / SAFE_WEIGHTS_NAME, metadata={"format": "pt"})
         masks = get_masks(model)
         if masks:
-            save_masks(masks, Path(partial) / MASKS_FILENAME)
-        for path in sorted(Path(partial).rglob("*")):
-            if path.is_file():
-                target = folder / path.relative_to(partial)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(path, target)
+            save_masks(masks, partial / MASKS_FILENAME)
+    if not masks:
+        (folder / MASKS_FILENAME).unlink(missing_ok=True)  # an earlier save's, no longer true
     return folder
 
 

@@ -10,11 +10,14 @@ from pathlib import Path
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, get_token
 
+from .checkpoint import PARTIAL_PREFIX, PENDING_SAVE
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_IGNORE_PATTERNS = ("checkpoint-*", "runs/*", "*.bin", "*.pt", "*.pth")
-# Never uploaded, whatever `ignore_patterns` says (as in `huggingface_hub.upload_folder`).
-ALWAYS_IGNORED = (".git/*", ".cache/huggingface/*")
+# Never uploaded, whatever `ignore_patterns` says (as in `huggingface_hub.upload_folder`), nor the
+# temporary folders of a save in progress or cut short.
+ALWAYS_IGNORED = (".git/*", ".cache/huggingface/*", f"{PARTIAL_PREFIX}*", f"{PENDING_SAVE}/*")
 
 
 def _is_ignored(path: str, patterns: Sequence[str]) -> bool:

@@ -48,6 +48,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from transformers import PretrainedConfig
+
+from .record import CONFIG_KEY, PruningRecord
 
 MASKS_FILENAME = "pruning_masks.safetensors"
 _METADATA = {"format": "pt", "hf_gradprune": "weight_masks"}
@@ -70,6 +73,18 @@ def _zero_masked(module: nn.Module, attr: str) -> None:
     # In place, no temporary: this runs after every optimizer step.
     with torch.no_grad():
         getattr(module, attr).mul_(getattr(module, _buffer_name(attr)))
+
+
+def _note_masks(model: nn.Module) -> None:
+    """Count the masked tensors in the pruning record of ``model.config``, so a saved folder says that
+    its masks file belongs with it (:func:`hf_gradprune.load_pruned` refuses the folder without it)."""
+    config = getattr(model, "config", None)
+    count = sum(1 for _ in _masked(model))
+    if not isinstance(config, PretrainedConfig) or (count == 0 and not hasattr(config, CONFIG_KEY)):
+        return
+    record = PruningRecord.from_config(config)
+    record.weight_masks = count
+    record.save_to_config(config)
 
 
 def _check_mask(name: str, mask: object) -> None:
@@ -165,6 +180,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
         )
         _zero_masked(module, attr)
         hooks[attr] = param.register_hook(_GradientMask(module, attr))
+    _note_masks(model)
 
 
 def reapply_masks(model: nn.Module) -> None:
@@ -197,6 +213,7 @@ def remove_masks(model: nn.Module) -> None:
         for attr, handle in vars(module).pop(_HOOKS, {}).items():
             handle.remove()
             delattr(module, _buffer_name(attr))
+    _note_masks(model)
 
 
 def is_masked(module: nn.Module) -> bool:

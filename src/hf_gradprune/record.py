@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,9 @@ from ._version import __version__
 
 CONFIG_KEY = "hf_gradprune"
 _PREFIX = "pruned_"
+RECORD_FORMAT = 1
+"""The layout of the record this version writes; a record of a newer format is refused, not misread."""
+_KNOWN = {"version", "format", "weight_masks"}
 
 
 def _clean(layers: dict) -> dict[int, list[int]]:
@@ -31,6 +35,8 @@ class PruningRecord:
         pruned (`dict[str, dict[int, list[int]]]`, *optional*): structure name (``"heads"``, ``"ffn"``) to
             layer index to removed units.
         version (`str`, *optional*): the hf_gradprune version that wrote the record.
+        weight_masks (`int`, *optional*, defaults to 0): masked weight tensors, whose masks a saved folder
+            must hold in ``pruning_masks.safetensors``.
 
     Example:
         >>> record = PruningRecord({"heads": {0: [3, 1]}, "ffn": {1: [5]}})
@@ -42,6 +48,7 @@ class PruningRecord:
 
     pruned: dict[str, dict[int, list[int]]] = field(default_factory=dict)
     version: str = __version__
+    weight_masks: int = 0
 
     def __post_init__(self) -> None:
         self.pruned = {name: _clean(layers) for name, layers in self.pruned.items() if _clean(layers)}
@@ -75,16 +82,32 @@ class PruningRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (layer keys as strings, sorted); ``pruned_heads`` is always present."""
-        data: dict[str, Any] = {"version": self.version, "pruned_heads": {}}
+        data: dict[str, Any] = {"version": self.version, "format": RECORD_FORMAT, "pruned_heads": {}}
         for name, layers in sorted(self.pruned.items()):
             data[f"{_PREFIX}{name}"] = {str(k): v for k, v in sorted(layers.items())}
+        if self.weight_masks:
+            data["weight_masks"] = self.weight_masks
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruningRecord:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`; a record of a newer format is a ``ValueError``, unknown keys warn."""
+        version = data.get("version", __version__)
+        written = data.get("format", 1)
+        if not isinstance(written, int) or written > RECORD_FORMAT:
+            raise ValueError(
+                f"The pruning record in config.json was written by hf_gradprune {version} (record format "
+                f"{written!r}); hf_gradprune {__version__} reads format {RECORD_FORMAT} and older: upgrade "
+                "with `pip install -U hf_gradprune` to load this model."
+            )
+        unknown = sorted(key for key in data if key not in _KNOWN and not key.startswith(_PREFIX))
+        if unknown:
+            warnings.warn(
+                f"The pruning record (hf_gradprune {version}) has keys this version ignores: {unknown}.",
+                stacklevel=2,
+            )
         pruned = {key.removeprefix(_PREFIX): v for key, v in data.items() if key.startswith(_PREFIX)}
-        return cls(pruned=pruned, version=data.get("version", __version__))
+        return cls(pruned=pruned, version=version, weight_masks=int(data.get("weight_masks", 0)))
 
     @classmethod
     def from_config(cls, config: PretrainedConfig | None) -> PruningRecord:

@@ -83,6 +83,24 @@ def _rows(positions: Sequence[int], width: int) -> torch.Tensor:
     return torch.tensor([p * width + i for p in positions for i in range(width)], dtype=torch.long)
 
 
+def _check_not_shared(
+    model: nn.Module, adapter: ArchitectureAdapter, structure: Structure, num_layers: int
+) -> None:
+    """Every layer must own its linears: cutting a module two layers share would cut both (ALBERT-style
+    shared layers, or blocks tied by the user)."""
+    owners: dict[int, int] = {}
+    for layer in range(num_layers):
+        for path in [rows.path for rows in structure.rows] + [structure.output]:
+            weight = adapter.module(model, layer, path).weight
+            first = owners.setdefault(id(weight), layer)
+            if first != layer:
+                raise ValueError(
+                    f"Layers {first} and {layer} share the weights of {path!r}: units of {structure.name!r} "
+                    "cannot be removed from one without the other. Untie the layers (copy.deepcopy each "
+                    "block) before pruning, or prune weights with masks instead."
+                )
+
+
 def _validate(
     requested: Mapping[int, Sequence[int]],
     record: PruningRecord,
@@ -220,6 +238,8 @@ def prune_units(
             "head" if heads else "unit",
         )
         plan.append((structure, new))
+        if new:
+            _check_not_shared(model, adapter, structure, num_layers)
     replaced: list[Replacement] = []
     masks, names = get_masks(model), {id(p): n for n, p in model.named_parameters()}
     for structure, new in plan:

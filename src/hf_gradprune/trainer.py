@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,20 +14,53 @@ import numpy as np
 import torch
 from huggingface_hub import CommitInfo, HfApi, get_token
 from transformers import AutoConfig, Trainer
-from transformers.trainer import TRAINING_ARGS_NAME
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .arguments import PruningArguments
 from .callback import GradientPruningCallback
 from .cards import create_pruning_model_card, save_head_importance_heatmap
-from .checkpoint import has_state, load_state, save_state
+from .checkpoint import finish_interrupted_save, has_state, load_state, save_state, saving_into
 from .hub import push_folder_to_hub
-from .masks import get_masks
+from .masks import MASKS_FILENAME, get_masks
 from .record import PruningRecord
 from .surgery import prune_units
 
 TRAINING_ARGS_JSON = "training_args.json"
 HEATMAP_FILENAME = "head_importance.png"
+
+logger = logging.getLogger(__name__)
+
+
+def _check_complete(checkpoint: str | os.PathLike) -> None:
+    """A checkpoint the Trainer finished writing: ``trainer_state.json`` is its last file."""
+    folder = Path(checkpoint)
+    if folder.is_dir():
+        finish_interrupted_save(folder)
+    if not (folder / TRAINER_STATE_NAME).is_file():
+        raise ValueError(
+            f"`resume_from_checkpoint` {os.fspath(checkpoint)!r} has no {TRAINER_STATE_NAME}, the file the "
+            "Trainer writes last: the save was cut short. Resume from an earlier checkpoint, or pass "
+            "`resume_from_checkpoint=True` to take the last complete one."
+        )
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str:
+    """The newest ``checkpoint-N`` of ``output_dir`` the Trainer finished writing; newer ones cut short
+    (no ``trainer_state.json``) are passed over with a warning."""
+    folders = sorted(
+        (int(match.group(1)), path)
+        for path in (Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if Path(output_dir).is_dir() else [])
+        if (match := re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", path.name)) and path.is_dir()
+    )
+    for _, path in reversed(folders):
+        finish_interrupted_save(path)
+        if (path / TRAINER_STATE_NAME).is_file():
+            return os.fspath(path)
+        logger.warning("Skipping %s: its save was cut short (no %s).", path, TRAINER_STATE_NAME)
+    raise ValueError(
+        f"No complete checkpoint found in `output_dir` {os.fspath(output_dir)!r} to resume from."
+    )
 
 
 class PruningTrainer(Trainer):
@@ -34,8 +69,8 @@ class PruningTrainer(Trainer):
     Differences from ``Trainer``: the pruning callback is added; ``train(resume_from_checkpoint=...)``
     first replays the checkpoint's structural pruning and restores its masks; saves write the weight masks
     and the schedule position next to the safetensors weights, and the training arguments, optimizer,
-    scheduler and RNG states as JSON and safetensors (no pickle; DeepSpeed and FSDP keep their own
-    formats); ``save_model`` and ``push_to_hub`` also write a model card (``README.md``) and the
+    scheduler and RNG states as JSON and safetensors (no pickle; FSDP and DeepSpeed are refused: see
+    ``docs/scaling.md``); ``save_model`` and ``push_to_hub`` also write a model card (``README.md``) and the
     head-importance heatmap; ``push_to_hub`` uploads the output folder in one commit; the pruning metrics go
     through ``log`` to every ``report_to`` integration. With an ``eval_dataset``, the model is evaluated
     right after each cut (before any more training), so the card shows accuracy before pruning, right
@@ -68,6 +103,7 @@ class PruningTrainer(Trainer):
         # Before the user's callbacks, so that they see each step's pruning done.
         kwargs["callbacks"] = [self.pruning_callback, *(kwargs.get("callbacks") or [])]
         super().__init__(*args, **kwargs)
+        self.pruning_callback.refuse_sharded_training(self.is_fsdp_enabled, self.is_deepspeed_enabled)
         self.pruning_args = pruning_args
         self.params_before = sum(p.numel() for p in self.model.parameters())
         self.eval_before: dict[str, float] | None = None
@@ -98,14 +134,12 @@ class PruningTrainer(Trainer):
         """``Trainer.train``, after replaying the checkpoint's pruning when resuming, or making the step-0
         head cut before the optimizer exists and DDP wraps the model."""
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(
-                    f"No checkpoint found in `output_dir` {self.args.output_dir!r} to resume from."
-                )
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
         if resume_from_checkpoint:
+            _check_complete(resume_from_checkpoint)
             self._replay_pruning(resume_from_checkpoint)
         elif self.state.global_step == 0:
+            self.pruning_callback.note_already_pruned(self.model)
             self.pruning_callback.prune_structures_before_training(
                 self.model, self.get_train_dataloader(), show_progress=not self.args.disable_tqdm
             )
@@ -129,14 +163,20 @@ class PruningTrainer(Trainer):
             prune_units(self.model, missing, allow_empty=True)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        super()._save(output_dir, state_dict)
+        """``Trainer._save`` into a temporary folder, with the masks, schedule position and JSON training
+        arguments, moved into place when whole (a process killed while saving leaves the previous files)."""
         if not self.args.should_save:
-            return
+            return super()._save(output_dir, state_dict)
         folder = Path(output_dir if output_dir is not None else self.args.output_dir)
-        pickled = folder / TRAINING_ARGS_NAME
-        pickled.unlink(missing_ok=True)
-        (folder / TRAINING_ARGS_JSON).write_text(self._portable_args_json())
-        self.pruning_callback.save_pruning_state(self.model, folder)
+        with saving_into(folder) as partial:
+            super()._save(str(partial), state_dict)
+            (partial / TRAINING_ARGS_NAME).unlink(missing_ok=True)
+            (partial / TRAINING_ARGS_JSON).write_text(self._portable_args_json())
+            self.pruning_callback.save_pruning_state(self.model, partial)
+        (folder / TRAINING_ARGS_NAME).unlink(missing_ok=True)  # an earlier save's pickle
+        if not get_masks(self.model):
+            (folder / MASKS_FILENAME).unlink(missing_ok=True)  # an earlier save's, no longer true
+        return None
 
     def _portable_args_json(self) -> str:
         """The training arguments as JSON, absolute local paths reduced to their last component (the file
@@ -148,12 +188,7 @@ class PruningTrainer(Trainer):
         return json.dumps(args, indent=2, sort_keys=True)
 
     # --- training state without pickle ----------------------------------------------------------------
-    def _own_state_format(self) -> bool:
-        return not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
-
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        if not self._own_state_format():
-            return super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save:
             save_state(self.optimizer.state_dict(), output_dir, "optimizer")
             save_state(self.lr_scheduler.state_dict(), output_dir, "scheduler")
@@ -170,8 +205,6 @@ class PruningTrainer(Trainer):
         return "rng_state" if self.args.world_size <= 1 else f"rng_state_{self.args.process_index}"
 
     def _save_rng_state(self, output_dir: str) -> None:
-        if not self._own_state_format():
-            return super()._save_rng_state(output_dir)
         states = {
             "python": random.getstate(),
             "numpy": np.random.get_state(),
@@ -196,7 +229,7 @@ class PruningTrainer(Trainer):
 
     def _save_scaler(self, output_dir: str) -> None:
         scaler = getattr(self.accelerator, "scaler", None)
-        if scaler is None or not self._own_state_format():
+        if scaler is None:
             return super()._save_scaler(output_dir)
         if self.args.should_save:
             save_state(scaler.state_dict(), output_dir, "scaler")

@@ -1,0 +1,127 @@
+"""Input that cannot do what it asks: a warning that says what happens instead, or a clear error."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import TrainingArguments
+
+from hf_gradprune import PruningArguments, PruningTrainer, prune_units
+from hf_gradprune.masks import compute_sparsity, get_masks
+
+from .helpers import build_tiny, tiny_dataset
+
+
+def trainer_for(
+    tmp_path, pruning: PruningArguments, model=None, rows: int = 64, **overrides
+) -> PruningTrainer:
+    args = {
+        "output_dir": str(tmp_path / "out"),
+        "max_steps": 4,
+        "per_device_train_batch_size": 8,
+        "use_cpu": True,
+        "report_to": [],
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        **overrides,
+    }
+    return PruningTrainer(
+        model=(model or build_tiny("bert")).train(),
+        args=TrainingArguments(**args),
+        train_dataset=tiny_dataset(rows=rows),
+        pruning_args=pruning,
+    )
+
+
+def test_more_importance_batches_than_the_data_has_warns_and_uses_what_there_is(tmp_path):
+    trainer = trainer_for(tmp_path, PruningArguments(prune_heads_per_layer=1, importance_batches=50), rows=24)
+    with pytest.warns(UserWarning, match=r"`--importance_batches` is 50 but the training data gives 3 batch"):
+        trainer.train()
+    assert all(len(heads) == 1 for heads in trainer.model.config.hf_gradprune["pruned_heads"].values())
+
+
+def test_prune_steps_past_the_end_of_training_warn_at_train_begin(tmp_path):
+    trainer = trainer_for(tmp_path, PruningArguments(prune_heads_per_layer=1, prune_steps="2,9"))
+    with pytest.warns(
+        UserWarning, match=r"`--prune_steps` \[9\] are at or past the end of training \(max_steps=4\)"
+    ):
+        trainer.train()
+
+
+def test_a_sparsity_ramp_ending_after_training_warns_with_the_sparsity_reached(tmp_path):
+    pruning = PruningArguments(
+        weight_sparsity=0.8,
+        sparsity_schedule="linear",
+        sparsity_schedule_end=8,
+        sparsity_schedule_frequency=2,
+        importance_batches=1,
+    )
+    trainer = trainer_for(tmp_path, pruning)
+    with pytest.warns(UserWarning, match=r"the weights end at sparsity 0.2, not the `--weight_sparsity` 0.8"):
+        trainer.train()
+    assert compute_sparsity(trainer.model)["overall"] == pytest.approx(0.2, abs=0.01)
+
+
+def test_pruning_an_already_pruned_model_says_how_the_arguments_apply(tmp_path):
+    model = build_tiny("bert")
+    prune_units(model, {"heads": {0: [0]}, "ffn": {layer: list(range(30)) for layer in range(3)}})
+    trainer = trainer_for(
+        tmp_path, PruningArguments(target_flops_ratio=0.9, importance_batches=1), model=model
+    )
+    with pytest.warns(UserWarning, match=r"already pruned \(heads: 1 removed, ffn: 90 removed\).*no head or"):
+        trainer.train()
+
+
+def test_structural_pruning_of_layers_that_share_weights_is_an_error():
+    model = build_tiny("bert")
+    model.bert.encoder.layer[2] = model.bert.encoder.layer[1]
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"Layers 1 and 2 share the weights of 'attention.self.query'"):
+        prune_units(model, {"heads": {0: [1], 1: [0]}})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing cut
+
+
+def test_fp16_on_cpu_trains_with_exact_masks(tmp_path):
+    trainer = trainer_for(tmp_path, PruningArguments(weight_sparsity=0.5, importance_batches=1), fp16=True)
+    trainer.train()
+    masks = get_masks(trainer.model)
+    assert masks and compute_sparsity(trainer.model, masks)["overall"] == pytest.approx(0.5, abs=1e-3)
+    for name, mask in masks.items():
+        assert torch.count_nonzero(trainer.model.get_parameter(name)[~mask]) == 0
+
+
+def test_deepspeed_is_refused_with_the_reason():
+    # TrainingArguments(deepspeed=...) needs the deepspeed package, not installed here: the refusal that
+    # PruningTrainer and the callback's on_init_end make is checked directly. FSDP: test_distributed.py.
+    from hf_gradprune import GradientPruningCallback
+
+    callback = GradientPruningCallback(PruningArguments(weight_sparsity=0.5))
+    callback.refuse_sharded_training(fsdp=False, deepspeed=False)
+    with pytest.raises(
+        ValueError, match=r"does not support DeepSpeed training yet: .* shards across processes"
+    ):
+        callback.refuse_sharded_training(fsdp=False, deepspeed=True)
+
+
+def test_the_hub_token_reaches_no_file_log_or_card(tmp_path, capsys, caplog):
+    secret = "hf_NotARealTokenButSecret123"
+    trainer = trainer_for(
+        tmp_path,
+        PruningArguments(prune_heads_per_layer=1, weight_sparsity=0.5, importance_batches=1),
+        hub_token=secret,
+        report_to=["tensorboard"],
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=2,
+    )
+    trainer.train()
+    trainer.save_model()
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert any(p.name == "README.md" for p in files) and any("events.out" in p.name for p in files)
+    leaked = [p.relative_to(tmp_path).as_posix() for p in files if secret.encode() in p.read_bytes()]
+    assert leaked == []
+    captured = capsys.readouterr()
+    assert secret not in captured.out + captured.err + caplog.text
+    assert secret not in repr(trainer.state.log_history)
