@@ -252,3 +252,84 @@ def test_pushed_card_snippet_loads_the_model_when_pasted(hub: LocalHub, tmp_path
     run_client(hub, tmp_path, PUSH, hf_token=TOKEN, folder=str(folder), repo_id=repo_id)
 
     assert run_client(hub, tmp_path, CARD_SNIPPET, snippet=snippet) == [24, "BertTokenizer"]
+
+
+PUSH_CUT_SHORT = """
+from huggingface_hub import HfApi, hf_hub_download
+from safetensors.torch import load_file
+from hf_gradprune.hub import push_folder_to_hub
+
+def main_weight():
+    path = hf_hub_download(args["repo_id"], "model.safetensors", force_download=True)
+    return load_file(path)["classifier.weight"].tolist()
+
+first = push_folder_to_hub(args["first"], args["repo_id"])
+print("READY", flush=True)
+input()  # the test now tells the hub to drop the next request
+try:
+    push_folder_to_hub(args["second"], args["repo_id"])
+    failed = None
+except Exception as error:
+    failed = type(error).__name__
+commits_after_failure = [c.commit_id for c in HfApi().list_repo_commits(args["repo_id"])]
+weight_after_failure = main_weight()
+second = push_folder_to_hub(args["second"], args["repo_id"])
+emit({"first": first.oid, "failed": failed, "after_failure": commits_after_failure,
+      "weight_after_failure": weight_after_failure, "second": second.oid, "weight": main_weight(),
+      "commits": [c.commit_id for c in HfApi().list_repo_commits(args["repo_id"])]})
+"""
+
+
+@pytest.mark.parametrize("point", ["commit", "lfs-upload"])
+def test_push_cut_short_by_the_server_leaves_the_previous_commit_and_lands_whole_when_retried(
+    hub: LocalHub, tmp_path: Path, point: str
+) -> None:
+    repo_id = f"{USER}/cut-{point}"
+    first_folder, first_weight = pruned_folder(tmp_path, "first", repo_id, seed=0)
+    second_folder, second_weight = pruned_folder(tmp_path, "second", repo_id, seed=1)
+    env = hub.client_env(tmp_path / "hf_home", TOKEN)
+    prelude = "import json, sys\nargs = json.loads(sys.argv[1])\nemit = lambda v: print(json.dumps(v))\n"
+    args = {"first": str(first_folder), "second": str(second_folder), "repo_id": repo_id}
+    client = subprocess.Popen(
+        [sys.executable, "-c", prelude + PUSH_CUT_SHORT, json.dumps(args)],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert client.stdout.readline().strip() == "READY"
+    # The commit is not retried by the client: the push fails. An LFS upload is, with back-off: cut it on
+    # every attempt (1 + 5 retries) so that the push fails too.
+    hub.drop_connection(point, times=1 if point == "commit" else 6)
+    out, err = client.communicate("go\n", timeout=300)
+    assert client.returncode == 0, err[-4000:]
+    result = json.loads(out.splitlines()[-1])
+
+    assert result["failed"] is not None
+    assert result["after_failure"] == [result["first"]]  # the branch still at the first push
+    assert torch.equal(torch.tensor(result["weight_after_failure"]), first_weight)
+    assert result["commits"] == [result["second"], result["first"]]
+    assert torch.equal(torch.tensor(result["weight"]), second_weight)
+
+
+def test_push_with_an_upload_cut_once_is_retried_by_the_client_and_lands_whole(
+    hub: LocalHub, tmp_path: Path
+) -> None:
+    repo_id = f"{USER}/cut-once"
+    folder, _ = pruned_folder(tmp_path, "pruned", repo_id)
+    download = tmp_path / "download"
+    hub.drop_connection("lfs-upload")
+    out = run_client(
+        hub,
+        tmp_path,
+        PUSH_AND_DOWNLOAD,
+        folder=str(folder),
+        repo_id=repo_id,
+        push_token=TOKEN,
+        download=str(download),
+    )
+    assert out["commits"] == 1
+    assert hub._server.failures["lfs-upload"] == 0  # the cut happened
+    for name in out["files"]:
+        assert (download / name).read_bytes() == (folder / name).read_bytes(), name

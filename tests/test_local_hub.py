@@ -202,6 +202,35 @@ def test_local_hub_writes_need_the_token(hub: LocalHub, tmp_path: Path) -> None:
     assert call(hub, "POST", "/test-user/locked.git/info/lfs/objects/batch", batch, token=None)[0] == 401
 
 
+def test_local_hub_serves_private_repositories_only_with_the_token(hub: LocalHub, tmp_path: Path) -> None:
+    code = """
+    from huggingface_hub.errors import RepositoryNotFoundError
+    for repo_id, private in (("test-user/secret", True), ("test-user/open", False)):
+        api.create_repo(repo_id, private=private)
+        api.upload_file(path_or_fileobj=b"hello", path_in_repo="a.txt", repo_id=repo_id)
+    seen = {}
+    for who, token in (("owner", args["token"]), ("anonymous", False), ("wrong", "wrong-token")):
+        for repo_id in ("test-user/secret", "test-user/open"):
+            try:
+                path = hf_hub_download(repo_id, "a.txt", token=token, cache_dir=f"{args['cache']}/{who}")
+                seen[f"{who} {repo_id}"] = open(path).read()
+            except RepositoryNotFoundError:
+                seen[f"{who} {repo_id}"] = "not found"
+    emit(seen)
+    """
+    seen = run_client(hub, tmp_path, code, cache=str(tmp_path / "caches"))
+    assert seen == {
+        "owner test-user/secret": "hello",
+        "owner test-user/open": "hello",
+        "anonymous test-user/secret": "not found",
+        "anonymous test-user/open": "hello",
+        "wrong test-user/secret": "not found",
+        "wrong test-user/open": "hello",
+    }
+    assert call(hub, "GET", "/api/models/test-user/secret", token=None)[0] == 404
+    assert call(hub, "GET", "/api/models/test-user/secret/tree/main", token=None)[0] == 404
+
+
 def test_local_hub_failed_commit_leaves_repo_unchanged(hub: LocalHub) -> None:
     assert call(hub, "POST", "/api/repos/create", {"name": "atomic"})[0] == 200
     ok = ndjson_commit("first", add_file("a.txt", b"old"))

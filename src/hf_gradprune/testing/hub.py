@@ -49,6 +49,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
@@ -77,6 +78,14 @@ _COMMIT_ID_RE = re.compile(r"[0-9a-f]{40}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _RANGE_RE = re.compile(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*")
 _CHUNK_SIZE = 1 << 20
+
+
+FAILURE_POINTS = ("commit", "lfs-upload")
+"""Requests :meth:`LocalHub.drop_connection` can cut: the commit, and the upload of a large (LFS) file."""
+
+
+class _Dropped(Exception):
+    """The connection was dropped on purpose; no response is sent."""
 
 
 class _HubError(Exception):
@@ -404,6 +413,7 @@ class _Server(ThreadingHTTPServer):
         self.user = user
         self.uploads: dict[str, _Upload] = {}
         self.uploads_lock = threading.Lock()
+        self.failures: dict[str, int] = dict.fromkeys(FAILURE_POINTS, 0)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -443,6 +453,8 @@ class _Handler(BaseHTTPRequestHandler):
         except _HubError as error:
             self._discard_body()
             self._send_error(error)
+        except _Dropped:
+            logger.debug("Dropped the connection during %s %s on purpose", method, self.path)
         except ConnectionError:
             logger.debug("Client went away during %s %s", method, self.path)
         except Exception:
@@ -524,7 +536,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _model_info(self, repo_id: str, revision: str) -> None:
         store = self.server.store
-        repo = store.repo(repo_id)
+        repo = self._repo(repo_id)
         meta = store.meta(repo)
         commit_id = store.resolve(repo, revision)
         commit = store.read_commit(repo, commit_id) if commit_id else {"date": meta["createdAt"], "files": {}}
@@ -562,13 +574,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _tree(self, repo_id: str, revision: str, folder: str) -> None:
         store = self.server.store
-        repo = store.repo(repo_id)
+        repo = self._repo(repo_id)
         files = store.files(repo, store.resolve(repo, revision))
         self._send_json(_list_tree(files, folder, recursive=self._flag("recursive")))
 
     def _paths_info(self, repo_id: str, revision: str) -> None:
         store = self.server.store
-        repo = store.repo(repo_id)
+        repo = self._repo(repo_id)
         files = store.files(repo, store.resolve(repo, revision))
         items = []
         for path in parse_qs(self._body().decode()).get("paths", []):
@@ -581,7 +593,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _commits(self, repo_id: str, revision: str) -> None:
         store = self.server.store
-        repo = store.repo(repo_id)
+        repo = self._repo(repo_id)
         self._send_json(
             [
                 {
@@ -596,7 +608,7 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
     def _refs(self, repo_id: str) -> None:
-        branches = self.server.store.branches(self.server.store.repo(repo_id))
+        branches = self.server.store.branches(self._repo(repo_id))
         self._send_json(
             {
                 "branches": [
@@ -612,7 +624,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _preupload(self, repo_id: str, revision: str) -> None:
         self._require_token()
         store = self.server.store
-        repo = store.repo(repo_id)
+        repo = self._repo(repo_id)
         existing = store.files(repo, store.branch_head(repo, revision))
         answers = []
         for file in self._json_body().get("files", []):
@@ -633,7 +645,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._require_token()
         if self._flag("create_pr"):
             raise _HubError(400, "LocalHub does not support pull requests")
-        repo = self.server.store.repo(repo_id)
+        repo = self._repo(repo_id)
+        self._maybe_drop("commit")
         commit_id = self.server.store.commit(repo, revision, self._body(), author=self.server.user)
         self._send_json(
             {
@@ -647,7 +660,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _lfs_batch(self, repo_id: str) -> None:
         self._require_token()
-        repo = self.server.store.repo(repo_id)
+        repo = self._repo(repo_id)
         payload = self._json_body()
         if payload.get("operation") != "upload":
             raise _HubError(400, "LocalHub only supports the LFS `upload` operation")
@@ -678,6 +691,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HubError(404, "Unknown or already used upload URL")
         if self._unread != upload.size:
             raise _HubError(400, f"Expected {upload.size} bytes, got a Content-Length of {self._unread}")
+        self._maybe_drop("lfs-upload")
         self.server.store.put_object(upload.repo, upload.oid, self._iter_body())
         with self.server.uploads_lock:
             self.server.uploads.pop(upload_id, None)
@@ -685,7 +699,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _resolve(self, repo_id: str, revision: str, path: str) -> None:
         store = self.server.store
-        repo = store.repo(repo_id)
+        repo = self._repo(repo_id)
         commit_id = store.resolve(repo, revision)
         headers = {"X-Repo-Commit": commit_id} if commit_id else {}
         entry = store.files(repo, commit_id).get(path)
@@ -722,10 +736,33 @@ class _Handler(BaseHTTPRequestHandler):
     def _flag(self, name: str) -> bool:
         return self._query.get(name, [""])[-1].lower() in ("1", "true")
 
-    def _require_token(self) -> None:
+    def _maybe_drop(self, point: str) -> None:
+        """Drop the connection half-way through the request body if a failure at ``point`` is due."""
+        with self.server.uploads_lock:
+            due = self.server.failures[point] > 0
+            self.server.failures[point] -= due
+        if not due:
+            return
+        self.rfile.read(self._unread // 2)
+        self.close_connection = True
+        self.connection.shutdown(socket.SHUT_RDWR)
+        raise _Dropped
+
+    def _authorized(self) -> bool:
         scheme, _, token = self.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), self.server.token.encode()):
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), self.server.token.encode())
+
+    def _require_token(self) -> None:
+        if not self._authorized():
             raise _HubError(401, "Invalid credentials in Authorization header")
+
+    def _repo(self, repo_id: str) -> Path:
+        """An existing repository the request may see: a private one only with the token (as the Hub,
+        which answers "not found" rather than reveal that it exists)."""
+        repo = self.server.store.repo(repo_id)
+        if self.server.store.meta(repo)["private"] and not self._authorized():
+            raise _HubError(404, f"Repository not found: {repo_id}", "RepoNotFound")
+        return repo
 
     def _iter_body(self) -> Iterator[bytes]:
         """The request body, chunk by chunk (each byte is read once)."""
@@ -854,6 +891,21 @@ class LocalHub:
         if token is not None:
             env["HF_TOKEN"] = token
         return env
+
+    def drop_connection(self, point: str, times: int = 1) -> None:
+        """Make the next ``times`` requests at ``point`` fail: the server reads half of the request body,
+        then closes the connection without an answer, as a server that goes away mid-upload.
+
+        Args:
+            point (`str`): ``"commit"`` (the commit request) or ``"lfs-upload"`` (a large file's upload).
+            times (`int`, *optional*, defaults to 1): how many such requests fail.
+        """
+        if point not in FAILURE_POINTS:
+            raise ValueError(f"`point` must be one of {FAILURE_POINTS}, got {point!r}.")
+        if self._server is None:
+            raise RuntimeError("LocalHub is not running, call start() first")
+        with self._server.uploads_lock:
+            self._server.failures[point] += times
 
     def start(self) -> "LocalHub":
         """Start serving in a background thread and return `self`."""
