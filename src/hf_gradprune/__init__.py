@@ -13,6 +13,7 @@ from .arguments import PruningArguments
 from .callback import GradientPruningCallback
 from .cards import create_pruning_model_card, save_head_importance_heatmap
 from .checkpoint import load_pruned, save_pruned
+from .export import export_vanilla
 from .flops import block_flops, flops_ratio, select_units_for_flops
 from .gates import HeadGates, UnitGates, add_head_gates
 from .hub import push_folder_to_hub
@@ -47,6 +48,7 @@ __all__ = [
     "compute_weight_importance",
     "compute_weight_masks",
     "create_pruning_model_card",
+    "export_vanilla",
     "find_target_modules",
     "flops_ratio",
     "get_adapter",

@@ -83,6 +83,22 @@ class PruningArguments:
             "1; 1 removes neurons one by one)."
         },
     )
+    uniform_per_layer: bool = field(
+        default=False,
+        metadata={
+            "help": "Remove as many heads (key/value groups) and as many FFN neurons from every layer under "
+            "--target_flops_ratio and --prune_heads_fraction, so the result is an ordinary config of its "
+            "family (see --export_vanilla)."
+        },
+    )
+    export_vanilla: bool = field(
+        default=False,
+        metadata={
+            "help": "PruningTrainer.save_model writes a model that plain `from_pretrained` loads: an "
+            "ordinary config, weight masks folded in as zeros, no pruning record (needs the same cut in "
+            "every layer)."
+        },
+    )
     allow_empty_layers: bool = field(
         default=False,
         metadata={"help": "Let a layer lose all its heads or all its FFN neurons (the block still runs)."},
@@ -240,6 +256,21 @@ class PruningArguments:
                 raise ValueError(
                     "`--prune_ffn_multiple_of` shapes a FLOPs budget: set `--target_flops_ratio`."
                 )
+        global_choice = [
+            flag for flag in ("target_flops_ratio", "prune_heads_fraction") if getattr(self, flag) is not None
+        ]
+        if self.export_vanilla and global_choice and not self.uniform_per_layer:
+            raise ValueError(
+                f"`--export_vanilla` needs the same cut in every layer, and `--{global_choice[0]}` chooses "
+                "per layer: add `--uniform_per_layer`."
+            )
+        if self.uniform_per_layer and not global_choice:
+            warnings.warn(
+                "`--uniform_per_layer` shapes `--target_flops_ratio` and `--prune_heads_fraction`, and "
+                "neither is set: it is ignored (`--prune_heads_per_layer` and `--prune_ffn_fraction` are "
+                "uniform).",
+                stacklevel=3,
+            )
         if self.prune_rounds < 1:
             raise ValueError(f"`--prune_rounds` must be >= 1, got {self.prune_rounds}.")
         if self.flops_seq_len < 1:

@@ -211,11 +211,14 @@ class GradientPruningCallback(TrainerCallback):
         steps = [*range(rounds)]
         plan = {}
         num_layers = len(adapter.blocks(model))
-        heads = self.head_units_to_remove(step, adapter.num_key_value_heads(config) * num_layers)
+        per_layer = args.prune_heads_per_layer is not None or args.uniform_per_layer
+        heads = self.head_units_to_remove(
+            step, adapter.num_key_value_heads(config) * (1 if per_layer else num_layers)
+        )
         heads = _share(index, steps, heads) if heads else 0
         if heads:
             scores = normalize_per_layer(importance[HEADS], args.head_importance_normalize)
-            if args.prune_heads_per_layer is not None:
+            if per_layer:
                 amount = {"per_layer": heads}
             else:
                 remaining = int((~scores.isnan()).sum()) // adapter.group_size(
@@ -250,7 +253,9 @@ class GradientPruningCallback(TrainerCallback):
         if args.prunes_by_flops:
             ratio = self.flops_ratio_at(step)
             multiples = neuron_multiples(model, args.prune_ffn_multiple_of)
-            plan = flops_in_rounds(model, ratio, args.flops_seq_len, self._min_units(), rounds, multiples)
+            plan = flops_in_rounds(
+                model, ratio, args.flops_seq_len, self._min_units(), rounds, multiples, args.uniform_per_layer
+            )
         else:
             plan = functools.partial(self._structure_plan, model, step, rounds=rounds)
 

@@ -433,6 +433,7 @@ def create_pruning_model_card(
     repo_id: str | None = None,
     model_name: str | None = None,
     flops_seq_len: int = 128,
+    vanilla: bool = False,
 ) -> ModelCard:
     """The model card of a pruned model: Hub metadata and what was pruned, with the real numbers.
 
@@ -470,6 +471,8 @@ def create_pruning_model_card(
         model_name (`str`, *optional*): title and model-index name; defaults to the name part of
             ``repo_id``, else ``<base model name>-pruned``.
         flops_seq_len (`int`, *optional*, defaults to 128): the sequence length of the FLOPs counts.
+        vanilla (`bool`, *optional*, defaults to `False`): the card of a vanilla export
+            (:func:`hf_gradprune.export_vanilla`): "How to load" is plain transformers.
 
     Returns:
         `huggingface_hub.ModelCard`: save it as ``README.md`` in the model folder with ``card.save(path)``.
@@ -552,6 +555,7 @@ def create_pruning_model_card(
         architecture=type(model).__name__,
         model_type=model_type or "custom",
         transformers_model=config is not None,
+        vanilla=vanilla,
         version=__version__,
         record_version=f"hf_gradprune {record.version}" if not record.is_empty() else "no structural pruning",
         transformers_version=transformers.__version__,

@@ -124,6 +124,7 @@ def select_units_for_flops(
     seq_len: int = 128,
     min_units_per_layer: int | Mapping[str, int] = 1,
     multiple_of: Mapping[str, int] | None = None,
+    uniform: bool = False,
 ) -> dict[str, dict[int, list[int]]]:
     """Heads and FFN neurons to remove so that the block FLOPs fall to ``target_ratio`` of the original.
 
@@ -140,6 +141,7 @@ def select_units_for_flops(
             structure every layer keeps.
         multiple_of (`Mapping[str, int]`, *optional*): structure name to the block size its units leave a
             layer in (:func:`neuron_multiples` gives the kernel-friendly default; none: 1).
+        uniform (`bool`, *optional*, defaults to `False`): remove as many of each structure from every layer.
 
     Returns:
         `dict[str, dict[int, list[int]]]`: the ``units_to_prune`` of :func:`hf_gradprune.prune_units` (empty
@@ -159,6 +161,7 @@ def select_units_for_flops(
         groups=groups,
         min_units_per_layer=min_units_per_layer,
         multiple_of=multiple_of,
+        uniform=uniform,
     )
 
 
@@ -174,6 +177,7 @@ def flops_in_rounds(
     min_units_per_layer: int | Mapping[str, int],
     rounds: int,
     multiple_of: Mapping[str, int] | None = None,
+    uniform: bool = False,
 ) -> Callable[[Mapping[str, torch.Tensor], int], dict[str, dict[int, list[int]]]]:
     """The ``choose`` of :func:`hf_gradprune.prune_in_rounds` for a FLOPs budget: round ``index`` of
     ``rounds`` takes the block FLOPs an equal step from where they are now towards ``target_ratio``
@@ -182,7 +186,9 @@ def flops_in_rounds(
 
     def choose(importance: Mapping[str, torch.Tensor], index: int) -> dict[str, dict[int, list[int]]]:
         ratio = start + (target_ratio - start) * (index + 1) / rounds
-        return select_units_for_flops(model, importance, ratio, seq_len, min_units_per_layer, multiple_of)
+        return select_units_for_flops(
+            model, importance, ratio, seq_len, min_units_per_layer, multiple_of, uniform
+        )
 
     return choose
 

@@ -94,6 +94,7 @@ def prune_to_flops(
     min_heads_per_layer: int = 1,
     allow_empty: bool = False,
     ffn_multiple_of: int | None = None,
+    uniform: bool = False,
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Remove heads and FFN neurons until the block FLOPs fall to ``target_ratio``, without retraining.
@@ -117,6 +118,8 @@ def prune_to_flops(
         ffn_multiple_of (`int`, *optional*): FFN neurons leave each layer in blocks of this many
             (default: 64 when the FFN width is a multiple of 64, else 1; see
             :func:`hf_gradprune.flops.neuron_multiples`).
+        uniform (`bool`, *optional*, defaults to `False`): remove as many heads and as many neurons from
+            every layer, so that :func:`hf_gradprune.export_vanilla` can write an ordinary config.
         show_progress (`bool`, *optional*, defaults to `True`): progress bars.
 
     Returns:
@@ -146,7 +149,7 @@ def prune_to_flops(
         batches,
         names,
         flops_in_rounds(
-            model, target_ratio, seq_len, minimum, rounds, neuron_multiples(model, ffn_multiple_of)
+            model, target_ratio, seq_len, minimum, rounds, neuron_multiples(model, ffn_multiple_of), uniform
         ),
         rounds=rounds,
         mask_tuning=mask_tuning,

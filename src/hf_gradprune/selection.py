@@ -182,6 +182,7 @@ def select_units_under_budget(
     groups: Mapping[str, int] | None = None,
     min_units_per_layer: int | Mapping[str, int] = 1,
     multiple_of: Mapping[str, int] | None = None,
+    uniform: bool = False,
 ) -> dict[str, dict[int, list[int]]]:
     """Units of several structures ranked together by importance per cost, removed until ``remove_cost``.
 
@@ -192,7 +193,10 @@ def select_units_under_budget(
     ``min_units_per_layer`` of each structure. Scores must be on one scale across structures, such as the
     Fisher information of their gates. With ``multiple_of[name] = m`` a layer's units of that structure
     leave in blocks of its ``m`` lowest-scored ones (ranked by their mean score per cost), so every layer
-    keeps a multiple of ``m``: sizes that dense kernels run at full speed.
+    keeps a multiple of ``m``: sizes that dense kernels run at full speed. With ``uniform`` every layer loses
+    as many units of a structure: the ``j``-th lowest-scored units of all layers leave together, ranked by
+    their summed score, so the result is an ordinary config of the family (see
+    :func:`hf_gradprune.export_vanilla`).
 
     Args:
         importance (`Mapping[str, torch.Tensor]`): structure name to ``(num_layers, num_units)`` scores,
@@ -205,6 +209,8 @@ def select_units_under_budget(
             structure every layer keeps (one number for all, or per structure name).
         multiple_of (`Mapping[str, int]`, *optional*): structure name to the block size its units leave in
             (default 1); a layer whose count is not a multiple first loses the remainder.
+        uniform (`bool`, *optional*, defaults to `False`): remove the same number from every layer (each
+            layer its own lowest-scored units); every layer must have as many left.
 
     Returns:
         `dict[str, dict[int, list[int]]]`: structure name to layer index to sorted units to remove.
@@ -228,6 +234,8 @@ def select_units_under_budget(
         if isinstance(min_units_per_layer, Mapping)
         else dict.fromkeys(importance, min_units_per_layer)
     )
+    if uniform:
+        return _uniform_under_budget(importance, costs, remove_cost, groups, minimum, multiple_of)
     candidates: list[tuple[float, str, int, list[int]]] = []
     left: dict[tuple[str, int], int] = {}
     for name, score in importance.items():
@@ -279,6 +287,45 @@ def select_units_under_budget(
             f"{minimum} unit(s) of each structure; lower the target or allow empty layers."
         )
     return {name: _expand(layers, groups.get(name, 1)) for name, layers in chosen.items()}
+
+
+def _uniform_under_budget(
+    importance: Mapping[str, torch.Tensor],
+    costs: Mapping[str, float],
+    remove_cost: float,
+    groups: Mapping[str, int],
+    minimum: Mapping[str, int],
+    multiple_of: Mapping[str, int] | None,
+) -> dict[str, dict[int, list[int]]]:
+    """:func:`select_units_under_budget` with the same count from every layer: one pseudo-layer whose unit
+    ``j`` is the ``j``-th lowest-scored unit (group) of every layer, scored by their sum and costing all."""
+    slices, orders = {}, {}
+    for name, score in importance.items():
+        unit_scores = _unit_scores(score.detach().float().cpu(), groups.get(name, 1))
+        left = (~unit_scores.isnan()).sum(dim=1)
+        if left.unique().numel() > 1:
+            raise ValueError(
+                f"`uniform=True` removes as many {name!r} units from every layer, but the layers have "
+                f"{left.tolist()} left: start from a model pruned the same in every layer."
+            )
+        order = torch.argsort(unit_scores.nan_to_num(float("inf")), dim=1, stable=True)[:, : int(left[0])]
+        slices[name] = unit_scores.gather(1, order).sum(dim=0, keepdim=True)
+        orders[name] = order
+    num_layers = {order.shape[0] for order in orders.values()}.pop() if orders else 0
+    chosen = select_units_under_budget(
+        slices,
+        {name: float(costs[name]) * num_layers for name in importance},
+        remove_cost,
+        min_units_per_layer=minimum,
+        multiple_of=multiple_of,
+    )
+    return {
+        name: _expand(
+            {layer: orders[name][layer, layers[0]].tolist() for layer in range(num_layers)} if layers else {},
+            groups.get(name, 1),
+        )
+        for name, layers in chosen.items()
+    }
 
 
 def parse_sparsity_pattern(pattern: str) -> tuple[int, int] | None:

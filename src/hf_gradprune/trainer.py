@@ -17,10 +17,12 @@ from transformers import AutoConfig, Trainer
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .adapters import FFN, HEADS
 from .arguments import PruningArguments
 from .callback import GradientPruningCallback
 from .cards import create_pruning_model_card, save_head_importance_heatmap
 from .checkpoint import finish_interrupted_save, has_state, load_state, save_state, saving_into
+from .export import check_exportable, export_vanilla
 from .hub import push_folder_to_hub
 from .masks import MASKS_FILENAME, get_masks
 from .record import PruningRecord
@@ -104,6 +106,9 @@ class PruningTrainer(Trainer):
         kwargs["callbacks"] = [self.pruning_callback, *(kwargs.get("callbacks") or [])]
         super().__init__(*args, **kwargs)
         self.pruning_callback.refuse_sharded_training(self.is_fsdp_enabled, self.is_deepspeed_enabled)
+        if pruning_args.export_vanilla:
+            pruned = [(HEADS, pruning_args.prunes_heads), (FFN, pruning_args.prunes_ffn)]
+            check_exportable(self.model, [name for name, wanted in pruned if wanted])
         self.pruning_args = pruning_args
         self.params_before = sum(p.numel() for p in self.model.parameters())
         self.eval_before: dict[str, float] | None = None
@@ -268,9 +273,22 @@ class PruningTrainer(Trainer):
             card_kwargs: arguments of :func:`hf_gradprune.cards.create_pruning_model_card` (``base_model``,
                 ``dataset_name``, ``task``, ``model_name`` ...).
         """
+        if self.pruning_args.export_vanilla and not _internal_call:
+            self.export_vanilla(output_dir, **card_kwargs)
+            return
         super().save_model(output_dir, _internal_call=_internal_call)
         if not _internal_call:
             self.write_model_card(output_dir, **card_kwargs)
+
+    def export_vanilla(self, output_dir: str | None = None, repo_id: str | None = None, **card_kwargs: Any):
+        """Write the model as an ordinary transformers checkpoint (:func:`hf_gradprune.export_vanilla`), with
+        the tokenizer or processor and the model card, into ``output_dir`` (default ``args.output_dir``)."""
+        if not self.is_world_process_zero():
+            return
+        folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+        export_vanilla(self.model, folder, **self._card_arguments(folder, repo_id, card_kwargs))
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(folder)
 
     def write_model_card(self, output_dir: str | None = None, repo_id: str | None = None, **card_kwargs: Any):
         """Write ``README.md`` (and ``head_importance.png`` when heads were scored) into ``output_dir``.
@@ -284,6 +302,14 @@ class PruningTrainer(Trainer):
         if not self.is_world_process_zero():
             return
         folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+        card = create_pruning_model_card(self.model, **self._card_arguments(folder, repo_id, card_kwargs))
+        card.save(folder / "README.md")
+
+    def _card_arguments(
+        self, folder: Path, repo_id: str | None, card_kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        """What the trainer knows for the model card, under ``card_kwargs``; writes the heatmap into
+        ``folder`` when heads were scored."""
         folder.mkdir(parents=True, exist_ok=True)
         heatmap = None
         if self.pruning_callback.head_importance is not None:
@@ -307,8 +333,7 @@ class PruningTrainer(Trainer):
             "dataset_name": self.dataset_name,
             "flops_seq_len": self.pruning_args.flops_seq_len,
         }
-        card = create_pruning_model_card(self.model, **{**defaults, **card_kwargs})
-        card.save(folder / "README.md")
+        return {**defaults, **card_kwargs}
 
     def push_to_hub(
         self,
@@ -326,8 +351,11 @@ class PruningTrainer(Trainer):
         repo_id = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
         if token and "/" not in repo_id:
             repo_id = f"{HfApi(token=token).whoami()['name']}/{repo_id}"
-        super().save_model(_internal_call=True)
-        self.write_model_card(repo_id=repo_id, **card_kwargs)
+        if self.pruning_args.export_vanilla:
+            self.export_vanilla(repo_id=repo_id, **card_kwargs)
+        else:
+            super().save_model(_internal_call=True)
+            self.write_model_card(repo_id=repo_id, **card_kwargs)
         if not self.is_world_process_zero():
             return None
         return push_folder_to_hub(

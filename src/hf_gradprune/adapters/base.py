@@ -65,6 +65,9 @@ class Structure:
             for once a layer has lost every unit (``""``: the family's code runs with zero units as it is).
         empty_returns_tuple (`bool`, *optional*, defaults to `False`): that module returns
             ``(output, attention weights)`` rather than a tensor.
+        vanilla (`Callable[[PretrainedConfig, int], dict]`, *optional*): the config changes that give every
+            layer ``kept`` units with the family's own code (``from_pretrained`` rebuilds them); ``None``
+            when the family cannot say it (BERT derives its head size from ``hidden_size``).
     """
 
     name: str
@@ -78,6 +81,7 @@ class Structure:
     width_attrs: tuple[str, ...] = ()
     empty: str = ""
     empty_returns_tuple: bool = False
+    vanilla: Callable[[PretrainedConfig, int], dict[str, Any]] | None = None
 
     def paths(self) -> tuple[str, ...]:
         """Paths of every layer the structure cuts: rows first, then the output layer."""
@@ -126,6 +130,7 @@ def attention_heads(
     width_attrs: tuple[str, ...] = (),
     units: str = "num_attention_heads",
     empty: str = "",
+    vanilla: Callable[[PretrainedConfig, int], dict[str, Any]] | None = None,
 ) -> Structure:
     """The attention-head structure: separate ``query``/``key``/``value`` projections or a fused ``qkv``."""
     if qkv:
@@ -143,6 +148,7 @@ def attention_heads(
         width_attrs=width_attrs,
         empty=empty,
         empty_returns_tuple=True,
+        vanilla=vanilla,
     )
 
 
@@ -154,8 +160,16 @@ def ffn_neurons(
     owner: str = "",
     count_attrs: tuple[str, ...] = (),
     empty: str = "",
+    vanilla: Callable[[PretrainedConfig, int], dict[str, Any]] | None = None,
 ) -> Structure:
-    """The FFN-neuron structure: ``rows`` (up, gate) lose outputs, ``output`` (down) loses inputs."""
+    """The FFN-neuron structure: ``rows`` (up, gate) lose outputs, ``output`` (down) loses inputs; a
+    ``units`` config key is also how a uniform cut is said (``vanilla``), unless given."""
+    if vanilla is None and isinstance(units, str):
+        key = units
+
+        def vanilla(config: PretrainedConfig, kept: int) -> dict[str, Any]:
+            return {key: kept}
+
     return Structure(
         name=FFN,
         rows=tuple(Rows(path) for path in rows),
@@ -165,6 +179,7 @@ def ffn_neurons(
         owner=owner,
         count_attrs=count_attrs,
         empty=empty,
+        vanilla=vanilla,
     )
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from transformers import PretrainedConfig
+
 from .base import ArchitectureAdapter, attention_heads, ffn_neurons
 from .registry import register_adapter
 
@@ -69,10 +73,19 @@ register_adapter(
                 residual="ln_2",
                 units=lambda config: config.n_inner or 4 * config.n_embd,
                 empty="mlp",
+                vanilla=lambda config, kept: {"n_inner": kept},
             ),
         ),
     )
 )
+
+
+def _grouped_heads(config: PretrainedConfig, kept: int) -> dict[str, Any]:
+    """``kept`` query heads in every layer, with the key/value groups and the head size they had."""
+    group = config.num_attention_heads // config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return {"num_attention_heads": kept, "num_key_value_heads": kept // group, "head_dim": head_dim}
+
 
 # Grouped-query decoders: heads leave by whole key/value groups, so num_key_value_groups stays.
 register_adapter(
@@ -86,6 +99,7 @@ register_adapter(
                 value="self_attn.v_proj",
                 output="self_attn.o_proj",
                 empty="self_attn",
+                vanilla=_grouped_heads,
             ),
             ffn_neurons(
                 rows=("mlp.gate_proj", "mlp.up_proj"),
