@@ -12,6 +12,8 @@ from transformers import PretrainedConfig
 from ._version import __version__
 
 CONFIG_KEY = "hf_gradprune"
+LEGACY_KEY = "pruned_heads"
+"""Where transformers 4's ``prune_heads`` recorded removed heads (layer to original head indices)."""
 _PREFIX = "pruned_"
 RECORD_FORMAT = 1
 """The layout of the record this version writes; a record of a newer format is refused, not misread."""
@@ -111,18 +113,26 @@ class PruningRecord:
 
     @classmethod
     def from_config(cls, config: PretrainedConfig | None) -> PruningRecord:
-        """The record stored in ``config`` (an empty record when the model was never pruned or has none)."""
+        """The record in ``config``: hf_gradprune's own, else the ``pruned_heads`` that transformers 4's
+        ``prune_heads`` wrote (same original head indices); an empty record when there is none."""
         data = getattr(config, CONFIG_KEY, None)
-        return cls.from_dict(data) if data else cls()
+        if data:
+            return cls.from_dict(data)
+        legacy = getattr(config, LEGACY_KEY, None)
+        return cls({"heads": legacy}, version="transformers 4 prune_heads") if legacy else cls()
 
     def save_to_config(self, config: PretrainedConfig) -> None:
-        """Store this record in ``config`` (it is written to ``config.json`` by ``save_pretrained``)."""
+        """Store this record in ``config`` (it is written to ``config.json`` by ``save_pretrained``), in
+        place of a transformers 4 ``pruned_heads``."""
         setattr(config, CONFIG_KEY, copy.deepcopy(self.to_dict()))
+        if hasattr(config, LEGACY_KEY):
+            delattr(config, LEGACY_KEY)
 
 
 def strip_record(config: PretrainedConfig) -> PretrainedConfig:
     """A copy of ``config`` without a pruning record: the config of the original, unpruned shapes."""
     clean = copy.deepcopy(config)
-    if hasattr(clean, CONFIG_KEY):
-        delattr(clean, CONFIG_KEY)
+    for key in (CONFIG_KEY, LEGACY_KEY):
+        if hasattr(clean, key):
+            delattr(clean, key)
     return clean
