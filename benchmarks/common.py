@@ -18,6 +18,7 @@ import os
 import platform
 import random
 import statistics
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -246,3 +247,32 @@ def write_results(results: dict[str, Any], args: Any, plot: Callable[[dict, Path
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, args.output_dir / f"{stem}.png")
+
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * PAGE
+
+
+class PeakMemory:
+    """The largest resident set seen while inside, sampled every 2 ms by a thread."""
+
+    def __enter__(self) -> PeakMemory:
+        self.start = self.peak = resident_bytes()
+        self._running = True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self._running:
+            self.peak = max(self.peak, resident_bytes())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._running = False
+        self._thread.join()
+        self.peak = max(self.peak, resident_bytes())

@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -31,11 +29,10 @@ from hf_gradprune.masks import remove_masks
 from hf_gradprune.testing import load_rotten_tomatoes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, results_header, write_results
+from common import RESULTS, PeakMemory, results_header, write_results
 
 NAME = "llm"
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "causal_lm_pruning.py"
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def load_example():
@@ -43,32 +40,6 @@ def load_example():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * PAGE
-
-
-class PeakMemory:
-    """The largest resident set seen while inside, sampled every 2 ms by a thread."""
-
-    def __enter__(self) -> PeakMemory:
-        self.start = self.peak = resident_bytes()
-        self._running = True
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while self._running:
-            self.peak = max(self.peak, resident_bytes())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._running = False
-        self._thread.join()
-        self.peak = max(self.peak, resident_bytes())
 
 
 def main() -> None:

@@ -1,0 +1,170 @@
+"""Memory of the whole one-shot weight-pruning path on SmolLM2-135M (float32), stage by stage.
+
+The stages a user runs to prune an LLM without training: load the model, score every weight (``obd``, w² ·
+Σg², the strongest criterion of ``benchmarks/llm.py``, on ``--calibration_batches`` batches of 4 x 128
+tokens), turn the scores into 50% per-row masks, apply them (bool buffers and gradient hooks), save with
+``save_pruned`` and load again with ``load_pruned`` (in a fresh process). Peak resident memory is sampled
+every 2 ms during each stage and reported as a multiple of the float32 model's size, in total (the model
+included: the issue's target is 2.5x) and above what the process held before the stage. The run ends with
+the masks exact: the saved and reloaded weights have exactly half of every row at zero.
+
+Run: ``.venv/bin/python benchmarks/scale.py`` (``--quick`` for a smoke run), and with
+``MALLOC_MMAP_THRESHOLD_=65536`` in the environment for what the pass needs rather than what glibc keeps.
+Writes ``results/scale.{json,png}`` (``results/scale_mmap_threshold.*``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from hf_gradprune import compute_weight_importance, compute_weight_masks, load_pruned, save_pruned
+from hf_gradprune.adapters import weight_input_dims
+from hf_gradprune.masks import apply_masks, compute_sparsity, get_masks
+from hf_gradprune.testing import load_rotten_tomatoes
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, PeakMemory, resident_bytes, results_header, write_results
+
+# glibc keeps freed heap memory and raises its mmap threshold as large blocks are freed, so the resident set
+# overstates what a pass needs; MALLOC_MMAP_THRESHOLD_=65536 fixes the threshold (the run is named after it).
+NAME = "scale" + ("_mmap_threshold" if os.environ.get("MALLOC_MMAP_THRESHOLD_") else "")
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "causal_lm_pruning.py"
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("causal_lm_pruning", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+FRESH_LOAD = """
+import json, sys
+sys.path.insert(0, sys.argv[2])
+from common import PeakMemory, resident_bytes
+from hf_gradprune import load_pruned
+baseline = resident_bytes()
+with PeakMemory() as memory:
+    load_pruned(sys.argv[1])
+print(json.dumps({"baseline": baseline, "peak": memory.peak}))
+"""
+
+
+def fresh_load(folder: str, model_bytes: int) -> dict:
+    """``load_pruned`` in a fresh process: its peak above the process's imports."""
+    start = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-c", FRESH_LOAD, folder, str(Path(__file__).resolve().parent)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    memory = json.loads(out.splitlines()[-1])
+    peak = (memory["peak"] - memory["baseline"]) / model_bytes
+    return {
+        "stage": "load_pruned (fresh process)",
+        "seconds": round(time.perf_counter() - start, 2),
+        "peak_total": peak,
+        "peak_extra": peak - 1.0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--calibration_batches", type=int, default=8)
+    parser.add_argument("--output_dir", type=Path, default=RESULTS)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.calibration_batches = 1
+    example = load_example()
+    started = time.perf_counter()
+    baseline = resident_bytes()
+    model, tokenizer = example.load_smollm2()
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    stages: list[dict] = [{"stage": "load", "resident": (resident_bytes() - baseline) / model_bytes}]
+
+    @contextlib.contextmanager
+    def stage(name: str):
+        with PeakMemory() as memory:
+            start = time.perf_counter()
+            yield
+            seconds = time.perf_counter() - start
+        peaks = {"total": memory.peak - baseline, "extra": memory.peak - memory.start}
+        stages.append({"stage": name, "seconds": round(seconds, 2)})
+        stages[-1].update({f"peak_{k}": v / model_bytes for k, v in peaks.items()})
+        print(json.dumps(stages[-1]), flush=True)
+
+    reviews = load_rotten_tomatoes()
+    batches = example.text_batches(tokenizer, reviews["train"]["text"], args.calibration_batches, 4, 128)
+    dims = weight_input_dims(model)
+    with stage("importance, obd"):
+        scores = compute_weight_importance(model, batches, "obd", show_progress=False)
+    with stage("masks, 50% per row"):
+        masks = compute_weight_masks(scores, 0.5, "per_row", input_dims=dims)
+        del scores
+    with stage("apply masks"):
+        apply_masks(model, masks)
+        del masks
+    with tempfile.TemporaryDirectory() as folder:
+        with stage("save_pruned"):
+            save_pruned(model, folder)
+        stages.append(fresh_load(folder, model_bytes))
+        print(json.dumps(stages[-1]), flush=True)
+        again = load_pruned(folder)
+    sparsity = compute_sparsity(again)
+    rows_exact = all(
+        bool((mask.sum(dim=1) == mask.shape[1] // 2).all()) for mask in get_masks(again).values()
+    )
+    results = {
+        **results_header(NAME, args),
+        "model_bytes": model_bytes,
+        "parameters": sum(p.numel() for p in again.parameters()),
+        "stages": stages,
+        "peak_total": max(s.get("peak_total", 0.0) for s in stages),
+        "sparsity_after_reload": sparsity["overall"],
+        "every_row_exactly_half": rows_exact,
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+        "runtime_s": round(time.perf_counter() - started, 1),
+    }
+    write_results(results, args, plot)
+    print("\n| stage | seconds | peak memory, total (x fp32 model) | above the stage's start |")
+    print("|---|---:|---:|---:|")
+    for s in stages[1:]:
+        print(f"| {s['stage']} | {s['seconds']:.1f} | {s['peak_total']:.2f} | {s['peak_extra']:.2f} |")
+    print(f"\nmodel {model_bytes / 2**20:.0f} MiB; every row exactly half zero after reload: {rows_exact}")
+
+
+def plot(results: dict, path: Path) -> None:
+    figure = Figure(figsize=(7, 3.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    stages = [s for s in results["stages"] if "peak_total" in s]
+    axes.bar([s["stage"] for s in stages], [s["peak_total"] for s in stages], color="tab:blue")
+    axes.axhline(2.5, color="black", linestyle="--", linewidth=1, label="target 2.5x")
+    axes.axhline(1.0, color="grey", linestyle=":", linewidth=1, label="the model")
+    axes.set_ylabel("peak resident memory (x fp32 model)")
+    axes.set_title(f"SmolLM2-135M one-shot pruning ({results['model_bytes'] / 2**20:.0f} MiB fp32)")
+    axes.tick_params(axis="x", labelsize=7, rotation=15)
+    axes.legend(fontsize=7)
+    figure.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()
