@@ -13,6 +13,7 @@ model is all-MiniLM-L6-v2 with a new 2-label head, fine-tuned one epoch (AdamW, 
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -276,3 +277,12 @@ class PeakMemory:
         self._running = False
         self._thread.join()
         self.peak = max(self.peak, resident_bytes())
+
+
+def load_causal_lm_example():
+    """``examples/causal_lm_pruning.py`` as a module (its SmolLM2 loader, text batches and perplexity)."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "causal_lm_pruning.py"
+    spec = importlib.util.spec_from_file_location("causal_lm_pruning", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

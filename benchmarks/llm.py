@@ -13,7 +13,6 @@ Run: ``.venv/bin/python benchmarks/llm.py`` (``--quick`` for a smoke run). Write
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -29,17 +28,9 @@ from hf_gradprune.masks import remove_masks
 from hf_gradprune.testing import load_rotten_tomatoes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, PeakMemory, results_header, write_results
+from common import RESULTS, PeakMemory, load_causal_lm_example, results_header, write_results
 
 NAME = "llm"
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "causal_lm_pruning.py"
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("causal_lm_pruning", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main() -> None:
@@ -55,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.calibration_batches, args.eval_batches = 1, 1
-    example = load_example()
+    example = load_causal_lm_example()
     started = time.perf_counter()
     torch.manual_seed(0)
     model, tokenizer = example.load_smollm2()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -36,19 +35,18 @@ from hf_gradprune.masks import apply_masks, compute_sparsity, get_masks
 from hf_gradprune.testing import load_rotten_tomatoes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, PeakMemory, resident_bytes, results_header, write_results
+from common import (
+    RESULTS,
+    PeakMemory,
+    load_causal_lm_example,
+    resident_bytes,
+    results_header,
+    write_results,
+)
 
 # glibc keeps freed heap memory and raises its mmap threshold as large blocks are freed, so the resident set
 # overstates what a pass needs; MALLOC_MMAP_THRESHOLD_=65536 fixes the threshold (the run is named after it).
 NAME = "scale" + ("_mmap_threshold" if os.environ.get("MALLOC_MMAP_THRESHOLD_") else "")
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "causal_lm_pruning.py"
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("causal_lm_pruning", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 FRESH_LOAD = """
@@ -92,7 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.calibration_batches = 1
-    example = load_example()
+    example = load_causal_lm_example()
     started = time.perf_counter()
     baseline = resident_bytes()
     model, tokenizer = example.load_smollm2()

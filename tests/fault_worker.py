@@ -5,8 +5,7 @@ Usage: ``python tests/fault_worker.py OUT_DIR MODE`` with MODE one of ``full`` (
 not yet) or ``resume`` (``train(resume_from_checkpoint=True)`` in OUT_DIR). ``full`` and ``resume`` save the
 final model with ``save_pruned`` into ``OUT_DIR/final``.
 
-The schedule: one head per layer removed over the cuts at steps 0 and 6, weight sparsity ramping linearly
-to 0.6 over steps 0..10 every 2 steps, checkpoints every 4 of 12 steps.
+The schedule is ``tests.helpers.RAMP_PRUNING``, with checkpoints every 4 of 12 steps.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from transformers import TrainingArguments
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `tests.helpers`
 
 from hf_gradprune import PruningArguments, PruningTrainer, save_pruned
-from tests.helpers import build_tiny, tiny_dataset
+from tests.helpers import RAMP_PRUNING, build_tiny, tiny_dataset
 
 KILL_AT_STEP = 8
 
@@ -37,15 +36,7 @@ class DyingTrainer(PruningTrainer):
 
 
 def main(out_dir: str, mode: str) -> None:
-    pruning = PruningArguments(
-        prune_heads_per_layer=1,
-        prune_steps="0,6",
-        weight_sparsity=0.6,
-        sparsity_schedule="linear",
-        sparsity_schedule_end=10,
-        sparsity_schedule_frequency=2,
-        importance_batches=2,
-    )
+    pruning = PruningArguments(**RAMP_PRUNING)
     args = TrainingArguments(
         output_dir=str(Path(out_dir) / "out"),
         max_steps=12,

@@ -142,3 +142,16 @@ def tiny_dataset(rows: int = 64, length: int = 8, seed: int = 0, causal: bool = 
     ids = torch.randint(3, VOCAB, (rows, length), generator=generator)
     labels = ids if causal else torch.randint(0, 2, (rows,), generator=generator)
     return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+
+
+#: A schedule that does everything mid-run: one head per layer over cuts at steps 0 and 6, weight sparsity
+#: ramping linearly to 0.6 over steps 0..10 every 2 steps (12 steps, checkpoints every 4 in the tests).
+RAMP_PRUNING = {
+    "prune_heads_per_layer": 1,
+    "prune_steps": "0,6",
+    "weight_sparsity": 0.6,
+    "sparsity_schedule": "linear",
+    "sparsity_schedule_end": 10,
+    "sparsity_schedule_frequency": 2,
+    "importance_batches": 2,
+}

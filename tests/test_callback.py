@@ -9,7 +9,7 @@ from transformers import Trainer, TrainingArguments
 from hf_gradprune import GradientPruningCallback, PruningArguments, PruningRecord, PruningTrainer
 from hf_gradprune.masks import MASKS_FILENAME, get_masks, load_masks
 
-from .helpers import build_tiny, tiny_dataset
+from .helpers import RAMP_PRUNING, build_tiny, tiny_dataset
 
 
 def training_args(tmp_path, **overrides) -> TrainingArguments:
@@ -158,15 +158,7 @@ def test_trainer_checkpoint_holds_masks_state_and_no_pickle(tmp_path):
 
 
 def final_state(tmp_path, resume: bool) -> tuple[dict, dict, dict]:
-    pruning = PruningArguments(
-        prune_heads_per_layer=1,
-        prune_steps="0,6",
-        weight_sparsity=0.6,
-        sparsity_schedule="linear",
-        sparsity_schedule_end=10,
-        sparsity_schedule_frequency=2,
-        importance_batches=2,
-    )
+    pruning = PruningArguments(**RAMP_PRUNING)
     args = training_args(tmp_path, max_steps=12, save_strategy="steps", save_steps=4)
     torch.manual_seed(0)
     trainer = PruningTrainer(
