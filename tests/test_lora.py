@@ -14,13 +14,14 @@ from hf_gradprune import (
     PruningArguments,
     PruningTrainer,
     load_pruned,
+    mask_lora_updates,
     merge_and_unload,
     prune_weights,
     save_pruned,
 )
 from hf_gradprune.masks import get_masks
 
-from .helpers import build_tiny, tiny_dataset
+from .helpers import build_tiny, logits, tiny_batch, tiny_dataset
 
 LORA_TARGETS = ["q_proj", "v_proj", "up_proj"]
 
@@ -64,7 +65,11 @@ def test_pruning_trainer_trains_lora_on_a_2_4_model_and_the_merge_keeps_it_exact
     assert revived(lora.base_model.model, masks) == 0  # the base weights are frozen, the masks hold
     plain = copy.deepcopy(lora).merge_and_unload()
     assert revived(plain, masks) > 0  # the control: peft's own merge densifies
+    batch = tiny_batch(model)
+    trained = logits(lora, batch)
     merged = merge_and_unload(lora)
+    # The LoRA updates trained masked (PruningTrainer added the hooks): the merge is the trained model.
+    torch.testing.assert_close(logits(merged, batch), trained, rtol=1e-5, atol=1e-5)
     assert revived(merged, masks) == 0
     assert get_masks(merged).keys() == masks.keys()
     for name in masks:  # at most 2 of every 4 inputs left
@@ -74,6 +79,36 @@ def test_pruning_trainer_trains_lora_on_a_2_4_model_and_the_merge_keeps_it_exact
     folder = save_pruned(merged, tmp_path / "merged")
     again = load_pruned(folder)
     assert revived(again, masks) == 0 and get_masks(again).keys() == masks.keys()
+
+
+def test_lora_updates_trained_without_the_masks_would_not_be_what_the_merge_gives():
+    model = build_tiny("llama")
+    masks = two_four(model, ["q_proj", "v_proj"])
+    lora = get_peft_model(
+        model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    batch = tiny_batch(model)
+    dense_update = logits(lora, batch)
+    handles = mask_lora_updates(lora)
+    assert len(handles) == 2 * model.config.num_hidden_layers
+    masked_update = logits(lora, batch)
+    assert not torch.allclose(dense_update, masked_update, atol=1e-4)  # the control
+    merged = merge_and_unload(lora)
+    torch.testing.assert_close(logits(merged, batch), masked_update, rtol=1e-5, atol=1e-5)
+    assert revived(merged, masks) == 0
+
+
+def test_pruning_trainer_warns_when_lora_dropout_keeps_the_update_dense(tmp_path):
+    model = build_tiny("llama").train()
+    two_four(model, ["q_proj", "v_proj"])
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.1))
+    with pytest.warns(UserWarning, match=r"lora_dropout > 0 .* The LoRA update trains dense"):
+        PruningTrainer(
+            model=lora,
+            args=TrainingArguments(str(tmp_path / "out"), use_cpu=True, report_to=[]),
+            train_dataset=tiny_dataset(causal=True),
+            pruning_args=PruningArguments(weight_sparsity=0.5),
+        )
 
 
 def test_merge_and_unload_of_a_model_without_peft_is_a_type_error():

@@ -18,7 +18,7 @@ from .flops import block_flops, flops_ratio, select_units_for_flops
 from .gates import HeadGates, UnitGates, add_head_gates
 from .hub import push_folder_to_hub
 from .importance import compute_head_importance, compute_unit_importance, compute_weight_importance
-from .lora import merge_and_unload
+from .lora import mask_lora_updates, merge_and_unload
 from .oneshot import prune_in_rounds, prune_to_flops, prune_weights
 from .record import PruningRecord
 from .rescale import capture_targets, rescale_units
@@ -54,6 +54,7 @@ __all__ = [
     "flops_ratio",
     "get_adapter",
     "load_pruned",
+    "mask_lora_updates",
     "merge_and_unload",
     "prune_heads",
     "prune_in_rounds",

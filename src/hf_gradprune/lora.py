@@ -1,12 +1,88 @@
-"""LoRA on a pruned model: peft's merge, with the pruned weights kept at zero."""
+"""LoRA on a pruned model: updates that respect the masks in training, and a merge that keeps them."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from .masks import get_masks, reapply_masks
+from .masks import get_masks, mask_of, reapply_masks
+
+
+def masked_lora_layers(model: nn.Module) -> list[nn.Module]:
+    """peft LoRA layers (``lora_A``, ``lora_B``, ``base_layer``) whose base weight carries a mask."""
+    return [
+        module
+        for module in model.modules()
+        if hasattr(module, "lora_A")
+        and hasattr(module, "get_delta_weight")
+        and mask_of(getattr(module, "base_layer", module), "weight") is not None
+    ]
+
+
+def _without_pruned_update(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Take back the part of each active LoRA update that falls on pruned weights."""
+    if module.disable_adapters or module.merged:
+        return output
+    mask = mask_of(module.base_layer, "weight")
+    x = args[0]
+    for adapter in module.active_adapters:
+        if adapter not in module.lora_A:
+            continue
+        pruned = module.get_delta_weight(adapter).masked_fill(mask, 0)
+        if getattr(module, "fan_in_fan_out", False):  # GPT-2's Conv1D: (in, out)
+            pruned = pruned.T
+        output = output - F.linear(x.to(pruned.dtype), pruned).to(output.dtype)
+    return output
+
+
+def mask_lora_updates(model: nn.Module) -> list[RemovableHandle]:
+    """Make every LoRA update of ``model`` respect its base layer's weight mask while it trains.
+
+    A LoRA layer computes ``W x + s B A x``; ``B A`` is dense, so a pruned model trained with LoRA learns a
+    function that its merged, re-masked weights (:func:`merge_and_unload`) no longer compute. With these
+    hooks each layer computes ``W x + s (B A ⊙ M) x`` (SQFT's sparsity-preserving adapters): what is
+    trained is exactly what the merge gives. Each hook costs one extra matmul of the layer's size per
+    forward. ``PruningTrainer`` adds them itself to a peft model whose base weights are masked.
+
+    Args:
+        model (`nn.Module`): a peft model whose base layers carry masks.
+
+    Returns:
+        `list[RemovableHandle]`: the hooks (``handle.remove()`` undoes them); empty when no LoRA layer is
+        masked.
+
+    Raises:
+        ValueError: an adapter with ``lora_dropout`` > 0 or a LoRA variant (DoRA ...), for which the update
+            cannot be taken back exactly.
+
+    Example:
+        >>> import torch
+        >>> from peft import LoraConfig, get_peft_model
+        >>> from hf_gradprune.masks import apply_masks
+        >>> base = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> apply_masks(base, {"0.weight": torch.eye(4, dtype=torch.bool)})
+        >>> lora = get_peft_model(base, LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+        >>> _ = mask_lora_updates(lora)
+        >>> x = torch.randn(3, 4)
+        >>> torch.allclose(lora(x), merge_and_unload(lora)(x), atol=1e-6)  # trained = merged
+        True
+    """
+    layers = masked_lora_layers(model)
+    for module in layers:
+        for name in module.lora_A:
+            if not isinstance(module.lora_dropout[name], nn.Identity) or name in getattr(
+                module, "lora_variant", {}
+            ):
+                raise ValueError(
+                    f"Adapter {name!r} has lora_dropout > 0 or a LoRA variant: its update on pruned weights "
+                    "cannot be taken back exactly. Use LoraConfig(lora_dropout=0.0) without DoRA, or train "
+                    "the update dense and let merge_and_unload drop its share on pruned weights."
+                )
+    return [module.register_forward_hook(_without_pruned_update) for module in layers]
 
 
 def merge_and_unload(model: nn.Module, **merge_kwargs: Any) -> nn.Module:

@@ -216,6 +216,18 @@ def remove_masks(model: nn.Module) -> None:
     _note_masks(model)
 
 
+def mask_of(module: nn.Module, attr: str = "weight") -> torch.Tensor | None:
+    """The mask of ``module``'s own parameter ``attr`` (on its device), or ``None`` when it is not masked.
+
+    Example:
+        >>> layer = torch.nn.Linear(2, 1)
+        >>> apply_masks(layer, {"weight": torch.tensor([[True, False]])})
+        >>> mask_of(layer), mask_of(layer, "bias")
+        (tensor([[ True, False]]), None)
+    """
+    return getattr(module, _buffer_name(attr)) if attr in vars(module).get(_HOOKS, {}) else None
+
+
 def is_masked(module: nn.Module) -> bool:
     """Whether ``module`` or any module below it carries a mask from :func:`apply_masks`.
 

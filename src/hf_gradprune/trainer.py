@@ -7,6 +7,7 @@ import logging
 import os
 import random
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from .cards import create_pruning_model_card, save_head_importance_heatmap
 from .checkpoint import finish_interrupted_save, has_state, load_state, save_state, saving_into
 from .export import check_exportable, export_vanilla
 from .hub import push_folder_to_hub
+from .lora import mask_lora_updates, masked_lora_layers
 from .masks import MASKS_FILENAME, get_masks
 from .record import PruningRecord
 from .surgery import prune_units
@@ -106,6 +108,7 @@ class PruningTrainer(Trainer):
         kwargs["callbacks"] = [self.pruning_callback, *(kwargs.get("callbacks") or [])]
         super().__init__(*args, **kwargs)
         self.pruning_callback.refuse_sharded_training(self.is_fsdp_enabled, self.is_deepspeed_enabled)
+        self._mask_lora_updates()
         if pruning_args.export_vanilla:
             pruned = [(HEADS, pruning_args.prunes_heads), (FFN, pruning_args.prunes_ffn)]
             check_exportable(self.model, [name for name, wanted in pruned if wanted])
@@ -119,6 +122,16 @@ class PruningTrainer(Trainer):
         self._evaluating_pruned = False
         if evaluate_after_pruning:
             self.pruning_callback.after_cut = self._evaluate_pruned
+
+    def _mask_lora_updates(self) -> None:
+        """A peft model on masked weights trains its LoRA updates masked (:func:`mask_lora_updates`), so
+        that ``merge_and_unload`` gives the model that was trained; where that cannot be exact, a warning."""
+        if not masked_lora_layers(self.model):
+            return
+        try:
+            mask_lora_updates(self.model)
+        except ValueError as error:
+            warnings.warn(f"{error} The LoRA update trains dense.", stacklevel=3)
 
     def _evaluate_pruned(self) -> None:
         """Evaluate right after a cut (before more training), when there is an evaluation set."""
