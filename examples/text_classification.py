@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
         "params_after": reloaded.num_parameters(),
         "heads_per_layer": structure_sizes(reloaded, "heads"),
         "ffn_per_layer": structure_sizes(reloaded, "ffn"),
-        "flops_ratio": flops_ratio(reloaded, pruning_args.flops_seq_len),
+        # From the trained model: a --export_vanilla folder has no pruning record to count from.
+        "flops_ratio": flops_ratio(trainer.model, pruning_args.flops_seq_len),
         "speedup": trainer.pruning_callback.speedup,
         "weight_sparsity": compute_sparsity(reloaded, targets) if pruning_args.prunes_weights else None,
     }

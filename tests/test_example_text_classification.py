@@ -108,6 +108,29 @@ def test_example_reads_csv_files_with_named_columns_and_prunes_to_a_flops_budget
     assert "| accuracy |" in card and "Right after pruning" in card and "a local dataset" not in card
 
 
+def test_example_exports_a_vanilla_model_that_plain_transformers_loads(tmp_path):
+    out = tmp_path / "run"
+    flags = [*small_run(out), "--prune_ffn_fraction", "0.25", "--export_vanilla", "true"]
+    heads = flags.index("--prune_heads_per_layer")
+    del flags[heads : heads + 2]  # BERT's head count cannot be said in a vanilla config
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((out / "pruning_results.json").read_text())
+    assert results["ffn_per_layer"] == [1152] * 6 and results["flops_ratio"] < 0.9
+    code = (
+        "import sys, transformers\n"
+        "m = transformers.BertForSequenceClassification.from_pretrained(sys.argv[1])\n"
+        "print(m.config.intermediate_size, 'hf_gradprune' in sys.modules, hasattr(m.config, 'hf_gradprune'))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert loaded.stdout.split() == ["1152", "False", "False"], loaded.stderr[-2000:]
+    assert "BertForSequenceClassification.from_pretrained" in (out / "README.md").read_text()
+
+
 def test_example_bad_data_flags_are_clear_errors(tmp_path):
     result = subprocess.run(
         [
