@@ -9,15 +9,15 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import transformers
 from huggingface_hub import snapshot_download
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
@@ -30,6 +30,7 @@ from .record import PruningRecord, strip_record
 from .surgery import prune_units
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download")
 LOAD_KWARGS = ("dtype",)
@@ -127,9 +128,10 @@ def resolve_folder(path_or_repo_id: str | os.PathLike, **hub_kwargs: Any) -> Pat
     return Path(snapshot_download(text, **hub_kwargs))
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _readable(path: Path, read: Callable[[Path], _T]) -> _T:
+    """``read(path)``; a damaged or truncated safetensors file is a ``ValueError`` that names it."""
     try:
-        return load_file(path)
+        return read(path)
     except (SafetensorError, OSError) as error:
         raise ValueError(
             f"{path.name} in {path.parent.name!r} is damaged or truncated ({error}); nothing was loaded: "
@@ -137,9 +139,14 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from error
 
 
-def read_state_dict(folder: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """All tensors of the safetensors weights in ``folder`` (single file or sharded); with ``allow_pickle``,
-    a folder with only ``pytorch_model.bin`` is read by ``torch.load(weights_only=True)``."""
+def _read_header(path: Path) -> None:
+    with safe_open(path, framework="pt"):  # checks the header against the file's length, reads no tensor
+        pass
+
+
+def _weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
+    """The weight files of ``folder`` (safetensors, single or sharded; ``pytorch_model.bin`` only with
+    ``allow_pickle``), every safetensors header checked; no tensor is read."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -158,15 +165,26 @@ def read_state_dict(folder: Path, allow_pickle: bool = False) -> dict[str, torch
                 "hf_gradprune reads safetensors. Pass `allow_pickle=True` if you trust its source (it is "
                 "then read with torch.load(weights_only=True)), or convert it to model.safetensors."
             )
-        return torch.load(folder / PICKLED_WEIGHTS, map_location="cpu", weights_only=True)
+        return [folder / PICKLED_WEIGHTS]
     else:
         raise FileNotFoundError(
             f"No model.safetensors in {folder.name!r}: hf_gradprune reads safetensors checkpoints only "
             "(save with `model.save_pretrained(path)`)."
         )
-    state: dict[str, torch.Tensor] = {}
     for shard in shards:
-        state.update(_read_safetensors(folder / shard))
+        _readable(folder / shard, _read_header)
+    return [folder / shard for shard in shards]
+
+
+def read_state_dict(folder: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of the safetensors weights in ``folder`` (single file or sharded); with ``allow_pickle``,
+    a folder with only ``pytorch_model.bin`` is read by ``torch.load(weights_only=True)``."""
+    files = _weight_files(folder, allow_pickle)
+    if files[0].name == PICKLED_WEIGHTS:
+        return torch.load(files[0], map_location="cpu", weights_only=True)
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        state.update(_readable(path, load_file))
     return state
 
 
@@ -216,10 +234,7 @@ def _check_masks_file(folder: Path, record: PruningRecord) -> dict[str, torch.Te
                 "`trainer.save_model()`, or pass `apply_weight_masks=False` for inference only."
             )
         return None
-    try:
-        masks = load_masks(path)
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"{MASKS_FILENAME} in {folder.name!r} is damaged or truncated ({error}).") from error
+    masks = _readable(path, load_masks)
     if record.weight_masks and len(masks) != record.weight_masks:
         raise ValueError(
             f"{MASKS_FILENAME} in {folder.name!r} holds {len(masks)} masks, config.json says "
@@ -366,9 +381,7 @@ def load_pruned(
             if model.can_generate() and (folder / "generation_config.json").is_file():
                 model.generation_config = GenerationConfig.from_pretrained(folder)
         else:
-            read_state_dict(
-                folder, allow_pickle
-            )  # the same checks (damage, pickle) before transformers reads
+            _weight_files(folder, allow_pickle)  # the same checks (damage, pickle) before transformers reads
             cls = model_class or _architecture_class(config)
             model = cls.from_pretrained(
                 folder, use_safetensors=not allow_pickle, **({"dtype": dtype} if dtype else {})
