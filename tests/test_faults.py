@@ -238,3 +238,14 @@ def test_load_of_pickled_weights_needs_opt_in_and_never_runs_their_code(tmp_path
     with pytest.raises(Exception, match="Weights only load failed"):
         load_pruned(folder, allow_pickle=True)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_save_without_masks_removes_an_earlier_saves_masks_file(tmp_path):
+    from hf_gradprune.masks import remove_masks
+
+    folder, model = pruned_masked_folder(tmp_path)
+    assert (folder / "pruning_masks.safetensors").is_file()
+    remove_masks(model)
+    save_pruned(model, folder)
+    assert not (folder / "pruning_masks.safetensors").exists()
+    assert not get_masks(load_pruned(folder))

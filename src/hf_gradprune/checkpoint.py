@@ -9,7 +9,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -85,10 +85,12 @@ def _move_files(source: Path, folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def saving_into(folder: str | os.PathLike) -> Iterator[Path]:
+def saving_into(folder: str | os.PathLike, owned: Iterable[str] = ()) -> Iterator[Path]:
     """A temporary folder to write a save into; on success its files replace those of ``folder``.
 
-    The other files of ``folder`` stay. A process killed while writing leaves ``folder`` as it was; one
+    The other files of ``folder`` stay, but for those named in ``owned`` (files this kind of save answers
+    for, such as the masks file): one the save does not write is an earlier save's, and is removed. A
+    process killed while writing leaves ``folder`` as it was; one
     killed while the files move is completed by :func:`finish_interrupted_save` (``load_pruned``, the
     next save and resuming call it). An exception removes the temporary folder and leaves ``folder`` as it
     was.
@@ -110,8 +112,12 @@ def saving_into(folder: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    os.replace(partial, folder / PENDING_SAVE)
-    _move_files(folder / PENDING_SAVE, folder)
+    pending = folder / PENDING_SAVE
+    os.replace(partial, pending)
+    written = {path.relative_to(pending).as_posix() for path in pending.rglob("*") if path.is_file()}
+    _move_files(pending, folder)
+    for name in set(owned) - written:
+        (folder / name).unlink(missing_ok=True)
 
 
 def resolve_folder(path_or_repo_id: str | os.PathLike, **hub_kwargs: Any) -> Path:
@@ -426,7 +432,7 @@ def save_pruned(model: nn.Module, save_directory: str | os.PathLike, **save_pret
             f"{type(model).__name__} is not a transformers model."
         )
     folder = Path(save_directory)
-    with saving_into(folder) as partial:
+    with saving_into(folder, owned=(MASKS_FILENAME,)) as partial:
         if isinstance(model, PreTrainedModel):
             model.save_pretrained(partial, **save_pretrained_kwargs)
         else:
@@ -435,8 +441,6 @@ def save_pruned(model: nn.Module, save_directory: str | os.PathLike, **save_pret
         masks = get_masks(model)
         if masks:
             save_masks(masks, partial / MASKS_FILENAME)
-    if not masks:
-        (folder / MASKS_FILENAME).unlink(missing_ok=True)  # an earlier save's, no longer true
     return folder
 
 

@@ -127,10 +127,8 @@ def export_vanilla(model: nn.Module, save_directory: str | os.PathLike, **card_k
     if model.can_generate():
         vanilla.generation_config = copy.deepcopy(model.generation_config)
     folder = Path(save_directory)
-    with saving_into(folder) as partial:
+    # An earlier pruned save's masks file goes: the zeros are in the weights.
+    with saving_into(folder, owned=(MASKS_FILENAME,)) as partial:
         vanilla.save_pretrained(partial)
         create_pruning_model_card(model, vanilla=True, **card_kwargs).save(partial / "README.md")
-    (folder / MASKS_FILENAME).unlink(
-        missing_ok=True
-    )  # an earlier pruned save's: the zeros are in the weights
     return folder

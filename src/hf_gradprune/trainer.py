@@ -186,14 +186,12 @@ class PruningTrainer(Trainer):
         if not self.args.should_save:
             return super()._save(output_dir, state_dict)
         folder = Path(output_dir if output_dir is not None else self.args.output_dir)
-        with saving_into(folder) as partial:
+        # An earlier save's pickled arguments, or masks this model no longer has, go.
+        with saving_into(folder, owned=(TRAINING_ARGS_NAME, MASKS_FILENAME)) as partial:
             super()._save(str(partial), state_dict)
             (partial / TRAINING_ARGS_NAME).unlink(missing_ok=True)
             (partial / TRAINING_ARGS_JSON).write_text(self._portable_args_json())
             self.pruning_callback.save_pruning_state(self.model, partial)
-        (folder / TRAINING_ARGS_NAME).unlink(missing_ok=True)  # an earlier save's pickle
-        if not get_masks(self.model):
-            (folder / MASKS_FILENAME).unlink(missing_ok=True)  # an earlier save's, no longer true
         return None
 
     def _portable_args_json(self) -> str:
