@@ -153,8 +153,9 @@ class PruningTrainer(Trainer):
         head cut before the optimizer exists and DDP wraps the model."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
-        if resume_from_checkpoint:
+        elif resume_from_checkpoint:
             _check_complete(resume_from_checkpoint)
+        if resume_from_checkpoint:
             self._replay_pruning(resume_from_checkpoint)
         elif self.state.global_step == 0:
             self.pruning_callback.note_already_pruned(self.model)
