@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import re
@@ -236,7 +237,8 @@ def select_units_under_budget(
     )
     if uniform:
         return _uniform_under_budget(importance, costs, remove_cost, groups, minimum, multiple_of)
-    candidates: list[tuple[float, str, int, list[int]]] = []
+    # (score per cost, structure, layer, units, cost): a layer's units leave in blocks.
+    candidates: list[tuple[float, str, int, list[int], float]] = []
     left: dict[tuple[str, int], int] = {}
     for name, score in importance.items():
         unit_scores = _unit_scores(score.detach().float().cpu(), groups.get(name, 1))
@@ -249,32 +251,27 @@ def select_units_under_budget(
         for layer, row in enumerate(unit_scores.tolist()):
             present = sorted((v, unit) for unit, v in enumerate(row) if not math.isnan(v))
             left[name, layer] = len(present)
-            start = 0
-            # Blocks from the lowest scores up: their means rise, so a layer's blocks go in order.
-            for size in [len(present) % block or block] + [block] * len(present):
-                units = present[start : start + size]
-                if not units:
-                    break
+            # Blocks from the lowest scores up, the remainder first: their means rise, so a layer's blocks
+            # go in order.
+            bounds = [0, *range(len(present) % block or block, len(present) + 1, block)]
+            for low, high in itertools.pairwise(bounds):
+                units = present[low:high]
                 mean = sum(v for v, _ in units) / len(units)
-                candidates.append((mean / cost, name, layer, [unit for _, unit in units]))
-                start += size
+                candidates.append((mean / cost, name, layer, [u for _, u in units], cost * len(units)))
     candidates.sort(key=lambda c: c[0])
     chosen: dict[str, dict[int, list[int]]] = {name: {} for name in importance}
     removed = 0.0
-    cheapest = min((float(costs[c[1]]) * len(c[3]) for c in candidates), default=0.0)
+    cheapest = min((c[4] for c in candidates), default=0.0)
     # First pass: lowest score per cost first, but a block that would overshoot the target is passed over
     # while cheaper ones can still close the gap; the second pass takes the cheapest passed-over blocks.
-    passed_over: list[tuple[float, str, int, list[int]]] = []
+    passed_over: list[tuple[float, str, int, list[int], float]] = []
     for pass_over in (True, False):
-        for candidate in (
-            candidates if pass_over else sorted(passed_over, key=lambda c: len(c[3]) * costs[c[1]])
-        ):
-            _, name, layer, units = candidate
+        for candidate in candidates if pass_over else sorted(passed_over, key=lambda c: c[4]):
+            _, name, layer, units, cost = candidate
             if removed >= remove_cost:
                 break
             if left[name, layer] - len(units) < minimum.get(name, 1):
                 continue
-            cost = float(costs[name]) * len(units)
             if pass_over and cost > cheapest and removed + cost > remove_cost:
                 passed_over.append(candidate)
                 continue
