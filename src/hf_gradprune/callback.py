@@ -370,11 +370,9 @@ class GradientPruningCallback(TrainerCallback):
             and args.sparsity_schedule != "one_shot"
             and args.sparsity_schedule_end >= max_steps
         ):
-            reached = max(
-                (s for s in range(max_steps) if self.weight_sparsity_at(s) is not None),
-                default=None,
-            )
-            final = 0.0 if reached is None else self.weight_sparsity_at(reached)
+            start, every = args.sparsity_schedule_start, args.sparsity_schedule_frequency
+            last = start + (max_steps - 1 - start) // every * every  # the ramp's last update in training
+            final = (self.weight_sparsity_at(last) if last >= start else None) or 0.0
             warnings.warn(
                 f"`--sparsity_schedule_end` {args.sparsity_schedule_end} is at or past the end of training "
                 f"(max_steps={max_steps}): the weights end at sparsity {final:.3g}, not the "
