@@ -412,7 +412,7 @@ class _Server(ThreadingHTTPServer):
         self.token = token
         self.user = user
         self.uploads: dict[str, _Upload] = {}
-        self.uploads_lock = threading.Lock()
+        self.lock = threading.Lock()  # guards `uploads` and `failures`
         self.failures: dict[str, int] = dict.fromkeys(FAILURE_POINTS, 0)
 
 
@@ -674,7 +674,7 @@ class _Handler(BaseHTTPRequestHandler):
                 # Like the Hub's pre-signed storage URLs, the upload URL is the credential: the client PUTs
                 # to it without a token, and it stays valid until the upload succeeds.
                 upload_id = secrets.token_hex(16)
-                with self.server.uploads_lock:
+                with self.server.lock:
                     self.server.uploads[upload_id] = _Upload(repo, oid, size)
                 href = f"{self._endpoint}/lfs-upload/{upload_id}"
                 answer.update(authenticated=True, actions={"upload": {"href": href}})
@@ -685,7 +685,7 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
     def _lfs_upload(self, upload_id: str) -> None:
-        with self.server.uploads_lock:
+        with self.server.lock:
             upload = self.server.uploads.get(upload_id)
         if upload is None:
             raise _HubError(404, "Unknown or already used upload URL")
@@ -693,7 +693,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HubError(400, f"Expected {upload.size} bytes, got a Content-Length of {self._unread}")
         self._maybe_drop("lfs-upload")
         self.server.store.put_object(upload.repo, upload.oid, self._iter_body())
-        with self.server.uploads_lock:
+        with self.server.lock:
             self.server.uploads.pop(upload_id, None)
         self._send_headers(200, 0, {})
 
@@ -738,7 +738,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _maybe_drop(self, point: str) -> None:
         """Drop the connection half-way through the request body if a failure at ``point`` is due."""
-        with self.server.uploads_lock:
+        with self.server.lock:
             due = self.server.failures[point] > 0
             self.server.failures[point] -= due
         if not due:
@@ -904,7 +904,7 @@ class LocalHub:
             raise ValueError(f"`point` must be one of {FAILURE_POINTS}, got {point!r}.")
         if self._server is None:
             raise RuntimeError("LocalHub is not running, call start() first")
-        with self._server.uploads_lock:
+        with self._server.lock:
             self._server.failures[point] += times
 
     def start(self) -> "LocalHub":
