@@ -11,7 +11,8 @@ recovery fine-tune with the masks kept.
    batches; each is then applied at 50% unstructured per output row, 50% per tensor and 2:4, one at a time.
 3. Layer by layer (``--sequential``): Wanda and OBD again, each layer scored through the layers already
    pruned, as Wanda's and SparseGPT's authors run it.
-4. Structured: key/value groups and FFN neurons to 75% of the block FLOPs, with mask tuning.
+4. Structured: key/value groups and FFN neurons to 75% of the block FLOPs in 8 rounds, with mask tuning
+   (distillation from the unpruned model).
 5. Recovery: the 50% per-row model of ``--finetune_criterion`` trained ``--finetune_steps`` steps with
    ``PruningTrainer``, masks kept; perplexity after, and a check that every pruned weight is still zero.
 """
@@ -171,7 +172,9 @@ def main() -> None:
             model.load_state_dict(saved)
 
     structured = copy.deepcopy(model)
-    report = prune_to_flops(structured, calibration, options.flops_ratio, seq_len=options.seq_len)
+    report = prune_to_flops(
+        structured, calibration, options.flops_ratio, seq_len=options.seq_len, mask_tuning=True
+    )
     results["structured"] = {
         "flops_ratio": flops_ratio(structured, options.seq_len),
         "parameters": sum(p.numel() for p in structured.parameters()),

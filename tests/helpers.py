@@ -155,3 +155,16 @@ RAMP_PRUNING = {
     "sparsity_schedule_frequency": 2,
     "importance_batches": 2,
 }
+
+
+def quiet_cpu_args(output_dir: Path, max_steps: int = 2, **overrides) -> transformers.TrainingArguments:
+    """``TrainingArguments`` for a short CPU run of batches of 8 that reports, saves and prints nothing."""
+    settings = {
+        "max_steps": max_steps,
+        "per_device_train_batch_size": 8,
+        "report_to": [],
+        "use_cpu": True,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+    }
+    return transformers.TrainingArguments(str(output_dir), **{**settings, **overrides})

@@ -18,7 +18,7 @@ from hf_gradprune import (
 )
 from hf_gradprune.masks import apply_masks
 
-from .helpers import build_tiny, logits, run_fresh, tiny_batch, tiny_dataset
+from .helpers import build_tiny, logits, quiet_cpu_args, run_fresh, tiny_batch, tiny_dataset
 
 PLAIN_LOAD = """
 import json, sys, torch, transformers
@@ -112,15 +112,7 @@ def test_trainer_exports_vanilla_under_a_uniform_flops_budget(tmp_path):
     model = build_tiny("llama").train()
     trainer = PruningTrainer(
         model=model,
-        args=TrainingArguments(
-            str(tmp_path / "out"),
-            max_steps=2,
-            per_device_train_batch_size=8,
-            use_cpu=True,
-            report_to=[],
-            save_strategy="no",
-            disable_tqdm=True,
-        ),
+        args=quiet_cpu_args(tmp_path / "out"),
         train_dataset=tiny_dataset(causal=True),
         pruning_args=PruningArguments(
             target_flops_ratio=0.6,

@@ -21,7 +21,7 @@ from .importance import compute_head_importance, compute_unit_importance, comput
 from .lora import mask_lora_updates, merge_and_unload
 from .oneshot import prune_in_rounds, prune_to_flops, prune_weights
 from .record import PruningRecord
-from .rescale import capture_targets, rescale_units
+from .rescale import Teacher, capture_targets, capture_teacher, distill_unit_scales, rescale_units
 from .selection import (
     compute_weight_masks,
     select_heads_to_prune,
@@ -39,16 +39,19 @@ __all__ = [
     "PruningRecord",
     "PruningTrainer",
     "Structure",
+    "Teacher",
     "UnitGates",
     "__version__",
     "add_head_gates",
     "block_flops",
     "capture_targets",
+    "capture_teacher",
     "compute_head_importance",
     "compute_unit_importance",
     "compute_weight_importance",
     "compute_weight_masks",
     "create_pruning_model_card",
+    "distill_unit_scales",
     "export_vanilla",
     "find_target_modules",
     "flops_ratio",

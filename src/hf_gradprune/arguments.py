@@ -9,6 +9,7 @@ from typing import Any
 
 HEAD_NORMALIZATIONS = ("layer_sum", "l2", "none")
 HEAD_ACCUMULATIONS = ("fisher", "sum_of_abs", "abs_of_sum")
+MASK_TUNING_METHODS = ("distillation", "least_squares")
 WEIGHT_IMPORTANCES = ("magnitude", "gradient", "taylor", "fisher", "obd", "combined", "wanda", "gblm")
 SPARSITY_SCOPES = ("per_tensor", "per_row", "per_layer", "global")
 SPARSITY_SCHEDULES = ("one_shot", "linear", "cubic")
@@ -121,9 +122,18 @@ class PruningArguments:
     mask_tuning: bool = field(
         default=False,
         metadata={
-            "help": "After each structural cut, rescale the kept heads and neurons layer by layer by least "
-            "squares on --importance_batches batches so each block reproduces the unpruned one (Kwon et al., "
-            "2022); the scales are folded into the weights."
+            "help": "After each structural cut, rescale the kept heads and neurons on --importance_batches "
+            "batches so the pruned model reproduces the unpruned one (--mask_tuning_method); the scales are "
+            "folded into the weights."
+        },
+    )
+    mask_tuning_method: str = field(
+        default="distillation",
+        metadata={
+            "help": "How --mask_tuning fits the scales: distillation (all scales together, by the KL "
+            "divergence from the unpruned model's outputs, stopped on held-out batches) or least_squares "
+            "(block by block, Kwon et al., 2022).",
+            "choices": MASK_TUNING_METHODS,
         },
     )
     # --- weights ---
@@ -209,6 +219,7 @@ class PruningArguments:
         choices = {
             "head_importance_normalize": HEAD_NORMALIZATIONS,
             "head_importance_accumulate": HEAD_ACCUMULATIONS,
+            "mask_tuning_method": MASK_TUNING_METHODS,
             "weight_importance": WEIGHT_IMPORTANCES,
             "sparsity_scope": SPARSITY_SCOPES,
             "sparsity_schedule": SPARSITY_SCHEDULES,

@@ -270,6 +270,7 @@ class GradientPruningCallback(TrainerCallback):
             choose,
             rounds=rounds,
             mask_tuning=args.mask_tuning,
+            mask_tuning_method=args.mask_tuning_method,
             accumulate=args.head_importance_accumulate,
             optimizer=optimizer,
             allow_empty=args.allow_empty_layers,

@@ -11,11 +11,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import find_target_modules, get_adapter, weight_input_dims, weight_layer_groups
-from .arguments import HEAD_ACCUMULATIONS, check_choice
+from .arguments import HEAD_ACCUMULATIONS, MASK_TUNING_METHODS, check_choice
 from .flops import flops_in_rounds, neuron_multiples
 from .importance import compute_unit_importance, score_modules
 from .masks import apply_masks, get_masks
-from .rescale import capture_targets, rescale_units
+from .rescale import capture_targets, capture_teacher, distill_unit_scales, rescale_units
 from .selection import compute_weight_masks
 from .surgery import prune_units
 
@@ -29,6 +29,7 @@ def prune_in_rounds(
     mask_tuning: bool = False,
     accumulate: str = "fisher",
     optimizer: torch.optim.Optimizer | None = None,
+    mask_tuning_method: str = "distillation",
     allow_empty: bool = False,
     show_progress: bool = True,
 ) -> dict[str, Any]:
@@ -38,7 +39,8 @@ def prune_in_rounds(
     removes what ``choose(importance, round_index)`` returns. Scores of a model that lost units are different
     from the original's: units that seemed spare may carry what the removed ones did, so a cut made in steps
     keeps more than one made at once (``benchmarks/structured_speed.py``). With ``mask_tuning`` the kept
-    units are rescaled once at the end against the original model's outputs
+    units are rescaled once at the end against the original model's outputs: all together by distillation
+    (:func:`hf_gradprune.distill_unit_scales`, the default) or block by block by least squares
     (:func:`hf_gradprune.rescale_units`).
 
     Args:
@@ -52,6 +54,8 @@ def prune_in_rounds(
             :func:`hf_gradprune.compute_unit_importance`.
         optimizer (`torch.optim.Optimizer`, *optional*): remapped in place, see
             :func:`hf_gradprune.prune_units`.
+        mask_tuning_method (`str`, *optional*, defaults to `"distillation"`): ``"distillation"`` or
+            ``"least_squares"``.
         allow_empty (`bool`, *optional*, defaults to `False`): let a layer lose every unit of a structure.
         show_progress (`bool`, *optional*, defaults to `True`): progress bars.
 
@@ -62,8 +66,10 @@ def prune_in_rounds(
     check_choice("accumulate", accumulate, HEAD_ACCUMULATIONS)
     if rounds < 1:
         raise ValueError(f"`rounds` must be a positive number of rounds, got {rounds}.")
+    check_choice("mask_tuning_method", mask_tuning_method, MASK_TUNING_METHODS)
     batches = list(batches)
-    targets = capture_targets(model, batches, show_progress) if mask_tuning else None
+    capture = capture_teacher if mask_tuning_method == "distillation" else capture_targets
+    targets = capture(model, batches, show_progress) if mask_tuning else None
     removed: dict[str, dict[int, list[int]]] = {}
     importance: dict[str, torch.Tensor] = {}
     for index in range(rounds):
@@ -77,9 +83,8 @@ def prune_in_rounds(
         for name, layers in units.items():
             for layer, chosen in layers.items():
                 removed.setdefault(name, {}).setdefault(layer, []).extend(chosen)
-    report = (
-        rescale_units(model, batches, targets, show_progress=show_progress) if targets and removed else {}
-    )
+    tune = distill_unit_scales if mask_tuning_method == "distillation" else rescale_units
+    report = tune(model, batches, targets, show_progress=show_progress) if mask_tuning and removed else {}
     return {"units": removed, "importance": importance, **report}
 
 
@@ -95,14 +100,15 @@ def prune_to_flops(
     allow_empty: bool = False,
     ffn_multiple_of: int | None = None,
     uniform: bool = False,
+    mask_tuning_method: str = "distillation",
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Remove heads and FFN neurons until the block FLOPs fall to ``target_ratio``, without retraining.
 
     Heads and neurons are scored by the Fisher information of their gates on ``batches``, ranked together by
     importance per FLOP and removed, in ``rounds`` equal steps of FLOPs each scored anew on the model the
-    steps before left (:func:`prune_in_rounds`); ``mask_tuning`` then rescales the kept ones layer by layer
-    by least squares so every block reproduces the original (Kwon et al., 2022).
+    steps before left (:func:`prune_in_rounds`); ``mask_tuning`` then rescales the kept ones so the model
+    reproduces the original (Kwon et al., 2022), by distillation or block by block by least squares.
 
     Args:
         model (`nn.Module`): a model of a registered family that returns a loss on ``batches``.
@@ -120,6 +126,7 @@ def prune_to_flops(
             :func:`hf_gradprune.flops.neuron_multiples`).
         uniform (`bool`, *optional*, defaults to `False`): remove as many heads and as many neurons from
             every layer, so that :func:`hf_gradprune.export_vanilla` can write an ordinary config.
+        mask_tuning_method (`str`, *optional*, defaults to `"distillation"`): see :func:`prune_in_rounds`.
         show_progress (`bool`, *optional*, defaults to `True`): progress bars.
 
     Returns:
@@ -155,6 +162,7 @@ def prune_to_flops(
         mask_tuning=mask_tuning,
         accumulate=accumulate,
         allow_empty=allow_empty,
+        mask_tuning_method=mask_tuning_method,
         show_progress=show_progress,
     )
 
