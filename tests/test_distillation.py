@@ -168,3 +168,12 @@ def test_distillation_on_the_real_minilm_after_half_the_flops(review_batches):
     assert 0.49 <= block_flops(model, 64) / dense <= 0.5
     assert report["prune/mask_tuning_divergence_after"] < report["prune/mask_tuning_divergence_before"]
     assert report["prune/mask_tuning_epochs"] >= 1
+
+
+def test_distillation_after_a_structure_lost_every_unit():
+    model = build_tiny("bert")
+    batches = [tiny_batch(model, batch_size=8, seed=s) for s in range(2)]
+    teacher = capture_teacher(model, batches, show_progress=False)
+    prune_units(model, {"ffn": {layer: list(range(37)) for layer in range(3)}}, allow_empty=True)
+    report = distill_unit_scales(model, batches, teacher, show_progress=False)
+    assert report["prune/mask_tuning_divergence_after"] <= report["prune/mask_tuning_divergence_before"]

@@ -465,7 +465,8 @@ def distill_unit_scales(
                 optimizer.zero_grad()
                 _divergence(model, batches[index], teacher, index).backward()
                 for scale in scales:
-                    all_reduce_sum(scale.grad).div_(world)
+                    if scale.grad is not None:  # None on every rank alike: a structure with no unit left
+                        all_reduce_sum(scale.grad).div_(world)
                 optimizer.step()
             divergence = held_out_divergence()
             if divergence < best:
