@@ -44,7 +44,7 @@ from hf_gradprune import (
     prune_units,
     rescale_units,
 )
-from hf_gradprune.importance import batch_loss, frozen_for_probe, split_examples
+from hf_gradprune.importance import batch_loss, gate_probe, split_examples
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, accuracy, dense_minilm, encode, peer_split, results_header, write_results
@@ -67,7 +67,7 @@ def parse_args() -> argparse.Namespace:
 def gate_gradients(model, batches: list[dict], per_example: bool) -> torch.Tensor:
     """``(samples, layers, heads)`` gradients of the loss w.r.t. all-ones head gates."""
     rows = []
-    with frozen_for_probe(model), UnitGates(model, "heads", requires_grad=True) as gates:
+    with gate_probe(model, ["heads"]) as (gates,):
         for batch in batches:
             for part in split_examples(batch) if per_example else [batch]:
                 (grad,) = torch.autograd.grad(batch_loss(model, part), [gates.gates])

@@ -140,6 +140,21 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Average ``tensor`` over processes when ``torch.distributed`` is initialised (in place)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(dist.get_world_size())
+    return tensor
+
+
+@contextlib.contextmanager
+def gate_probe(model: nn.Module, structures: Sequence[str]) -> Iterator[list[UnitGates]]:
+    """Trainable all-ones :class:`UnitGates` of ``structures`` on a :func:`frozen_for_probe` model."""
+    with frozen_for_probe(model), contextlib.ExitStack() as stack:
+        yield [stack.enter_context(UnitGates(model, name, requires_grad=True)) for name in structures]
+
+
 def normalize_per_layer(scores: torch.Tensor, normalize: str) -> torch.Tensor:
     """Normalise each row by its sum (``layer_sum``), its L2 norm (``l2``) or not at all (``none``).
 
@@ -209,8 +224,7 @@ def compute_unit_importance(
         raise TypeError(f"`structures` must be a sequence of names, got the string {structures!r}.")
     batches, total = limited(dataloader, num_batches)
     seen = 0
-    with frozen_for_probe(model), contextlib.ExitStack() as stack:
-        gates = [stack.enter_context(UnitGates(model, name, requires_grad=True)) for name in structures]
+    with gate_probe(model, structures) as gates:
         scores = [torch.zeros_like(g.gates) for g in gates]
         for batch in tqdm(batches, total=total, desc="Unit importance", disable=not show_progress):
             grads = torch.autograd.grad(batch_loss(model, batch), [g.gates for g in gates])

@@ -19,6 +19,12 @@ from .rescale import capture_targets, capture_teacher, distill_unit_scales, resc
 from .selection import compute_weight_masks
 from .surgery import prune_units
 
+#: What mask tuning keeps of the unpruned model, and what fits the scales to it, by method.
+MASK_TUNERS = {
+    "distillation": (capture_teacher, distill_unit_scales),
+    "least_squares": (capture_targets, rescale_units),
+}
+
 
 def prune_in_rounds(
     model: nn.Module,
@@ -68,7 +74,7 @@ def prune_in_rounds(
         raise ValueError(f"`rounds` must be a positive number of rounds, got {rounds}.")
     check_choice("mask_tuning_method", mask_tuning_method, MASK_TUNING_METHODS)
     batches = list(batches)
-    capture = capture_teacher if mask_tuning_method == "distillation" else capture_targets
+    capture, tune = MASK_TUNERS[mask_tuning_method]
     targets = capture(model, batches, show_progress) if mask_tuning else None
     removed: dict[str, dict[int, list[int]]] = {}
     importance: dict[str, torch.Tensor] = {}
@@ -83,7 +89,6 @@ def prune_in_rounds(
         for name, layers in units.items():
             for layer, chosen in layers.items():
                 removed.setdefault(name, {}).setdefault(layer, []).extend(chosen)
-    tune = distill_unit_scales if mask_tuning_method == "distillation" else rescale_units
     report = tune(model, batches, targets, show_progress=show_progress) if mask_tuning and removed else {}
     return {"units": removed, "importance": importance, **report}
 

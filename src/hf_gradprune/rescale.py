@@ -34,13 +34,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import ArchitectureAdapter, Structure, get_adapter, weight_dims
-from .gates import UnitGates
-from .importance import all_reduce_sum, frozen_for_probe, prepare_batch
+from .importance import all_reduce_mean, all_reduce_sum, frozen_for_probe, gate_probe, prepare_batch
 from .record import PruningRecord
 
 logger = logging.getLogger(__name__)
@@ -340,8 +338,8 @@ def _output_rows(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
 def _coarse(log_probs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """``log_probs`` at ``indices`` with a last column for the log of the remaining mass."""
     top = log_probs.gather(-1, indices)
-    rest_mass = top.logsumexp(-1, keepdim=True).clamp_max(-1e-7)
-    return torch.cat([top, torch.log(-torch.expm1(rest_mass))], dim=-1)
+    top_mass = top.logsumexp(-1, keepdim=True).clamp_max(-1e-7)  # log of the top entries' mass, below 0
+    return torch.cat([top, torch.log(-torch.expm1(top_mass))], dim=-1)
 
 
 def capture_teacher(
@@ -382,10 +380,6 @@ def _divergence(model: nn.Module, batch: Mapping[str, Any], teacher: Teacher, in
     if chosen is not None:
         rows = _coarse(rows, chosen)
     return (wanted.exp() * (wanted - rows)).sum(-1).mean()
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def distill_unit_scales(
@@ -447,16 +441,14 @@ def distill_unit_scales(
     held = max(1, len(batches) // 4) if len(batches) > 1 else 0
     fitting = list(range(len(batches) - held))
     held_out = list(range(len(batches) - held, len(batches))) if held else fitting
-    world = _world_size()
-    with frozen_for_probe(model), contextlib.ExitStack() as stack:
-        gates = [stack.enter_context(UnitGates(model, name, requires_grad=True)) for name in names]
+    with gate_probe(model, names) as gates:
         scales = [g.gates for g in gates]
         optimizer = torch.optim.Adam(scales, lr=learning_rate)
 
         def held_out_divergence() -> float:
             with torch.no_grad():
                 total = torch.stack([_divergence(model, batches[i], teacher, i) for i in held_out]).sum()
-            return float(all_reduce_sum(total.double())) / (world * len(held_out))
+            return float(all_reduce_mean(total.double())) / len(held_out)
 
         before = best = held_out_divergence()
         kept, best_epoch = [s.detach().clone() for s in scales], 0
@@ -466,7 +458,7 @@ def distill_unit_scales(
                 _divergence(model, batches[index], teacher, index).backward()
                 for scale in scales:
                     if scale.grad is not None:  # None on every rank alike: a structure with no unit left
-                        all_reduce_sum(scale.grad).div_(world)
+                        all_reduce_mean(scale.grad)
                 optimizer.step()
             divergence = held_out_divergence()
             if divergence < best:
