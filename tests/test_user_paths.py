@@ -82,7 +82,7 @@ causal = sys.argv[3] == "llama"
 trainer = PruningTrainer(model=model, args=args, train_dataset=tiny_dataset(causal=causal),
                          pruning_args=PruningArguments(prune_heads_per_layer=1, importance_batches=1))
 trainer.train()
-trainer.push_to_hub(base_model="org/base-model", dataset_name="org/data", model_name="renamed")
+trainer.push_to_hub(finetuned_from="org/base-model", dataset_tags="org/data", model_name="renamed")
 card = ModelCard.load(repo)
 print(json.dumps(card.data.to_dict()))
 """
@@ -105,7 +105,7 @@ def test_trainer_push_to_hub_takes_card_arguments_and_the_task_of_the_model(mode
     )
 
 
-def test_trainer_save_model_and_write_model_card_take_card_arguments(tmp_path):
+def test_trainer_save_model_writes_the_card_with_the_fields_given_to_create_model_card(tmp_path):
     trainer = PruningTrainer(
         model=build_tiny("bert").train(),
         args=args(tmp_path),
@@ -113,11 +113,11 @@ def test_trainer_save_model_and_write_model_card_take_card_arguments(tmp_path):
         pruning_args=PruningArguments(prune_heads_per_layer=1, importance_batches=1),
     )
     trainer.train()
-    trainer.save_model(base_model="org/base-model", task="token-classification")
+    trainer.create_model_card(finetuned_from="org/base-model", tasks="token-classification")
     text = (tmp_path / "out" / "README.md").read_text()
     assert "base_model: org/base-model" in text and "pipeline_tag: token-classification" in text
-    trainer.write_model_card(tmp_path / "card", base_model="org/other")
-    assert "base_model: org/other" in (tmp_path / "card" / "README.md").read_text()
+    trainer.save_model(str(tmp_path / "card"))
+    assert "base_model: org/base-model" in (tmp_path / "card" / "README.md").read_text()
 
 
 def test_card_of_a_model_with_no_known_task_has_no_pipeline_tag(tmp_path):

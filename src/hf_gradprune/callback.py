@@ -42,6 +42,8 @@ from .selection import (
 logger = logging.getLogger(__name__)
 
 STATE_FILENAME = "pruning_state.json"
+PRUNING_METRICS = "prune/"
+"""The prefix of every metric the pruning logs."""
 #: Pruning arguments that may change between a checkpoint and its resumed run: they do not decide what is
 #: pruned, only how well it is estimated.
 HARMLESS_ON_RESUME = frozenset({"importance_batches", "measure_speedup"})
@@ -276,7 +278,10 @@ class GradientPruningCallback(TrainerCallback):
             allow_empty=args.allow_empty_layers,
             show_progress=self._progress,
         )
-        logs = {**self.structure_logs(model), **{k: v for k, v in report.items() if k.startswith("prune/")}}
+        logs = {
+            **self.structure_logs(model),
+            **{k: v for k, v in report.items() if k.startswith(PRUNING_METRICS)},
+        }
         if reference is not None and report["units"]:
             was_training = model.training
             ratio = measure_speedup(reference, model, prepare_batch(model, batches[0]))

@@ -8,11 +8,12 @@ out of the metadata, and pruning arguments holding a path or a token are hidden.
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import numbers
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -270,18 +271,109 @@ def _evaluation_rows(
     return rows
 
 
-def _eval_results(after: dict[str, float], task: str | None, dataset: str | None) -> list[EvalResult] | None:
-    """Model-index entries for the after-pruning quality metrics (none without a Hub dataset or task)."""
-    if dataset is None or task is None:
+def _texts(name: str, value: Any) -> list[str]:
+    """``None``, a str or a sequence of str, as a list of str."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Sequence) and all(isinstance(item, str) for item in value):
+        return list(value)
+    raise TypeError(f"`{name}` must be a str or a list of str, got {value!r}.")
+
+
+def _datasets(ids: list[str], names: list[str], configs: list[str]) -> list[dict[str, str | None]]:
+    """One entry per dataset, by position: its Hub id (``None`` when it is a local path), the name shown (a
+    local path never) and its configuration. Names without ids are datasets too (``dataset`` of the
+    ``Trainer`` alone)."""
+    entries = []
+    for index in range(max(len(ids), len(names))):
+        given = ids[index] if index < len(ids) else None
+        name = names[index] if index < len(names) else None
+        hub = _hub_id(given)
+        shown = name if name is not None and not _is_local_path(name) else None
+        entries.append(
+            {
+                "id": hub,
+                "name": shown or hub,
+                "config": configs[index] if index < len(configs) else None,
+            }
+        )
+    return entries
+
+
+def _dataset_text(entries: list[dict[str, Any]]) -> str | None:
+    """How the card's first line names the datasets: linked when on the Hub, "a local dataset" otherwise."""
+    texts = []
+    for entry in entries:
+        if entry["id"] is None:
+            texts.append(entry["name"] or "a local dataset")
+            continue
+        link = f"[`{entry['id']}`](https://huggingface.co/datasets/{entry['id']})"
+        texts.append(link if entry["name"] == entry["id"] else f"{entry['name']} ({link})")
+    return ", ".join(dict.fromkeys(texts)) or None
+
+
+def _eval_results(
+    after: dict[str, float], task: str | None, datasets: list[dict[str, Any]]
+) -> list[EvalResult] | None:
+    """Model-index entries for the after-pruning quality metrics on each Hub dataset (none without a task)."""
+    if task is None:
         return None
     results = [
         EvalResult(
-            task_type=task, dataset_type=dataset, dataset_name=dataset, metric_type=name, metric_value=value
+            task_type=task,
+            dataset_type=entry["id"],
+            dataset_name=entry["name"],
+            dataset_config=entry["config"],
+            metric_type=name,
+            metric_value=value,
         )
+        for entry in datasets
+        if entry["id"] is not None
         for name, value in after.items()
         if name not in RUN_METRICS and math.isfinite(value)
     ]
     return results or None
+
+
+def _value_text(value: Any) -> str:
+    """A hyperparameter or training-results value as the ``Trainer``'s card shows it (4 decimals at most)."""
+    if isinstance(value, float) and math.isfinite(value) and len(repr(value).partition(".")[2]) > 4:
+        return _cell(f"{value:.4f}")
+    return _cell(value if isinstance(value, str) else str(value))
+
+
+def _training_rows(
+    hyperparameters: Mapping[str, Any] | None, training_results: Sequence[Mapping[str, Any]] | None
+) -> dict[str, Any]:
+    """The ``Trainer``'s own sections: hyperparameters as name/value rows, the training results table."""
+    if hyperparameters is not None and not isinstance(hyperparameters, Mapping):
+        raise TypeError(f"`hyperparameters` must be a mapping, got {type(hyperparameters).__name__}.")
+    results = list(training_results or [])
+    if not all(isinstance(row, Mapping) for row in results):
+        raise TypeError("`training_results` must be a list of mappings (one row of the table each).")
+    columns = list(dict.fromkeys(key for row in results for key in row))
+    return {
+        "hyperparameters": [
+            (_cell(str(k)), _value_text(_scrub(v))) for k, v in (hyperparameters or {}).items()
+        ],
+        "results_columns": [_cell(str(c)) for c in columns],
+        "results_rows": [[_value_text(row.get(c, "–")) for c in columns] for row in results],
+    }
+
+
+def _framework_versions() -> list[tuple[str, str]]:
+    """The versions a ``Trainer`` card lists, those installed: hf_gradprune, Transformers, PyTorch, Datasets,
+    Tokenizers."""
+    versions = [("hf_gradprune", __version__), ("Transformers", transformers.__version__)]
+    versions.append(("PyTorch", torch.__version__))
+    for name, package in (("Datasets", "datasets"), ("Tokenizers", "tokenizers")):
+        try:
+            versions.append((name, importlib.metadata.version(package)))
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
 
 
 def infer_task(model: nn.Module) -> str | None:
@@ -426,14 +518,21 @@ def create_pruning_model_card(
     eval_before: Mapping[str, float] | None = None,
     eval_pruned: Mapping[str, float] | None = None,
     eval_after: Mapping[str, float] | None = None,
-    dataset_name: str | None = None,
-    task: str | None = None,
+    dataset_name: str | Sequence[str] | None = None,
+    task: str | Sequence[str] | None = None,
     speedup: float | None = None,
     heatmap_filename: str | None = None,
     repo_id: str | None = None,
     model_name: str | None = None,
     flops_seq_len: int = 128,
     vanilla: bool = False,
+    dataset_pretty_name: str | Sequence[str] | None = None,
+    dataset_args: str | Sequence[str] | None = None,
+    language: str | Sequence[str] | None = None,
+    license: str | None = None,
+    tags: str | Sequence[str] | None = None,
+    hyperparameters: Mapping[str, Any] | None = None,
+    training_results: Sequence[Mapping[str, Any]] | None = None,
 ) -> ModelCard:
     """The model card of a pruned model: Hub metadata and what was pruned, with the real numbers.
 
@@ -461,9 +560,12 @@ def create_pruning_model_card(
         eval_after (`Mapping[str, float]`, *optional*): metrics after the recovery fine-tune; they (or else
             ``eval_pruned``) make the ``model-index`` (all but loss, runtime and throughput) when
             ``dataset_name`` is a Hub dataset id.
-        dataset_name (`str`, *optional*): Hub id of the evaluation dataset, e.g. ``"rotten_tomatoes"``.
-        task (`str`, *optional*): the Hub task, used as ``pipeline_tag``, tag and model-index task; by default
-            the task of the model's head (:func:`infer_task`), none when unknown.
+        dataset_name (`str` or `list[str]`, *optional*): Hub id(s) of the training and evaluation datasets,
+            e.g. ``"rotten_tomatoes"`` (the ``Trainer``'s ``dataset_tags``); a local path is "a local
+            dataset".
+        task (`str` or `list[str]`, *optional*): the Hub task(s); the first is the ``pipeline_tag`` and the
+            model-index task, all are tags; by default the task of the model's head (:func:`infer_task`),
+            none when unknown.
         speedup (`float`, *optional*): measured inference speed-up of the pruned over the original model.
         heatmap_filename (`str`, *optional*): relative name of the heatmap PNG in the repository, e.g.
             ``"head_importance.png"`` (see :func:`save_head_importance_heatmap`).
@@ -473,6 +575,17 @@ def create_pruning_model_card(
         flops_seq_len (`int`, *optional*, defaults to 128): the sequence length of the FLOPs counts.
         vanilla (`bool`, *optional*, defaults to `False`): the card of a vanilla export
             (:func:`hf_gradprune.export_vanilla`): "How to load" is plain transformers.
+        dataset_pretty_name (`str` or `list[str]`, *optional*): the name shown for each dataset, by position
+            (``"GLUE MRPC"``; the ``Trainer``'s ``dataset``); defaults to the id.
+        dataset_args (`str` or `list[str]`, *optional*): each dataset's configuration, by position
+            (``"mrpc"``), for the model-index.
+        language (`str` or `list[str]`, *optional*): the language(s) of the model, e.g. ``"en"``.
+        license (`str`, *optional*): the license id, e.g. ``"apache-2.0"``.
+        tags (`str` or `list[str]`, *optional*): more tags, after ``pruning`` and ``hf-gradprune``.
+        hyperparameters (`Mapping[str, Any]`, *optional*): the training hyperparameters section, as the
+            ``Trainer``'s card lists them (``transformers.modelcard.extract_hyperparameters_from_trainer``).
+        training_results (`Sequence[Mapping[str, Any]]`, *optional*): the training results table, one row per
+            evaluation (``transformers.modelcard.parse_log_history(log_history)[1]``).
 
     Returns:
         `huggingface_hub.ModelCard`: save it as ``README.md`` in the model folder with ``card.save(path)``.
@@ -480,7 +593,8 @@ def create_pruning_model_card(
     Raises:
         ValueError: a non-positive ``params_before`` or ``speedup``, an absolute or parent-relative
             ``heatmap_filename``, or an invalid ``repo_id``.
-        TypeError: ``pruning_args`` is not a mapping (pass ``PruningArguments.to_dict()``).
+        TypeError: ``pruning_args`` is not a mapping (pass ``PruningArguments.to_dict()``), or a text field
+            that is not a str or a list of str.
 
     Example:
         >>> from transformers import BertConfig, BertForSequenceClassification
@@ -501,7 +615,17 @@ def create_pruning_model_card(
     before = _numeric("eval_before", eval_before)
     pruned = _numeric("eval_pruned", eval_pruned)
     after = _numeric("eval_after", eval_after)
-    task = task if task is not None else infer_task(model)
+    tasks = _texts("task", task) or [t for t in [infer_task(model)] if t]
+    task = tasks[0] if tasks else None
+    datasets = _datasets(
+        _texts("dataset_name", dataset_name),
+        _texts("dataset_pretty_name", dataset_pretty_name),
+        _texts("dataset_args", dataset_args),
+    )
+    languages, extra_tags = _texts("language", language), _texts("tags", tags)
+    if license is not None and not isinstance(license, str):
+        raise TypeError(f"`license` must be a str such as 'apache-2.0', got {license!r}.")
+    training = _training_rows(hyperparameters, training_results)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     record = PruningRecord.from_config(config)
@@ -509,7 +633,7 @@ def create_pruning_model_card(
     sparsity = _sparsity_rows(model, pruning_args)
 
     hub_base = _hub_id(base_model)
-    hub_dataset = _hub_id(dataset_name)
+    hub_datasets = list(dict.fromkeys(entry["id"] for entry in datasets if entry["id"] is not None))
     if model_name is None:
         if repo_id is not None:
             model_name = repo_id.rsplit("/", 1)[-1]
@@ -520,12 +644,14 @@ def create_pruning_model_card(
 
     final = after or pruned
     metrics = [name for name in dict.fromkeys([*final, *before]) if name not in RUN_METRICS]
-    eval_results = _eval_results(final, task, hub_dataset)
+    eval_results = _eval_results(final, task, datasets)
     card_data = ModelCardData(
+        language=languages or None,
+        license=license,
         library_name="transformers" if config is not None else None,
         base_model=hub_base,
-        tags=list(dict.fromkeys([*CARD_TAGS, *([task] if task else [])])),
-        datasets=[hub_dataset] if hub_dataset else None,
+        tags=list(dict.fromkeys([*CARD_TAGS, *tasks, *extra_tags])),
+        datasets=hub_datasets or None,
         metrics=metrics or None,
         pipeline_tag=task,
         # The name goes into the metadata only as the model-index name.
@@ -537,10 +663,7 @@ def create_pruning_model_card(
         base_model_text = f"[`{hub_base}`](https://huggingface.co/{hub_base})"
     else:
         base_model_text = "a local checkpoint" if base_model else None
-    if hub_dataset:
-        dataset_text = f"[`{hub_dataset}`](https://huggingface.co/datasets/{hub_dataset})"
-    else:
-        dataset_text = "a local dataset" if dataset_name else None
+    dataset_text = _dataset_text(datasets)
     params_after = sum(p.numel() for p in model.parameters())
     weight_importance = None
     if pruning_args and _real(pruning_args.get("weight_sparsity")) and pruning_args["weight_sparsity"] > 0:
@@ -558,8 +681,7 @@ def create_pruning_model_card(
         vanilla=vanilla,
         version=__version__,
         record_version=f"hf_gradprune {record.version}" if not record.is_empty() else "no structural pruning",
-        transformers_version=transformers.__version__,
-        torch_version=torch.__version__,
+        framework_versions=_framework_versions(),
         pruning_args=_argument_rows(pruning_args),
         weight_importance=weight_importance,
         params_after=f"{params_after:,}",
@@ -572,4 +694,5 @@ def create_pruning_model_card(
         load_id=repo_id or "user/model-name",
         **structures,
         **sparsity,
+        **training,
     )

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download")
-LOAD_KWARGS = ("dtype",)
+LOAD_KWARGS = ("dtype", "subfolder")
 PICKLED_WEIGHTS = "pytorch_model.bin"
 PARTIAL_PREFIX = ".saving-"
 PENDING_SAVE = ".pending-save"
@@ -120,18 +120,30 @@ def saving_into(folder: str | os.PathLike, owned: Iterable[str] = ()) -> Iterato
         (folder / name).unlink(missing_ok=True)
 
 
-def resolve_folder(path_or_repo_id: str | os.PathLike, **hub_kwargs: Any) -> Path:
-    """A local folder as is; otherwise a Hub repo id downloaded with ``huggingface_hub.snapshot_download``."""
-    path = Path(path_or_repo_id)
-    if path.is_dir():
-        return path
-    text = os.fspath(path_or_repo_id)
-    if path.exists() or path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1:
-        raise FileNotFoundError(
-            f"`path_or_repo_id` {text!r} is not a folder (a Hub repo id looks like 'user/name'): "
-            "pass the folder given to `save_pretrained`."
+def resolve_folder(path_or_repo_id: str | os.PathLike, subfolder: str = "", **hub_kwargs: Any) -> Path:
+    """A local folder as is; otherwise a Hub repo id downloaded with ``huggingface_hub.snapshot_download``
+    (only ``subfolder`` when given); then ``subfolder`` inside it."""
+    if not isinstance(subfolder, str):
+        raise TypeError(
+            f"`subfolder` must be a str such as 'last-checkpoint', got {type(subfolder).__name__}."
         )
-    return Path(snapshot_download(text, **hub_kwargs))
+    path = Path(path_or_repo_id)
+    subfolder = subfolder.strip("/")
+    if not path.is_dir():
+        text = os.fspath(path_or_repo_id)
+        if path.exists() or path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1:
+            raise FileNotFoundError(
+                f"`path_or_repo_id` {text!r} is not a folder (a Hub repo id looks like 'user/name'): "
+                "pass the folder given to `save_pretrained`."
+            )
+        patterns = [f"{subfolder}/*"] if subfolder else None
+        path = Path(snapshot_download(text, allow_patterns=patterns, **hub_kwargs))
+    if subfolder and not (path / subfolder).is_dir():
+        raise FileNotFoundError(
+            f"`subfolder` {subfolder!r} is not a folder of {os.fspath(path_or_repo_id)!r}; its folders are "
+            f"{sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith('.'))}."
+        )
+    return path / subfolder if subfolder else path
 
 
 def _readable(path: Path, read: Callable[[Path], _T]) -> _T:
@@ -332,7 +344,8 @@ def load_pruned(
         allow_pickle (`bool`, *optional*, defaults to `False`): read a folder that has only
             ``pytorch_model.bin`` (with ``torch.load(weights_only=True)``); otherwise safetensors only.
         from_pretrained_kwargs: ``revision``, ``token``, ``cache_dir``, ``local_files_only``,
-            ``force_download`` (for the download) and ``dtype``.
+            ``force_download`` (for the download), ``subfolder`` (a folder inside the repository or folder,
+            such as the ``last-checkpoint`` the ``Trainer`` pushes) and ``dtype``.
 
     Raises:
         TypeError: an unsupported keyword, or a ``model_class`` that is no Auto or ``PreTrainedModel`` class.
@@ -363,7 +376,7 @@ def load_pruned(
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be an nn.Module instance, got {type(model).__name__}.")
     hub_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in HUB_KWARGS}
-    folder = resolve_folder(path_or_repo_id, **hub_kwargs)
+    folder = resolve_folder(path_or_repo_id, from_pretrained_kwargs.get("subfolder", ""), **hub_kwargs)
     if os.access(folder, os.W_OK):
         finish_interrupted_save(folder)
     dtype = from_pretrained_kwargs.get("dtype")

@@ -2,29 +2,35 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import os
 import random
 import re
+import shutil
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from huggingface_hub import CommitInfo, HfApi, get_token
+from huggingface_hub import CommitInfo, HfApi
 from transformers import AutoConfig, Trainer
+from transformers.modelcard import extract_hyperparameters_from_trainer, parse_log_history
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy
+from transformers.utils.hub import PushInProgress
 
 from .adapters import FFN, HEADS
 from .arguments import PruningArguments
-from .callback import GradientPruningCallback
+from .callback import PRUNING_METRICS, GradientPruningCallback
 from .cards import create_pruning_model_card, save_head_importance_heatmap
 from .checkpoint import finish_interrupted_save, has_state, load_state, save_state, saving_into
 from .export import check_exportable, export_vanilla
-from .hub import push_folder_to_hub
+from .hub import push_folder_to_hub, resolve_token, staged_copy
 from .lora import mask_lora_updates, masked_lora_layers
 from .masks import MASKS_FILENAME, get_masks
 from .record import PruningRecord
@@ -32,8 +38,36 @@ from .surgery import prune_units
 
 TRAINING_ARGS_JSON = "training_args.json"
 HEATMAP_FILENAME = "head_importance.png"
+# The arguments of `Trainer.create_model_card`, in its order: what `push_to_hub(**kwargs)` passes on.
+CARD_FIELDS = (
+    "language",
+    "license",
+    "tags",
+    "model_name",
+    "finetuned_from",
+    "tasks",
+    "dataset_tags",
+    "dataset",
+    "dataset_args",
+)
+# What a checkpoint holds beyond the model: not pushed to the repository's root.
+TRAINING_STATE_FILES = ("optimizer.*", "scheduler.*", "scaler.*", "rng_state*", TRAINER_STATE_NAME)
+# Files of the repository's root that a push of a model replaces: one it does not write is deleted.
+ROOT_MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", HEATMAP_FILENAME, "README.md")
 
 logger = logging.getLogger(__name__)
+
+
+def _as_list(value: str | list[str] | None) -> list[str]:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
+def _after_push(staged: Path, what: str, job: Future) -> None:
+    """After a background upload: remove its snapshot, and say if it failed (nothing else reads the
+    ``Trainer``'s push futures)."""
+    shutil.rmtree(staged, ignore_errors=True)
+    if not job.cancelled() and job.exception() is not None:
+        logger.error("Pushing %s to the Hub failed: %s", what, job.exception())
 
 
 def _check_complete(checkpoint: str | os.PathLike) -> None:
@@ -74,17 +108,21 @@ class PruningTrainer(Trainer):
     first replays the checkpoint's structural pruning and restores its masks; saves write the weight masks
     and the schedule position next to the safetensors weights, and the training arguments, optimizer,
     scheduler and RNG states as JSON and safetensors (no pickle; FSDP and DeepSpeed are refused: see
-    ``docs/scaling.md``); ``save_model`` and ``push_to_hub`` also write a model card (``README.md``) and the
-    head-importance heatmap; ``push_to_hub`` uploads the output folder in one commit; the pruning metrics go
-    through ``log`` to every ``report_to`` integration. With an ``eval_dataset``, the model is evaluated
-    right after each cut (before any more training), so the card shows accuracy before pruning, right
-    after it and after the recovery fine-tune; set ``speedup`` to a measured inference speed-up (dense
-    time / pruned time) to have the card report it. Any ``nn.Module`` the ``Trainer`` trains can be
+    ``docs/scaling.md``); ``save_model``, ``create_model_card`` and ``push_to_hub`` write the pruning model
+    card (``README.md``, with the ``Trainer``'s card arguments, hyperparameters and training results merged
+    in) and the head-importance heatmap; ``push_to_hub`` uploads the output folder in one commit, and every
+    ``hub_strategy`` pushes snapshots whose weights, record, masks and card agree; ``model_init`` and
+    ``hyperparameter_search`` are refused (the ``Trainer`` would re-create the pruned model); the pruning
+    metrics go through ``log`` to every ``report_to`` integration. With an ``eval_dataset``, the model is
+    evaluated right after each cut (before any more training), so the card shows accuracy before pruning,
+    right after it and after the recovery fine-tune; set ``speedup`` to a measured inference speed-up
+    (dense time / pruned time) to have the card report it. Any ``nn.Module`` the ``Trainer`` trains can be
     pruned by weights; heads and FFN neurons need a registered family.
 
     Args:
         pruning_args (`PruningArguments`): what, how and when to prune.
-        dataset_name (`str`, *optional*): the Hub id of the training data, for the model card.
+        dataset_name (`str`, *optional*): the Hub id of the training data, for the model card (the default
+            of ``create_model_card``'s ``dataset_tags``).
         evaluate_after_pruning (`bool`, *optional*, defaults to `True`): evaluate right after each cut when
             there is an ``eval_dataset`` (the card's "right after pruning" column).
         *args, **kwargs: as for ``transformers.Trainer``.
@@ -103,6 +141,12 @@ class PruningTrainer(Trainer):
         evaluate_after_pruning: bool = True,
         **kwargs: Any,
     ):
+        if inspect.signature(Trainer.__init__).bind(self, *args, **kwargs).arguments.get("model_init"):
+            raise ValueError(
+                "PruningTrainer does not take `model_init`: the Trainer calls it again at every `train()` "
+                "(and every hyperparameter-search trial), which would replace the pruned model with a fresh "
+                "one. Pass the model itself as `model=`."
+            )
         self.pruning_callback = GradientPruningCallback(pruning_args)
         # Before the user's callbacks, so that they see each step's pruning done.
         kwargs["callbacks"] = [self.pruning_callback, *(kwargs.get("callbacks") or [])]
@@ -119,6 +163,7 @@ class PruningTrainer(Trainer):
         self.eval_after: dict[str, float] | None = None
         self.speedup: float | None = None
         self.dataset_name = dataset_name
+        self.card_fields: dict[str, Any] = {}
         self._evaluating_pruned = False
         if evaluate_after_pruning:
             self.pruning_callback.after_cut = self._evaluate_pruned
@@ -145,8 +190,8 @@ class PruningTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """``Trainer.log`` with the step's pruning metrics: every ``report_to`` integration sees them."""
-        logs.update(self.pruning_callback.pop_logs())
-        super().log(logs, *args, **kwargs)
+        # A new dict: `evaluate` returns the one it logs, and its metrics are not the pruning's.
+        super().log({**logs, **self.pruning_callback.pop_logs()}, *args, **kwargs)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         """``Trainer.train``, after replaying the checkpoint's pruning when resuming, or making the step-0
@@ -263,10 +308,18 @@ class PruningTrainer(Trainer):
         record = PruningRecord.from_config(getattr(self.model, "config", None))
         return not record.is_empty() or bool(get_masks(self.model))
 
-    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        """``Trainer.evaluate``; the metrics are kept as ``eval_before`` pruning, ``eval_pruned`` right after
-        a cut, or ``eval_after`` (after training on), for the model card."""
-        metrics = super().evaluate(*args, **kwargs)
+    def evaluate(
+        self,
+        eval_dataset: Any = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        """``Trainer.evaluate``; the metrics under the default ``metric_key_prefix`` (``"eval"``) are kept as
+        ``eval_before`` pruning, ``eval_pruned`` right after a cut, or ``eval_after`` (after training on), for
+        the model card. Another prefix (a held-out test set, say) is evaluated and left out of the card."""
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if metric_key_prefix != "eval":
+            return metrics
         if self._evaluating_pruned:
             self.eval_pruned = dict(metrics)
         elif self.has_pruned():
@@ -275,53 +328,111 @@ class PruningTrainer(Trainer):
             self.eval_before = dict(metrics)
         return metrics
 
-    def save_model(
-        self, output_dir: str | None = None, _internal_call: bool = False, **card_kwargs: Any
-    ) -> None:
-        """``Trainer.save_model``, plus the model card and heatmap (not in periodic checkpoints).
+    def hyperparameter_search(self, *args: Any, **kwargs: Any) -> Any:
+        """Refused: trials re-create the model with ``model_init``, which PruningTrainer does not take."""
+        raise ValueError(
+            "PruningTrainer does not run `hyperparameter_search`: every trial re-creates the model with "
+            "`model_init` and would share one pruning state. Search the training hyperparameters with a "
+            "plain `Trainer`, then prune with PruningTrainer and the best ones."
+        )
 
-        Args:
-            output_dir (`str`, *optional*): defaults to ``args.output_dir``.
-            card_kwargs: arguments of :func:`hf_gradprune.cards.create_pruning_model_card` (``base_model``,
-                ``dataset_name``, ``task``, ``model_name`` ...).
-        """
-        if self.pruning_args.export_vanilla and not _internal_call:
-            self.export_vanilla(output_dir, **card_kwargs)
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model``, plus the model card and heatmap (not in periodic checkpoints); with
+        ``--export_vanilla``, an ordinary transformers checkpoint (:meth:`export_vanilla`). With
+        ``args.push_to_hub``, then :meth:`push_to_hub` as the ``Trainer`` does."""
+        if _internal_call:
+            super().save_model(output_dir, _internal_call=True)
             return
-        super().save_model(output_dir, _internal_call=_internal_call)
-        if not _internal_call:
-            self.write_model_card(output_dir, **card_kwargs)
+        self._save_with_card(output_dir)
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
-    def export_vanilla(self, output_dir: str | None = None, repo_id: str | None = None, **card_kwargs: Any):
+    def _save_with_card(self, output_dir: str | None = None, repo_id: str | None = None) -> None:
+        if self.pruning_args.export_vanilla:
+            self.export_vanilla(output_dir, repo_id)
+            return
+        super().save_model(output_dir, _internal_call=True)
+        self._write_model_card(output_dir, repo_id)
+
+    def export_vanilla(self, output_dir: str | None = None, repo_id: str | None = None) -> None:
         """Write the model as an ordinary transformers checkpoint (:func:`hf_gradprune.export_vanilla`), with
         the tokenizer or processor and the model card, into ``output_dir`` (default ``args.output_dir``)."""
         if not self.is_world_process_zero():
             return
         folder = Path(output_dir if output_dir is not None else self.args.output_dir)
-        export_vanilla(self.model, folder, **self._card_arguments(folder, repo_id, card_kwargs))
+        export_vanilla(self.model, folder, **self._card_arguments(folder, repo_id))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(folder)
 
-    def write_model_card(self, output_dir: str | None = None, repo_id: str | None = None, **card_kwargs: Any):
-        """Write ``README.md`` (and ``head_importance.png`` when heads were scored) into ``output_dir``.
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """``Trainer.create_model_card``: the pruning card (:func:`hf_gradprune.create_pruning_model_card`)
+        into ``args.output_dir``, as ``README.md`` beside the heatmap, with the ``Trainer``'s fields merged
+        in. The fields given are kept for the cards of later saves and pushes.
 
         Args:
-            output_dir (`str`, *optional*): defaults to ``args.output_dir``.
-            repo_id (`str`, *optional*): the Hub id the "How to load" snippet names.
-            card_kwargs: arguments of :func:`hf_gradprune.cards.create_pruning_model_card`; they win over
-                what the trainer knows (``base_model``, ``dataset_name``, ``task``, ``model_name`` ...).
+            language (`str`, *optional*): the language of the model, e.g. ``"en"``.
+            license (`str`, *optional*): the license id, e.g. ``"apache-2.0"``.
+            tags (`str` or `list[str]`, *optional*): tags for the card's metadata.
+            model_name (`str`, *optional*): the card's title and model-index name.
+            finetuned_from (`str`, *optional*): the model that was fine-tuned and pruned; a Hub id becomes the
+                card's ``base_model``, a local folder "a local checkpoint" (defaults to the model's
+                ``config._name_or_path``).
+            tasks (`str` or `list[str]`, *optional*): the task(s); the first is the ``pipeline_tag``
+                (defaults to the task of the model's head).
+            dataset_tags (`str` or `list[str]`, *optional*): Hub id(s) of the dataset(s), for the metadata and
+                the model-index (defaults to ``dataset_name`` given to the trainer).
+            dataset (`str` or `list[str]`, *optional*): the name shown for each dataset (``"GLUE MRPC"``).
+            dataset_args (`str` or `list[str]`, *optional*): each dataset's configuration (``"mrpc"``).
         """
+        self._remember_card_fields(
+            language=language,
+            license=license,
+            tags=tags,
+            model_name=model_name,
+            finetuned_from=finetuned_from,
+            tasks=tasks,
+            dataset_tags=dataset_tags,
+            dataset=dataset,
+            dataset_args=dataset_args,
+        )
+        self._write_model_card(self.args.output_dir, self.hub_model_id)
+
+    def _remember_card_fields(self, **fields: Any) -> None:
+        unknown = sorted(set(fields) - set(CARD_FIELDS))
+        if unknown:
+            raise TypeError(
+                f"Unexpected model card arguments {unknown}: the Trainer's card takes "
+                f"{', '.join(CARD_FIELDS)}."
+            )
+        self.card_fields.update({k: v for k, v in fields.items() if v is not None})
+
+    def _write_model_card(
+        self, output_dir: str | os.PathLike | None = None, repo_id: str | None = None
+    ) -> None:
+        """Write ``README.md`` (and ``head_importance.png`` when heads were scored) into ``output_dir``."""
         if not self.is_world_process_zero():
             return
         folder = Path(output_dir if output_dir is not None else self.args.output_dir)
-        card = create_pruning_model_card(self.model, **self._card_arguments(folder, repo_id, card_kwargs))
+        card = create_pruning_model_card(
+            self.model, vanilla=self.pruning_args.export_vanilla, **self._card_arguments(folder, repo_id)
+        )
         card.save(folder / "README.md")
 
-    def _card_arguments(
-        self, folder: Path, repo_id: str | None, card_kwargs: dict[str, Any]
-    ) -> dict[str, Any]:
-        """What the trainer knows for the model card, under ``card_kwargs``; writes the heatmap into
-        ``folder`` when heads were scored."""
+    def _card_arguments(self, folder: Path, repo_id: str | None) -> dict[str, Any]:
+        """What the trainer knows for the model card, with the ``Trainer``'s card fields given to
+        :meth:`create_model_card` or :meth:`push_to_hub`; writes the heatmap into ``folder`` when heads were
+        scored."""
         folder.mkdir(parents=True, exist_ok=True)
         heatmap = None
         if self.pruning_callback.head_importance is not None:
@@ -332,8 +443,25 @@ class PruningTrainer(Trainer):
                 shown[layer, heads] = float("nan")
             save_head_importance_heatmap(shown, folder / HEATMAP_FILENAME)
             heatmap = HEATMAP_FILENAME
-        defaults = {
-            "base_model": getattr(getattr(self.model, "config", None), "_name_or_path", None) or None,
+        fields, history = self.card_fields, self.state.log_history
+        repo_id = repo_id or self.hub_model_id or self.args.hub_model_id
+        name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
+        return {
+            "base_model": fields.get("finetuned_from", name_or_path),
+            "task": fields.get("tasks"),
+            "dataset_name": fields.get("dataset_tags", self.dataset_name),
+            "dataset_pretty_name": fields.get("dataset"),
+            "dataset_args": fields.get("dataset_args"),
+            "language": fields.get("language"),
+            "license": fields.get("license"),
+            "tags": fields.get("tags"),
+            # As the Trainer names it: the repository's name, else the output folder's (never its path).
+            "model_name": fields.get("model_name")
+            or (repo_id or Path(self.args.output_dir).name).split("/")[-1],
+            "hyperparameters": extract_hyperparameters_from_trainer(self),
+            "training_results": parse_log_history(
+                [{k: v for k, v in entry.items() if not k.startswith(PRUNING_METRICS)} for entry in history]
+            )[1],
             "pruning_args": self.pruning_args.to_dict(),
             "params_before": self.params_before,
             "eval_before": self.eval_before,
@@ -341,40 +469,114 @@ class PruningTrainer(Trainer):
             "eval_after": self.eval_after,
             "speedup": self.speedup or self.pruning_callback.speedup,
             "heatmap_filename": heatmap,
-            "repo_id": repo_id or self.args.hub_model_id,
-            "dataset_name": self.dataset_name,
+            "repo_id": repo_id,
             "flops_seq_len": self.pruning_args.flops_seq_len,
         }
-        return {**defaults, **card_kwargs}
 
     def push_to_hub(
         self,
-        commit_message: str = "Upload pruned model with hf_gradprune",
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
         token: str | None = None,
         revision: str | None = None,
-        **card_kwargs: Any,
-    ) -> CommitInfo | None:
-        """Save model, masks, card and heatmap into ``args.output_dir`` and upload it in one commit.
+        private: bool | None = None,
+        **kwargs: Any,
+    ) -> CommitInfo | Future | None:
+        """``Trainer.push_to_hub``: save the model, masks, card and heatmap into ``args.output_dir`` and
+        upload them in one commit to ``args.hub_model_id`` (default: the output folder's name in the token
+        owner's namespace). Checkpoints, logs and pickles stay local.
 
-        The repository is ``args.hub_model_id`` (default: the output folder's name in the token owner's
-        namespace). Checkpoints, logs and pickles stay local. Returns the commit (``None`` off rank 0).
+        Args:
+            commit_message (`str`, *optional*, defaults to `"End of training"`): the commit title.
+            blocking (`bool`, *optional*, defaults to `True`): wait for the upload; otherwise return a
+                ``Future`` of the commit.
+            token (`str`, *optional*): a token with write access; defaults to ``args.hub_token``, then
+                huggingface_hub's (``HF_TOKEN``, ``hf auth login``).
+            revision (`str`, *optional*): the branch to commit to; defaults to ``args.hub_revision``.
+            private (`bool`, *optional*): visibility of a repository created now (``args.hub_private_repo``).
+            kwargs: the card's fields, as for :meth:`create_model_card` (``finetuned_from``, ``tasks``,
+                ``dataset_tags``, ``dataset``, ``dataset_args``, ``language``, ``license``, ``tags``,
+                ``model_name``).
+
+        Returns:
+            `huggingface_hub.CommitInfo` (a ``Future`` of it when ``blocking=False``), ``None`` off rank 0.
         """
-        token = token or self.args.hub_token or get_token()
-        repo_id = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
-        if token and "/" not in repo_id:
-            repo_id = f"{HfApi(token=token).whoami()['name']}/{repo_id}"
-        if self.pruning_args.export_vanilla:
-            self.export_vanilla(repo_id=repo_id, **card_kwargs)
-        else:
-            super().save_model(_internal_call=True)
-            self.write_model_card(repo_id=repo_id, **card_kwargs)
+        self._remember_card_fields(**kwargs)  # an unknown field fails before anything is saved or sent
+        token = resolve_token(token if token is not None else self.args.hub_token, self._repo_name())
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        model_tags = getattr(self.model, "model_tags", None)
+        if model_tags:
+            tags = [*_as_list(self.card_fields.get("tags")), *model_tags]
+            self._remember_card_fields(tags=list(dict.fromkeys(tags)))
+        self._finish_current_push()  # a checkpoint's upload goes first, whole
+        self._save_with_card(repo_id=self.hub_model_id)
         if not self.is_world_process_zero():
             return None
-        return push_folder_to_hub(
+        push = functools.partial(
+            push_folder_to_hub,
             self.args.output_dir,
-            repo_id,
+            self.hub_model_id,
             token=token,
-            private=self.args.hub_private_repo,
-            commit_message=commit_message,
-            revision=revision or self.args.hub_revision,
+            commit_message=commit_message or "End of training",
+            revision=revision if revision is not None else self.args.hub_revision,
         )
+        return push() if blocking else self._hub_api.run_as_future(push)
+
+    def _repo_name(self) -> str:
+        return self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """``Trainer._push_from_checkpoint`` (``hub_strategy`` ``every_save``, ``checkpoint``,
+        ``all_checkpoints``), for pruned models: the repository's root becomes the checkpoint's model
+        (weights, pruning record, masks, tokenizer) with a card of that model, in one commit that deletes a
+        masks file or shard the checkpoint does not have; ``checkpoint`` and ``all_checkpoints`` then push the
+        whole checkpoint to ``last-checkpoint`` (replaced whole) or ``checkpoint-N``. Both uploads run in the
+        background from a snapshot of the checkpoint (hard links), so training, saves and checkpoint
+        rotation go on without changing what is being sent; ``output_dir`` itself is left to
+        :meth:`save_model`. As in the ``Trainer``, a save while an upload is running pushes nothing unless
+        ``args.hub_always_push``."""
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        busy = self.push_in_progress is not None and not self.push_in_progress.is_done()
+        if busy and not self.args.hub_always_push:
+            return
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        output_dir = Path(self.args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        root = staged_copy(checkpoint_folder, output_dir, exclude=TRAINING_STATE_FILES)
+        self._write_model_card(root, self.hub_model_id)
+        if self.args.save_strategy == SaveStrategy.STEPS:
+            message = f"Training in progress, step {self.state.global_step}"
+        else:
+            message = f"Training in progress, epoch {int(self.state.epoch)}"
+        pushes = [(root, "", ROOT_MODEL_FILES, message)]
+        if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            folder = "last-checkpoint" if self.args.hub_strategy == HubStrategy.CHECKPOINT else None
+            staged = staged_copy(checkpoint_folder, output_dir)
+            pushes.append((staged, folder or Path(checkpoint_folder).name, ("*",), f"{message}, checkpoint"))
+        jobs = []
+        for staged, path_in_repo, replaced, commit_message in pushes:
+            job = self._hub_api.run_as_future(
+                push_folder_to_hub,
+                staged,
+                self.hub_model_id,
+                token=self.args.hub_token,
+                commit_message=commit_message,
+                revision=self.args.hub_revision,
+                path_in_repo=path_in_repo,
+                delete_patterns=replaced,
+            )
+            what = f"{Path(checkpoint_folder).name} to {path_in_repo or 'the root'}"
+            job.add_done_callback(functools.partial(_after_push, staged, what))
+            jobs.append(job)
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress(jobs)
+        else:
+            self.push_in_progress.jobs.extend(jobs)
+
+    @functools.cached_property
+    def _hub_api(self) -> HfApi:
+        """One client for the background uploads: its single worker sends them in order."""
+        return HfApi()
