@@ -4,8 +4,9 @@ pass, and the perplexity at 50% per row, 50% per tensor and 2:4, on SmolLM2-135M
 Each criterion is scored alone, in its own pass over the calibration batches of
 ``examples/causal_lm_pruning.py`` (same text, same settings). Peak memory is sampled from the process's
 resident set every 2 ms during the pass and reported above what the process held before it, as a multiple
-of the float32 model's size (``extra``), and with the model itself (``total``). Layer-by-layer Wanda and OBD
-follow, timed the same way.
+of the float32 model's size (``extra``), and with the model itself (``total``). The layer-by-layer rows of
+``examples/causal_lm_pruning.py`` (block by block: Wanda, OBD, SparseGPT, Wanda with each reconstruction)
+follow at 50% per row and 2:4, timed the same way.
 
 Run: ``.venv/bin/python benchmarks/llm.py`` (``--quick`` for a smoke run). Writes ``results/llm.{json,png}``.
 """
@@ -13,6 +14,7 @@ Run: ``.venv/bin/python benchmarks/llm.py`` (``--quick`` for a smoke run). Write
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -86,25 +88,31 @@ def main() -> None:
         del scores
         rows.append(row)
         print(json.dumps(row), flush=True)
-    for criterion in ("wanda", "obd"):
+    for (criterion, reconstruction), (label, sparsity, scope, pattern) in itertools.product(
+        example.LAYER_BY_LAYER, [p for p in example.PATTERNS if p[0] != "50% per tensor"]
+    ):
         saved = {k: v.clone() for k, v in model.state_dict().items()}
         with PeakMemory() as memory:
             start = time.perf_counter()
             prune_weights(
                 model,
                 calibration,
-                0.5,
+                sparsity,
                 method=criterion,
-                scope="per_row",
+                scope=scope,
+                pattern=pattern,
                 sequential=True,
+                reconstruction=reconstruction,
                 show_progress=False,
             )
             seconds = time.perf_counter() - start
+        name = criterion if reconstruction == "none" else f"{criterion} + {reconstruction}"
         row = {
-            "criterion": f"{criterion}, layer by layer",
+            "criterion": f"{name}, layer by layer",
+            "pattern": label,
             "seconds": seconds,
             "extra_memory": (memory.peak - memory.start) / model_bytes,
-            "50% per row": example.perplexity(model, held_out),
+            label: example.perplexity(model, held_out),
         }
         remove_masks(model)
         model.load_state_dict(saved)

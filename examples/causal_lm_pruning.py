@@ -9,8 +9,10 @@ recovery fine-tune with the masks kept.
    reviews, never seen in calibration. Perplexity is over every predicted token of the held-out batches.
 2. Every criterion scores the attention and MLP linears of all 30 blocks in one pass over the calibration
    batches; each is then applied at 50% unstructured per output row, 50% per tensor and 2:4, one at a time.
-3. Layer by layer (``--sequential``): Wanda and OBD again, each layer scored through the layers already
-   pruned, as Wanda's and SparseGPT's authors run it.
+3. Layer by layer (``--sequential``), block by block, each block scored on what the blocks already pruned
+   give it: Wanda, OBD (on the block-local loss), SparseGPT, and Wanda with the kept weights reconstructed
+   (``least_squares``: each layer's outputs restored; ``least_squares_adam``: then Adam steps on each
+   block's output error against the dense model), the best configuration at 50% per row.
 4. Structured: key/value groups and FFN neurons to 75% of the block FLOPs in 8 rounds, with mask tuning
    (distillation from the unpruned model).
 5. Recovery: the 50% per-row model of ``--finetune_criterion`` trained ``--finetune_steps`` steps with
@@ -52,6 +54,14 @@ from hf_gradprune.masks import apply_masks, compute_sparsity, get_masks, remove_
 from hf_gradprune.testing import load_rotten_tomatoes, smollm2_gguf
 
 CRITERIA = ("magnitude", "wanda", "gradient", "taylor", "fisher", "combined", "obd", "gblm")
+#: Layer by layer: (criterion, reconstruction); the last is the best at 50% per row.
+LAYER_BY_LAYER = (
+    ("wanda", "none"),
+    ("obd", "none"),
+    ("sparsegpt", "none"),
+    ("wanda", "least_squares"),
+    ("wanda", "least_squares_adam"),
+)
 PATTERNS = (
     ("50% per row", 0.5, "per_row", "unstructured"),
     ("50% per tensor", 0.5, "per_tensor", "unstructured"),
@@ -162,10 +172,19 @@ def main() -> None:
 
     if options.sequential:
         results["layer_by_layer"] = []
-        for criterion in ("wanda", "obd"):
+        for criterion, reconstruction in LAYER_BY_LAYER:
             saved = {k: v.clone() for k, v in model.state_dict().items()}
-            prune_weights(model, calibration, 0.5, method=criterion, scope="per_row", sequential=True)
-            row = {"criterion": f"{criterion}, layer by layer", "50% per row": perplexity(model, held_out)}
+            prune_weights(
+                model,
+                calibration,
+                0.5,
+                method=criterion,
+                scope="per_row",
+                sequential=True,
+                reconstruction=reconstruction,
+            )
+            label = criterion if reconstruction == "none" else f"{criterion} + {reconstruction}"
+            row = {"criterion": f"{label}, layer by layer", "50% per row": perplexity(model, held_out)}
             results["layer_by_layer"].append(row)
             print(json.dumps(row), flush=True)
             remove_masks(model)

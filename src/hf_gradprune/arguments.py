@@ -11,6 +11,10 @@ HEAD_NORMALIZATIONS = ("layer_sum", "l2", "none")
 HEAD_ACCUMULATIONS = ("fisher", "sum_of_abs", "abs_of_sum")
 MASK_TUNING_METHODS = ("distillation", "least_squares")
 WEIGHT_IMPORTANCES = ("magnitude", "gradient", "taylor", "fisher", "obd", "combined", "wanda", "gblm")
+#: What chooses the pruned weights: an importance, or SparseGPT (which also updates the kept ones).
+WEIGHT_METHODS = (*WEIGHT_IMPORTANCES, "sparsegpt")
+#: How the kept weights of a block are updated once its masks are chosen (layer by layer only).
+RECONSTRUCTIONS = ("none", "least_squares", "adam", "least_squares_adam")
 SPARSITY_SCOPES = ("per_tensor", "per_row", "per_layer", "global")
 SPARSITY_SCHEDULES = ("one_shot", "linear", "cubic")
 PATTERN_FORM = re.compile(r"^(unstructured|(\d+):(\d+))$")
@@ -145,15 +149,26 @@ class PruningArguments:
         metadata={
             "help": "|w| (magnitude), |sum g| (gradient), |w * sum g| (taylor), sum g^2 (fisher), "
             "w^2 * sum g^2 (obd), combined (normalised |w| + |sum g|), wanda (|w| * ||x||) or gblm "
-            "(|w| * (alpha * ||g|| + ||x||)).",
-            "choices": WEIGHT_IMPORTANCES,
+            "(|w| * (alpha * ||g|| + ||x||)); or sparsegpt (SparseGPT: layer Hessians choose the weights "
+            "and update the kept ones, block by block).",
+            "choices": WEIGHT_METHODS,
         },
     )
     sequential_calibration: bool = field(
         default=False,
         metadata={
             "help": "Mask weights layer by layer, each layer scored on inputs that come through the layers "
-            "already pruned (as Wanda and SparseGPT run); gradient criteria use the model's loss."
+            "already pruned (as Wanda and SparseGPT run): a registered family block by block, gradient "
+            "criteria on the block-local loss ||block(x)||; any other model module by module, on its loss."
+        },
+    )
+    weight_reconstruction: str = field(
+        default="none",
+        metadata={
+            "help": "After a block's masks are chosen, update its kept weights (block by block, a registered "
+            "family): least_squares (each layer's outputs restored on its inputs), adam (Adam steps on the "
+            "block's output error against the dense model) or least_squares_adam.",
+            "choices": RECONSTRUCTIONS,
         },
     )
     gblm_alpha: float = field(
@@ -220,7 +235,8 @@ class PruningArguments:
             "head_importance_normalize": HEAD_NORMALIZATIONS,
             "head_importance_accumulate": HEAD_ACCUMULATIONS,
             "mask_tuning_method": MASK_TUNING_METHODS,
-            "weight_importance": WEIGHT_IMPORTANCES,
+            "weight_importance": WEIGHT_METHODS,
+            "weight_reconstruction": RECONSTRUCTIONS,
             "sparsity_scope": SPARSITY_SCOPES,
             "sparsity_schedule": SPARSITY_SCHEDULES,
         }
@@ -292,10 +308,27 @@ class PruningArguments:
                 "`--prune_heads_per_layer`, `--prune_heads_fraction`, `--prune_ffn_fraction` or "
                 "`--target_flops_ratio`."
             )
-        if self.sequential_calibration and self.sparsity_scope == "global":
+        layer_by_layer = [
+            flag
+            for flag, on in (
+                ("--sequential_calibration", self.sequential_calibration),
+                ("--weight_importance sparsegpt", self.weight_importance == "sparsegpt"),
+                (
+                    f"--weight_reconstruction {self.weight_reconstruction}",
+                    self.weight_reconstruction != "none",
+                ),
+            )
+            if on
+        ]
+        if layer_by_layer and self.sparsity_scope == "global":
             raise ValueError(
-                "`--sequential_calibration` scores each layer on a different model: use `--sparsity_scope` "
+                f"`{layer_by_layer[0]}` scores each layer on a different model: use `--sparsity_scope` "
                 "per_row, per_tensor or per_layer, not global."
+            )
+        if self.weight_importance == "sparsegpt" and self.sparsity_scope == "per_layer":
+            raise ValueError(
+                "`--weight_importance sparsegpt` chooses per row or per block of columns: use "
+                "`--sparsity_scope` per_row or per_tensor."
             )
         if self.gblm_alpha < 0:
             raise ValueError(f"`--gblm_alpha` must be >= 0, got {self.gblm_alpha}.")
@@ -315,6 +348,13 @@ class PruningArguments:
                 raise ValueError(
                     f"`--sparsity_schedule_frequency` must be >= 1, got {self.sparsity_schedule_frequency}."
                 )
+        if self.weight_reconstruction != "none" and not self.prunes_weights:
+            warnings.warn(
+                f"`--weight_reconstruction {self.weight_reconstruction}` updates weights left after weight "
+                "pruning, and no weight is pruned: it is ignored (set `--weight_sparsity` or an N:M "
+                "`--sparsity_pattern`).",
+                stacklevel=3,
+            )
         if not self.prunes_structures and not self.prunes_weights:
             warnings.warn(
                 "PruningArguments prune nothing: set `--prune_heads_per_layer`, `--prune_heads_fraction`, "

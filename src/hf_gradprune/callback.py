@@ -297,7 +297,9 @@ class GradientPruningCallback(TrainerCallback):
         args = self.pruning_args
         masks = prune_weights(
             model,
-            batches if args.weight_importance != "magnitude" else None,
+            batches
+            if args.weight_importance != "magnitude" or args.weight_reconstruction != "none"
+            else None,
             sparsity,
             method=args.weight_importance,
             scope=args.sparsity_scope,
@@ -306,6 +308,7 @@ class GradientPruningCallback(TrainerCallback):
             sequential=args.sequential_calibration,
             gblm_alpha=args.gblm_alpha,
             show_progress=self._progress,
+            reconstruction=args.weight_reconstruction,
         )
         if optimizer is not None:
             zero_pruned_optimizer_state(optimizer, model, masks)

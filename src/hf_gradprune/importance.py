@@ -384,7 +384,7 @@ def _calibration_sums(
 
 
 #: What each method takes from the calibration pass.
-_NEEDS = {
+SCORE_NEEDS = {
     "magnitude": set(),
     "gradient": {"sum"},
     "taylor": {"sum"},
@@ -396,7 +396,7 @@ _NEEDS = {
 }
 
 
-def _finalize(
+def finalize_score(
     method: str, module: nn.Module, sums: Mapping[str, torch.Tensor | None], alpha: float
 ) -> torch.Tensor:
     """The score of ``module.weight`` from its all-reduced accumulators (copied, so several methods can share
@@ -495,7 +495,7 @@ def compute_weight_importance(
     methods = [method] if isinstance(method, str) else list(method)
     for name in methods:
         check_choice("method", name, WEIGHT_IMPORTANCES)
-    needs_data = any(_NEEDS[name] for name in methods)
+    needs_data = any(SCORE_NEEDS[name] for name in methods)
     if needs_data and dataloader is None:
         raise ValueError(
             f"method={method!r} needs a `dataloader` of batches; only 'magnitude' works without data."
@@ -526,7 +526,7 @@ def score_modules(
     methods = [method] if isinstance(method, str) else list(method)
     for name in methods:
         check_choice("method", name, WEIGHT_IMPORTANCES)
-    needs = set().union(*(_NEEDS[name] for name in methods))
+    needs = set().union(*(SCORE_NEEDS[name] for name in methods))
     sums: dict[str, list[torch.Tensor]] = {}
     if needs:
         sums, seen = _calibration_sums(model, dict(modules), batches, needs)
@@ -536,7 +536,7 @@ def score_modules(
     for index, (name, module) in enumerate(modules.items()):
         reduced = {need: all_reduce_sum(values[index]) for need, values in sums.items()}
         for method_name in methods:
-            scores[method_name][f"{name}.weight"] = _finalize(method_name, module, reduced, gblm_alpha)
+            scores[method_name][f"{name}.weight"] = finalize_score(method_name, module, reduced, gblm_alpha)
         for values in sums.values():
             values[index] = None  # free the accumulators as their scores are made
     return scores[methods[0]] if isinstance(method, str) else scores

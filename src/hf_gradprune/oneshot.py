@@ -10,8 +10,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import find_target_modules, get_adapter, weight_input_dims, weight_layer_groups
-from .arguments import HEAD_ACCUMULATIONS, MASK_TUNING_METHODS, check_choice
+from .adapters import find_adapter, find_target_modules, get_adapter, weight_input_dims, weight_layer_groups
+from .arguments import HEAD_ACCUMULATIONS, MASK_TUNING_METHODS, RECONSTRUCTIONS, check_choice
+from .blockwise import prune_blockwise
 from .flops import flops_in_rounds, neuron_multiples
 from .importance import compute_unit_importance, score_modules
 from .masks import apply_masks, get_masks
@@ -183,14 +184,18 @@ def prune_weights(
     sequential: bool = False,
     gblm_alpha: float = 100.0,
     show_progress: bool = True,
+    reconstruction: str = "none",
 ) -> dict[str, torch.Tensor]:
     """Score the target weights on ``batches`` and mask them to ``sparsity``; weights masked already stay
     masked (a new mask is the old one ANDed with the new choice).
 
     With ``sequential`` the layers are pruned one after the other, each scored on what comes through the
-    layers already pruned, as Wanda and SparseGPT run: the blocks of a registered family in forward order
-    (every target module alone for any other model). Gradient criteria then use the model's own loss (a full
-    forward and backward per layer), activation criteria (``wanda``) a forward per layer.
+    layers already pruned, as Wanda and SparseGPT run. A model of a registered family goes block by block
+    (:func:`hf_gradprune.blockwise.prune_blockwise`: the inputs of each block are captured once, about two
+    forwards of the model in all), and gradient criteria use the block-local loss ``‖block(x)‖₂`` of each
+    example (Wanda++'s regional gradients), not the model's loss. Any other model prunes one target module
+    after the other, gradient criteria with the model's own loss (a full forward and backward per layer).
+    ``method="sparsegpt"`` and a ``reconstruction`` always run block by block.
 
     Args:
         model (`nn.Module`): the model.
@@ -198,7 +203,9 @@ def prune_weights(
             a causal LM may omit them); ``None`` for ``magnitude``.
         sparsity (`float`, *optional*): as for :func:`hf_gradprune.compute_weight_masks`.
         method (`str`, *optional*, defaults to `"taylor"`): a weight importance (see
-            :func:`hf_gradprune.compute_weight_importance`).
+            :func:`hf_gradprune.compute_weight_importance`), or ``"sparsegpt"`` (SparseGPT, which chooses
+            the masks and updates the kept weights with each layer's Hessian:
+            :func:`hf_gradprune.reconstruction.sparsegpt_prune`).
         scope (`str`, *optional*, defaults to `"per_tensor"`): one of ``SPARSITY_SCOPES``; not ``global``
             with ``sequential`` (each layer is scored on a different model).
         pattern (`str`, *optional*, defaults to `"unstructured"`): ``unstructured`` or ``N:M``.
@@ -206,6 +213,10 @@ def prune_weights(
         sequential (`bool`, *optional*, defaults to `False`): prune layer by layer.
         gblm_alpha (`float`, *optional*, defaults to 100.0): the gradient weight of ``gblm``.
         show_progress (`bool`, *optional*, defaults to `True`): progress bars.
+        reconstruction (`str`, *optional*, defaults to `"none"`): how the kept weights of each block are
+            updated once its masks are chosen: ``"least_squares"`` (each layer's outputs on its inputs,
+            SparseGPT's update under the chosen mask), ``"adam"`` (Adam steps on the block's output error
+            against the dense model, Wanda++'s regional optimization) or ``"least_squares_adam"``.
 
     Returns:
         `dict[str, torch.Tensor]`: the masks applied, parameter name to bool mask.
@@ -218,12 +229,35 @@ def prune_weights(
         >>> list(masks), int(masks["0.weight"].sum())
         (['0.weight'], 32)
     """
-    if sequential and scope == "global":
+    check_choice("reconstruction", reconstruction, RECONSTRUCTIONS)
+    by_blocks = method == "sparsegpt" or reconstruction != "none"
+    if (sequential or by_blocks) and scope == "global":
         raise ValueError(
             "`scope` 'global' cannot be used layer by layer (each layer is scored on a different model): "
             "use 'per_row', 'per_tensor' or 'per_layer'."
         )
+    if by_blocks and (find_adapter(model) is None or batches is None):
+        raise ValueError(
+            f"method={method!r} with reconstruction={reconstruction!r} runs block by block on calibration "
+            "`batches` and needs a model of a registered family (`hf_gradprune.supported_model_types()`); "
+            "otherwise prune with a weight importance and reconstruction='none'."
+        )
+    if method == "sparsegpt" and scope not in ("per_row", "per_tensor"):
+        raise ValueError(f"method='sparsegpt' takes scope 'per_row' or 'per_tensor', got {scope!r}.")
     modules = find_target_modules(model, target_modules)
+    if find_adapter(model) is not None and (by_blocks or (sequential and method != "magnitude")):
+        return prune_blockwise(
+            model,
+            list(batches),
+            sparsity,
+            modules,
+            method=method,
+            scope=scope,
+            pattern=pattern,
+            reconstruction=reconstruction,
+            gblm_alpha=gblm_alpha,
+            show_progress=show_progress,
+        )
     layer_of = weight_layer_groups(model, target_modules)
     dims = weight_input_dims(model, target_modules)
     layers: dict[str, dict[str, nn.Module]] = {}
