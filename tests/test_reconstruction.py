@@ -14,6 +14,7 @@ from hf_gradprune.adapters import find_target_modules, get_adapter, weight_dims
 from hf_gradprune.blockwise import _gather, capture_block_inputs, prune_blockwise
 from hf_gradprune.masks import get_masks
 from hf_gradprune.reconstruction import add_to_hessian, least_squares_update, sparsegpt_prune
+from hf_gradprune.selection import outlier_ratio, owl_sparsities
 
 from .helpers import DECODER, build_tiny, logits, quiet_cpu_args, tiny_batch, tiny_dataset
 
@@ -216,7 +217,7 @@ def test_blockwise_per_example_gradients_are_those_of_each_example_alone():
     modules = {name: m for name, m in find_target_modules(model).items() if ".layers.1." in name}
     batches = calibration(model, count=2)
     hidden, calls = capture_block_inputs(model, get_adapter(model).blocks(model), batches)
-    stats = _gather(block, modules, calls[1], hidden, {"sum", "square"})
+    stats, _ = _gather(block, modules, calls[1], hidden, {"sum", "square"})
     weights = [m.weight for m in modules.values()]
     expected = [torch.zeros_like(w) for w in weights], [torch.zeros_like(w) for w in weights]
     for (_, kwargs), x in zip(calls[1], hidden, strict=True):
@@ -236,6 +237,74 @@ def test_blockwise_per_example_gradients_are_those_of_each_example_alone():
     for index, name in enumerate(modules):
         assert torch.allclose(stats[name]["sum"], expected[0][index], atol=1e-5), name
         assert torch.allclose(stats[name]["square"], expected[1][index], rtol=1e-4, atol=1e-7), name
+
+
+def test_layers_fed_one_tensor_share_input_statistics_counted_once():
+    model = tiny_llama()
+    blocks = get_adapter(model).blocks(model)
+    modules = {name: m for name, m in find_target_modules(model).items() if ".layers.0." in name}
+    batches = calibration(model, count=2)
+    hidden, calls = capture_block_inputs(model, blocks, batches)
+    stats, _ = _gather(blocks[0], modules, calls[0], hidden, {"inputs", "hessian"})
+    prefix = "model.layers.0."
+    attention = [stats[prefix + f"self_attn.{p}_proj"] for p in "qkv"]
+    assert all(entry["hessian"] is attention[0]["hessian"] for entry in attention)
+    assert stats[prefix + "mlp.gate_proj"]["hessian"] is stats[prefix + "mlp.up_proj"]["hessian"]
+    assert stats[prefix + "self_attn.o_proj"]["hessian"] is not attention[0]["hessian"]
+    inputs = []  # the reference: q_proj's inputs recorded alone
+    handle = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
+        lambda _m, args: inputs.append(args[0].detach().reshape(-1, args[0].shape[-1]))
+    )
+    with torch.no_grad():
+        for batch in batches:
+            model(**{k: v for k, v in batch.items() if k != "labels"})
+    handle.remove()
+    rows = torch.cat(inputs)
+    torch.testing.assert_close(
+        attention[0]["hessian"], 2 * rows.T @ rows / rows.shape[0], rtol=1e-4, atol=1e-5
+    )
+    torch.testing.assert_close(attention[0]["inputs"], rows.square().sum(dim=0), rtol=1e-4, atol=1e-5)
+
+
+def test_outlier_ratio_and_owl_sparsities():
+    assert outlier_ratio([torch.tensor([1.0, 1.0, 1.0, 97.0])], threshold=2.0) == 0.25
+    sparsities = owl_sparsities([0.02, 0.01, 0.05, 0.03], 0.7)
+    assert sum(sparsities) / 4 == pytest.approx(0.7)
+    assert sorted(range(4), key=sparsities.__getitem__) == [2, 3, 0, 1]  # more outliers, fewer pruned
+    assert max(sparsities) - min(sparsities) == pytest.approx(0.16)
+    assert owl_sparsities([0.01, 0.01], 0.5) == [0.5, 0.5]
+    near_one = owl_sparsities([0.0, 1.0], 0.95)
+    assert max(near_one) < 1.0 and sum(near_one) / 2 == pytest.approx(0.95)
+
+
+def test_owl_gives_each_block_the_sparsity_of_its_dense_outliers():
+    model = tiny_llama()
+    batches = calibration(model, count=2)
+    modules = find_target_modules(model)
+    inputs = {name: torch.zeros(m.in_features) for name, m in modules.items()}  # the reference: one pass
+
+    def record(name, _module, args):
+        inputs[name].add_(args[0].detach().square().flatten(0, -2).sum(0))
+
+    handles = [m.register_forward_pre_hook(functools.partial(record, name)) for name, m in modules.items()]
+    with torch.no_grad():
+        for batch in batches:
+            model(**{k: v for k, v in batch.items() if k != "labels"})
+    for handle in handles:
+        handle.remove()
+    ratios = [
+        outlier_ratio([m.weight.abs() * inputs[n].sqrt() for n, m in modules.items() if f".layers.{i}." in n])
+        for i in range(model.config.num_hidden_layers)
+    ]
+    expected = owl_sparsities(ratios, 0.5)
+    assert len(set(expected)) == len(expected)
+    masks = prune_weights(
+        model, batches, 0.5, scope="per_row", method="wanda", allocation="owl", show_progress=False
+    )
+    for name, keep in masks.items():
+        layer = int(name.split(".layers.")[1].split(".")[0])
+        pruned = keep.shape[1] - keep.sum(dim=1)
+        assert bool((pruned == round(expected[layer] * keep.shape[1])).all()), name
 
 
 def output_error(model, dense, batches) -> float:
@@ -278,6 +347,11 @@ def test_blockwise_keeps_masks_already_on_the_model():
             "runs block by block on calibration",
         ),
         ({"method": "wanda", "reconstruction": "lsq"}, "`reconstruction` must be one of"),
+        ({"method": "wanda", "allocation": "outliers"}, "`allocation` must be one of"),
+        (
+            {"method": "wanda", "allocation": "owl", "pattern": "2:4"},
+            "allocation='owl' spreads an unstructured",
+        ),
     ],
 )
 def test_prune_weights_bad_reconstruction_arguments(arguments, message):
@@ -326,6 +400,8 @@ def test_pruning_trainer_prunes_block_by_block_and_the_saved_model_reloads(metho
         ({"weight_reconstruction": "adam", "sparsity_scope": "global"}, "reconstruction adam` scores each"),
         ({"weight_importance": "sparsegpt", "sparsity_scope": "per_layer"}, "per_row or per_tensor"),
         ({"weight_reconstruction": "lsq"}, "`--weight_reconstruction` must be one of none, least_squares"),
+        ({"weight_sparsity_allocation": "owl", "sparsity_scope": "global"}, "allocation owl` scores each"),
+        ({"weight_sparsity_allocation": "owl", "sparsity_pattern": "2:4"}, "2:4` fixes it in every block"),
     ],
 )
 def test_pruning_arguments_check_block_by_block_options(arguments, message):
@@ -333,6 +409,10 @@ def test_pruning_arguments_check_block_by_block_options(arguments, message):
         PruningArguments(weight_sparsity=0.5, **arguments)
 
 
-def test_pruning_arguments_warn_that_a_reconstruction_without_weight_pruning_is_ignored():
-    with pytest.warns(UserWarning, match="`--weight_reconstruction adam` .* it is ignored"):
-        PruningArguments(prune_heads_per_layer=1, weight_reconstruction="adam")
+@pytest.mark.parametrize(
+    "arguments", [{"weight_reconstruction": "adam"}, {"weight_sparsity_allocation": "owl"}], ids=str
+)
+def test_pruning_arguments_warn_that_block_options_without_weight_pruning_are_ignored(arguments):
+    flag, value = next(iter(arguments.items()))
+    with pytest.warns(UserWarning, match=f"`--{flag} {value}` shapes weight pruning, .* it is ignored"):
+        PruningArguments(prune_heads_per_layer=1, **arguments)

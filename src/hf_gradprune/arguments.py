@@ -15,6 +15,7 @@ WEIGHT_IMPORTANCES = ("magnitude", "gradient", "taylor", "fisher", "obd", "combi
 WEIGHT_METHODS = (*WEIGHT_IMPORTANCES, "sparsegpt")
 #: How the kept weights of a block are updated once its masks are chosen (layer by layer only).
 RECONSTRUCTIONS = ("none", "least_squares", "adam", "least_squares_adam")
+SPARSITY_ALLOCATIONS = ("uniform", "owl")
 SPARSITY_SCOPES = ("per_tensor", "per_row", "per_layer", "global")
 SPARSITY_SCHEDULES = ("one_shot", "linear", "cubic")
 PATTERN_FORM = re.compile(r"^(unstructured|(\d+):(\d+))$")
@@ -171,6 +172,14 @@ class PruningArguments:
             "choices": RECONSTRUCTIONS,
         },
     )
+    weight_sparsity_allocation: str = field(
+        default="uniform",
+        metadata={
+            "help": "uniform (every block at --weight_sparsity) or owl (OWL: blocks whose Wanda scores hold "
+            "more outliers keep more, the same total; block by block, a registered family, unstructured).",
+            "choices": SPARSITY_ALLOCATIONS,
+        },
+    )
     gblm_alpha: float = field(
         default=100.0, metadata={"help": "Weight of the gradient norm in --weight_importance gblm."}
     )
@@ -237,6 +246,7 @@ class PruningArguments:
             "mask_tuning_method": MASK_TUNING_METHODS,
             "weight_importance": WEIGHT_METHODS,
             "weight_reconstruction": RECONSTRUCTIONS,
+            "weight_sparsity_allocation": SPARSITY_ALLOCATIONS,
             "sparsity_scope": SPARSITY_SCOPES,
             "sparsity_schedule": SPARSITY_SCHEDULES,
         }
@@ -317,6 +327,7 @@ class PruningArguments:
                     f"--weight_reconstruction {self.weight_reconstruction}",
                     self.weight_reconstruction != "none",
                 ),
+                ("--weight_sparsity_allocation owl", self.weight_sparsity_allocation == "owl"),
             )
             if on
         ]
@@ -348,13 +359,19 @@ class PruningArguments:
                 raise ValueError(
                     f"`--sparsity_schedule_frequency` must be >= 1, got {self.sparsity_schedule_frequency}."
                 )
-        if self.weight_reconstruction != "none" and not self.prunes_weights:
-            warnings.warn(
-                f"`--weight_reconstruction {self.weight_reconstruction}` updates weights left after weight "
-                "pruning, and no weight is pruned: it is ignored (set `--weight_sparsity` or an N:M "
-                "`--sparsity_pattern`).",
-                stacklevel=3,
+        if self.weight_sparsity_allocation == "owl" and self.sparsity_pattern != "unstructured":
+            raise ValueError(
+                f"`--weight_sparsity_allocation owl` spreads an unstructured sparsity over the blocks; "
+                f"`--sparsity_pattern {self.sparsity_pattern}` fixes it in every block: use one or the other."
             )
+        for flag, default in (("weight_reconstruction", "none"), ("weight_sparsity_allocation", "uniform")):
+            value = getattr(self, flag)
+            if value != default and not self.prunes_weights:
+                warnings.warn(
+                    f"`--{flag} {value}` shapes weight pruning, and no weight is pruned: it is ignored (set "
+                    "`--weight_sparsity` or an N:M `--sparsity_pattern`).",
+                    stacklevel=3,
+                )
         if not self.prunes_structures and not self.prunes_weights:
             warnings.warn(
                 "PruningArguments prune nothing: set `--prune_heads_per_layer`, `--prune_heads_fraction`, "

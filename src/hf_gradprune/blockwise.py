@@ -19,7 +19,7 @@ from .adapters import get_adapter, input_channel_dim, weight_dims
 from .importance import SCORE_NEEDS, finalize_score, frozen_for_probe, prepare_batch
 from .masks import apply_masks, get_masks
 from .reconstruction import add_to_hessian, least_squares_update, sparsegpt_prune, tune_block
-from .selection import compute_weight_masks, parse_sparsity_pattern
+from .selection import masks_keeping, outlier_ratio, owl_sparsities, parse_sparsity_pattern
 
 
 class _Captured(Exception):
@@ -89,24 +89,42 @@ def _add_example_gradients(entry: dict, module: nn.Module, inputs: torch.Tensor,
 
 
 def _statistics_hook(
-    entry: dict, channel_dim: int, module: nn.Module, args: tuple, output: torch.Tensor
+    entry: dict,
+    channel_dim: int,
+    seen: dict[int, tuple[torch.Tensor, dict]],
+    module: nn.Module,
+    args: tuple,
+    output: torch.Tensor,
 ) -> None:
     inputs = args[0].detach()
-    features = inputs.float().movedim(channel_dim, -1)
-    if "inputs" in entry:
-        entry["inputs"].add_(features.square().reshape(-1, features.shape[-1]).sum(dim=0))
-    if "hessian" in entry:
-        add_to_hessian(entry["hessian"], entry["count"], features)
+    if "shared" not in entry:  # the first batch: share the input statistics of layers fed the same tensor
+        first = seen.setdefault(id(args[0]), (args[0], entry))[1]
+        entry["shared"] = first is not entry
+        for need in ("inputs", "hessian", "count"):
+            if need in entry:
+                entry[need] = first[need]
+    if not entry["shared"]:
+        features = inputs.float().movedim(channel_dim, -1)
+        if "inputs" in entry:
+            entry["inputs"].add_(features.square().reshape(-1, features.shape[-1]).sum(dim=0))
+        if "hessian" in entry:
+            add_to_hessian(entry["hessian"], entry["count"], features)
     if output.requires_grad and entry.keys() & {"sum", "square"}:
         output.register_hook(functools.partial(_add_example_gradients, entry, module, inputs))
 
 
 @contextlib.contextmanager
-def _statistics(modules: Mapping[str, nn.Module], needs: set[str]) -> Iterator[dict[str, dict[str, Any]]]:
+def _statistics(
+    modules: Mapping[str, nn.Module], needs: set[str], seen: dict[int, tuple[torch.Tensor, dict]]
+) -> Iterator[dict[str, dict[str, Any]]]:
     """Forward hooks gathering per module what ``needs`` asks for from every input it sees: the sum of
     squared inputs per channel (``"inputs"``), the Hessian ``2 X Xᵀ / n`` (``"hessian"``), and when a loss
     summed over examples is backpropagated, ``Σ g`` (``"sum"``) and ``Σ g²`` (``"square"``) over examples of
-    the weight gradient, each example's from the layer's inputs and output gradients (one backward)."""
+    the weight gradient, each example's from the layer's inputs and output gradients (one backward).
+
+    Layers fed the same tensor (query, key and value; gate and up) share one ``"inputs"`` and ``"hessian"``,
+    found on the first batch from ``seen`` (input tensors by ``id``, held so no id is reused; the caller
+    empties it after that batch)."""
     stats: dict[str, dict[str, Any]] = {}
     handles = []
     for name, module in modules.items():
@@ -119,7 +137,7 @@ def _statistics(modules: Mapping[str, nn.Module], needs: set[str]) -> Iterator[d
         if "hessian" in needs:
             entry["hessian"] = torch.zeros(rows.shape[1], rows.shape[1], device=rows.device)
             entry["count"] = [0]
-        hook = functools.partial(_statistics_hook, entry, input_channel_dim(module))
+        hook = functools.partial(_statistics_hook, entry, input_channel_dim(module), seen)
         handles.append(module.register_forward_hook(hook))
     try:
         yield stats
@@ -134,13 +152,15 @@ def _gather(
     calls: Sequence[tuple[tuple, dict]],
     hidden: Sequence[torch.Tensor],
     needs: set[str],
-) -> dict[str, dict[str, Any]]:
-    """One pass of the dense block over the pruned model's inputs gathering :func:`_statistics`; with a
-    gradient need, it backpropagates the block-local loss ``Σᵢ ‖block(xᵢ)‖₂``, the L2 norm of the block's
-    output on each example (Wanda++'s regional loss), through this block alone."""
+) -> tuple[dict[str, dict[str, Any]], list[torch.Tensor]]:
+    """One pass of the block over ``hidden`` gathering :func:`_statistics`, and its outputs; with a gradient
+    need, it backpropagates the block-local loss ``Σᵢ ‖block(xᵢ)‖₂``, the L2 norm of the block's output on
+    each example (Wanda++'s regional loss), through this block alone."""
     gradients = bool(needs & {"sum", "square"})
     weights = [module.weight for module in modules.values()]
-    with frozen_for_probe(block), _statistics(modules, needs) as stats:
+    seen: dict[int, tuple[torch.Tensor, dict]] = {}
+    outputs = []
+    with frozen_for_probe(block), _statistics(modules, needs, seen) as stats:
         for weight in weights:
             weight.requires_grad_(gradients)
         for call, x in zip(calls, hidden, strict=True):
@@ -148,7 +168,31 @@ def _gather(
                 output = _run(block, call, x)
                 if gradients:
                     torch.autograd.grad(output.float().flatten(1).norm(dim=1).sum(), weights)
-    return stats
+            outputs.append(output.detach())
+            seen.clear()
+    return stats, outputs
+
+
+def _owl_sparsities(
+    blocks: Sequence[nn.Module],
+    by_block: Sequence[Mapping[str, nn.Module]],
+    calls: Sequence[Sequence[tuple[tuple, dict]]],
+    hidden: Sequence[torch.Tensor],
+    sparsity: float,
+) -> list[float]:
+    """OWL's sparsity per block from the outlier ratio of its Wanda scores in the dense model (one pass);
+    ``sparsity`` for blocks without targets."""
+    ratios = {}
+    for index, block in enumerate(blocks):
+        group = by_block[index]
+        stats, hidden = _gather(block, group, calls[index], hidden, {"inputs"})
+        if group:
+            scores = [finalize_score("wanda", m, stats[name], 0.0) for name, m in group.items()]
+            ratios[index] = outlier_ratio(scores)
+    sparsities = [sparsity] * len(by_block)
+    for index, chosen in zip(ratios, owl_sparsities(list(ratios.values()), sparsity), strict=True):
+        sparsities[index] = chosen
+    return sparsities
 
 
 def _block_masks(
@@ -182,15 +226,15 @@ def _block_masks(
         f"{name}.weight": finalize_score(method, module, stats[name], gblm_alpha)
         for name, module in modules.items()
     }
-    for name, mask in existing.items():
-        if name in scores:
-            scores[name] = scores[name].masked_fill(~mask.to(scores[name].device), float("-inf"))
-    layout: dict[str, Any] = {}
-    if scope == "per_layer" and pattern == "unstructured":
-        layout["groups"] = dict.fromkeys(scores, "block")
-    if scope == "per_row" or pattern != "unstructured":
-        layout["input_dims"] = {f"{name}.weight": weight_dims(m)[1] for name, m in modules.items()}
-    masks = compute_weight_masks(scores, sparsity, scope=scope, pattern=pattern, **layout)
+    masks = masks_keeping(
+        scores,
+        sparsity,
+        existing,
+        scope=scope,
+        pattern=pattern,
+        groups=dict.fromkeys(scores, "block"),
+        input_dims={f"{name}.weight": weight_dims(m)[1] for name, m in modules.items()},
+    )
     if reconstruction.startswith("least_squares"):
         for name, module in modules.items():
             keep = _as_rows(module, masks[f"{name}.weight"])
@@ -212,6 +256,7 @@ def prune_blockwise(
     gblm_alpha: float = 100.0,
     adam_epochs: int = 5,
     adam_lr: float = 1e-4,
+    allocation: str = "uniform",
     show_progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Prune the target weights of a model of a registered family block by block (see the module docstring).
@@ -241,6 +286,9 @@ def prune_blockwise(
         adam_epochs (`int`, *optional*, defaults to 5): passes over the batches with ``adam``.
         adam_lr (`float`, *optional*, defaults to 1e-4): Adam's learning rate with ``adam`` (better than
             1e-5 on SmolLM2-135M; a step moves a weight by about this much, so scale it with the weights).
+        allocation (`str`, *optional*, defaults to `"uniform"`): ``"uniform"`` (every block pruned to
+            ``sparsity``) or ``"owl"`` (OWL: blocks whose Wanda scores in the dense model hold more outliers
+            keep more, :func:`hf_gradprune.selection.owl_sparsities`, one more pass; unstructured only).
         show_progress (`bool`, *optional*, defaults to `True`): a progress bar over blocks.
 
     Returns:
@@ -268,14 +316,31 @@ def prune_blockwise(
     try:
         pruned, calls = capture_block_inputs(model, blocks, batches)
         dense = list(pruned)  # the dense model's hidden states: the targets of `adam`
-        for index in tqdm(range(len(blocks)), desc=f"Block by block ({method})", disable=not show_progress):
+        last = max(i for i, group in enumerate(by_block) if group)  # the blocks after it stay as they are
+        sparsities = [sparsity] * len(blocks)
+        if allocation == "owl":
+            sparsities = _owl_sparsities(blocks[: last + 1], by_block, calls, pruned, sparsity)
+        steps = tqdm(range(last + 1), desc=f"Block by block ({method})", disable=not show_progress)
+        for index in steps:
             block, group, block_calls = blocks[index], by_block[index], calls[index]
             if reconstruction.endswith("adam"):
                 with torch.no_grad():
                     dense = [_run(block, call, x) for call, x in zip(block_calls, dense, strict=True)]
-            stats = _gather(block, group, block_calls, pruned, needs)
+            if not group:
+                with torch.no_grad():
+                    pruned = [_run(block, call, x) for call, x in zip(block_calls, pruned, strict=True)]
+                continue
+            stats, _ = _gather(block, group, block_calls, pruned, needs)
             masks = _block_masks(
-                group, stats, method, sparsity, scope, pattern, reconstruction, get_masks(model), gblm_alpha
+                group,
+                stats,
+                method,
+                sparsities[index],
+                scope,
+                pattern,
+                reconstruction,
+                get_masks(model),
+                gblm_alpha,
             )
             apply_masks(model, masks)
             applied.update(masks)

@@ -298,7 +298,9 @@ class GradientPruningCallback(TrainerCallback):
         masks = prune_weights(
             model,
             batches
-            if args.weight_importance != "magnitude" or args.weight_reconstruction != "none"
+            if args.weight_importance != "magnitude"
+            or args.weight_reconstruction != "none"
+            or args.weight_sparsity_allocation != "uniform"
             else None,
             sparsity,
             method=args.weight_importance,
@@ -309,6 +311,7 @@ class GradientPruningCallback(TrainerCallback):
             gblm_alpha=args.gblm_alpha,
             show_progress=self._progress,
             reconstruction=args.weight_reconstruction,
+            allocation=args.weight_sparsity_allocation,
         )
         if optimizer is not None:
             zero_pruned_optimizer_state(optimizer, model, masks)

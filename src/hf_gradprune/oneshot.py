@@ -11,13 +11,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import find_adapter, find_target_modules, get_adapter, weight_input_dims, weight_layer_groups
-from .arguments import HEAD_ACCUMULATIONS, MASK_TUNING_METHODS, RECONSTRUCTIONS, check_choice
+from .arguments import (
+    HEAD_ACCUMULATIONS,
+    MASK_TUNING_METHODS,
+    RECONSTRUCTIONS,
+    SPARSITY_ALLOCATIONS,
+    check_choice,
+)
 from .blockwise import prune_blockwise
 from .flops import flops_in_rounds, neuron_multiples
 from .importance import compute_unit_importance, score_modules
 from .masks import apply_masks, get_masks
 from .rescale import capture_targets, capture_teacher, distill_unit_scales, rescale_units
-from .selection import compute_weight_masks
+from .selection import masks_keeping
 from .surgery import prune_units
 
 #: What mask tuning keeps of the unpruned model, and what fits the scales to it, by method.
@@ -185,6 +191,7 @@ def prune_weights(
     gblm_alpha: float = 100.0,
     show_progress: bool = True,
     reconstruction: str = "none",
+    allocation: str = "uniform",
 ) -> dict[str, torch.Tensor]:
     """Score the target weights on ``batches`` and mask them to ``sparsity``; weights masked already stay
     masked (a new mask is the old one ANDed with the new choice).
@@ -195,7 +202,7 @@ def prune_weights(
     forwards of the model in all), and gradient criteria use the block-local loss ``‖block(x)‖₂`` of each
     example (Wanda++'s regional gradients), not the model's loss. Any other model prunes one target module
     after the other, gradient criteria with the model's own loss (a full forward and backward per layer).
-    ``method="sparsegpt"`` and a ``reconstruction`` always run block by block.
+    ``method="sparsegpt"``, a ``reconstruction`` and ``allocation="owl"`` always run block by block.
 
     Args:
         model (`nn.Module`): the model.
@@ -217,6 +224,8 @@ def prune_weights(
             updated once its masks are chosen: ``"least_squares"`` (each layer's outputs on its inputs,
             SparseGPT's update under the chosen mask), ``"adam"`` (Adam steps on the block's output error
             against the dense model, Wanda++'s regional optimization) or ``"least_squares_adam"``.
+        allocation (`str`, *optional*, defaults to `"uniform"`): ``"uniform"`` or ``"owl"`` (a sparsity per
+            block from the outliers of its Wanda scores, the same total; block by block, unstructured).
 
     Returns:
         `dict[str, torch.Tensor]`: the masks applied, parameter name to bool mask.
@@ -230,7 +239,12 @@ def prune_weights(
         (['0.weight'], 32)
     """
     check_choice("reconstruction", reconstruction, RECONSTRUCTIONS)
-    by_blocks = method == "sparsegpt" or reconstruction != "none"
+    check_choice("allocation", allocation, SPARSITY_ALLOCATIONS)
+    if allocation == "owl" and pattern != "unstructured":
+        raise ValueError(
+            f"allocation='owl' spreads an unstructured sparsity over blocks, got pattern={pattern!r}."
+        )
+    by_blocks = method == "sparsegpt" or reconstruction != "none" or allocation == "owl"
     if (sequential or by_blocks) and scope == "global":
         raise ValueError(
             "`scope` 'global' cannot be used layer by layer (each layer is scored on a different model): "
@@ -238,9 +252,10 @@ def prune_weights(
         )
     if by_blocks and (find_adapter(model) is None or batches is None):
         raise ValueError(
-            f"method={method!r} with reconstruction={reconstruction!r} runs block by block on calibration "
-            "`batches` and needs a model of a registered family (`hf_gradprune.supported_model_types()`); "
-            "otherwise prune with a weight importance and reconstruction='none'."
+            f"method={method!r} with reconstruction={reconstruction!r} and allocation={allocation!r} runs "
+            "block by block on calibration `batches` and needs a model of a registered family "
+            "(`hf_gradprune.supported_model_types()`); otherwise prune with a weight importance, "
+            "reconstruction='none' and allocation='uniform'."
         )
     if method == "sparsegpt" and scope not in ("per_row", "per_tensor"):
         raise ValueError(f"method='sparsegpt' takes scope 'per_row' or 'per_tensor', got {scope!r}.")
@@ -256,6 +271,7 @@ def prune_weights(
             pattern=pattern,
             reconstruction=reconstruction,
             gblm_alpha=gblm_alpha,
+            allocation=allocation,
             show_progress=show_progress,
         )
     layer_of = weight_layer_groups(model, target_modules)
@@ -275,15 +291,15 @@ def prune_weights(
         if with_data and show_progress and not sequential:
             data = tqdm(batches, desc=f"Weight importance ({method})")
         scores = score_modules(model, group, data, method, gblm_alpha)
-        for name, mask in get_masks(model).items():
-            if name in scores:
-                scores[name] = scores[name].masked_fill(~mask.to(scores[name].device), float("-inf"))
-        layout: dict[str, Any] = {}
-        if scope == "per_layer" and pattern == "unstructured":
-            layout["groups"] = {name: layer_of[name] for name in scores}
-        if scope == "per_row" or pattern != "unstructured":
-            layout["input_dims"] = {name: dims[name] for name in scores}
-        masks = compute_weight_masks(scores, sparsity, scope=scope, pattern=pattern, **layout)
+        masks = masks_keeping(
+            scores,
+            sparsity,
+            get_masks(model),
+            scope=scope,
+            pattern=pattern,
+            groups={name: layer_of[name] for name in scores},
+            input_dims={name: dims[name] for name in scores},
+        )
         apply_masks(model, masks)
         applied.update(masks)
     return applied

@@ -147,7 +147,7 @@ def least_squares_update(
     hessian: torch.Tensor,
     keep: torch.Tensor,
     percdamp: float = 0.01,
-    tolerance: float = 1e-3,
+    tolerance: float = 1e-2,
     max_iterations: int = 100,
 ) -> torch.Tensor:
     """The kept weights that restore a layer's outputs best, row by row: for each row ``w`` with kept entries
@@ -165,7 +165,8 @@ def least_squares_update(
         hessian (`torch.Tensor`): ``2 X Xᵀ / n`` of the layer's inputs, ``(in, in)``.
         keep (`torch.Tensor`): bool keep-mask of ``weight``'s shape.
         percdamp (`float`, *optional*, defaults to 0.01): dampening, a fraction of the mean of ``diag(H)``.
-        tolerance (`float`, *optional*, defaults to 1e-3): relative residual at which a row is solved.
+        tolerance (`float`, *optional*, defaults to 1e-2): relative residual at which a row is solved (on
+            SmolLM2-135M's layers about 10 iterations, whose output error is within 0.5% of the optimum's).
         max_iterations (`int`, *optional*, defaults to 100): at most this many iterations.
 
     Returns:

@@ -8,6 +8,7 @@ import numbers
 import re
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -546,6 +547,53 @@ def compute_weight_masks(
     for names in _buckets(scores, scope, groups):
         masks.update(_unstructured_masks(scores, names, sparsity))
     return {name: masks[name] for name in scores}
+
+
+def masks_keeping(
+    scores: Mapping[str, torch.Tensor],
+    sparsity: float | None,
+    existing: Mapping[str, torch.Tensor],
+    scope: str = "per_tensor",
+    pattern: str = "unstructured",
+    groups: Mapping[str, str] | None = None,
+    input_dims: Mapping[str, int | Sequence[int]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`compute_weight_masks` where the weights ``existing`` masks prune already score lowest, so they
+    stay pruned; ``groups`` and ``input_dims`` reach it only where ``scope`` and ``pattern`` read them."""
+    scores = dict(scores)
+    for name, mask in existing.items():
+        if name in scores:
+            scores[name] = scores[name].masked_fill(~mask.to(scores[name].device), float("-inf"))
+    layout: dict[str, Any] = {}
+    if scope == "per_layer" and pattern == "unstructured":
+        layout["groups"] = groups
+    if scope == "per_row" or pattern != "unstructured":
+        layout["input_dims"] = input_dims
+    return compute_weight_masks(scores, sparsity, scope=scope, pattern=pattern, **layout)
+
+
+def outlier_ratio(scores: Sequence[torch.Tensor], threshold: float = 5.0) -> float:
+    """The fraction of entries of ``scores`` (a layer's, taken together) above ``threshold`` times their
+    mean: OWL's layer-wise outlier distribution (LOD) of Wanda scores."""
+    flat = torch.cat([score.detach().flatten().float() for score in scores])
+    return float((flat > threshold * flat.mean()).double().mean())
+
+
+def owl_sparsities(outlier_ratios: Sequence[float], sparsity: float, spread: float = 0.08) -> list[float]:
+    """OWL's sparsity per layer (Yin et al., 2024): the layer with the most outliers keeps most, the kept
+    fractions spread linearly in the outlier ratio over a range of ``2 * spread`` around ``1 - sparsity``,
+    so their mean is ``1 - sparsity`` (the total, for layers of one size). The spread shrinks where it would
+    take a layer out of ``[0, 1)``.
+
+    Example:
+        >>> [round(s, 2) for s in owl_sparsities([0.01, 0.02, 0.03], 0.5)]
+        [0.58, 0.5, 0.42]
+    """
+    ratios = torch.tensor(list(outlier_ratios), dtype=torch.float64)
+    spread = min(spread, sparsity, 0.999 - sparsity)
+    span = ratios.max() - ratios.min()
+    density = (ratios - ratios.min()) / span * 2 * spread if span > 0 else torch.zeros_like(ratios)
+    return (sparsity + density.mean() - density).tolist()
 
 
 def sparsity_at_step(
