@@ -1,14 +1,11 @@
 """The causal-LM example's table with the cost of every criterion: wall time and peak memory of its scoring
-pass, and the perplexity at 50% per row, 50% per tensor and 2:4, on SmolLM2-135M (float32); then the
-layer-by-layer configurations of ``LAYER_BY_LAYER`` at 50%, 60% and 70% per row and 2:4.
+pass, and the perplexity at 50% per row, 50% per tensor and 2:4, on SmolLM2-135M (float32).
 
 Each criterion is scored alone, in its own pass over the calibration batches of
 ``examples/causal_lm_pruning.py`` (same text, same settings). Peak memory is sampled from the process's
 resident set every 2 ms during the pass and reported above what the process held before it, as a multiple
-of the float32 model's size (``extra``), and with the model itself (``total``). The layer-by-layer rows
-(block by block: Wanda, OBD, GBLM, SparseGPT, Wanda and GBLM with reconstructions, OWL's sparsity per block)
-are timed the same way; ``seconds_with_masks`` of a one-shot row adds its 50% per-row masks, the work a
-layer-by-layer row also does.
+of the float32 model's size (``extra``), and with the model itself (``total``). Layer by layer (block by
+block, with SparseGPT, reconstructions and OWL): ``benchmarks/llm_blockwise.py``.
 
 Run: ``.venv/bin/python benchmarks/llm.py`` (``--quick`` for a smoke run). Writes ``results/llm.{json,png}``.
 """
@@ -25,30 +22,14 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from hf_gradprune import compute_weight_importance, compute_weight_masks, prune_weights
+from hf_gradprune import compute_weight_importance, compute_weight_masks
 from hf_gradprune.adapters import weight_input_dims
-from hf_gradprune.masks import remove_masks
 from hf_gradprune.testing import load_rotten_tomatoes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, PeakMemory, load_causal_lm_example, results_header, write_results
 
 NAME = "llm"
-#: Unstructured sparsities past half, where a sparsity per block (OWL) matters.
-HIGHER = (("60% per row", 0.6, "per_row", "unstructured"), ("70% per row", 0.7, "per_row", "unstructured"))
-BASE = ("50% per row", "2:4")
-#: Layer by layer (block by block): (criterion, reconstruction, allocation) and the patterns it runs at.
-LAYER_BY_LAYER = (
-    (("wanda", "none", "uniform"), (*BASE, "60% per row", "70% per row")),
-    (("obd", "none", "uniform"), BASE),
-    (("gblm", "none", "uniform"), BASE),
-    (("sparsegpt", "none", "uniform"), (*BASE, "60% per row", "70% per row")),
-    (("wanda", "least_squares", "uniform"), BASE),
-    (("wanda", "least_squares_adam", "uniform"), (*BASE, "60% per row", "70% per row")),
-    (("gblm", "least_squares_adam", "uniform"), (*BASE, "60% per row", "70% per row")),
-    (("wanda", "none", "owl"), ("60% per row", "70% per row")),
-    (("wanda", "least_squares_adam", "owl"), ("60% per row", "70% per row")),
-)
 
 
 def main() -> None:
@@ -74,11 +55,10 @@ def main() -> None:
     calibration = example.text_batches(tokenizer, reviews["train"]["text"], args.calibration_batches, *shape)
     held_out = example.text_batches(tokenizer, reviews["test"]["text"], args.eval_batches, *shape)
     dims = weight_input_dims(model)
-    patterns = [*example.PATTERNS, *HIGHER]
     rows = [
         {
             "criterion": "dense",
-            **dict.fromkeys([label for label, *_ in patterns], example.perplexity(model, held_out)),
+            **{label: example.perplexity(model, held_out) for label, *_ in example.PATTERNS},
         }
     ]
     print(json.dumps(rows[0]), flush=True)
@@ -93,7 +73,7 @@ def main() -> None:
             "seconds": seconds,
             "extra_memory": (memory.peak - memory.start) / model_bytes,
         }
-        for label, sparsity, scope, pattern in patterns:
+        for label, sparsity, scope, pattern in example.PATTERNS:
             masks = compute_weight_masks(
                 scores,
                 sparsity,
@@ -102,46 +82,9 @@ def main() -> None:
                 input_dims=dims if scope == "per_row" or pattern != "unstructured" else None,
             )
             row[label] = example.with_masks(model, masks, lambda m: example.perplexity(m, held_out))
-        start = time.perf_counter()
-        compute_weight_masks(scores, 0.5, scope="per_row", input_dims=dims)
-        row["seconds_with_masks"] = row["seconds"] + time.perf_counter() - start
         del scores
         rows.append(row)
         print(json.dumps(row), flush=True)
-    for (criterion, reconstruction, allocation), labels in LAYER_BY_LAYER:
-        for label, sparsity, scope, pattern in [p for p in patterns if p[0] in labels]:
-            saved = {k: v.clone() for k, v in model.state_dict().items()}
-            with PeakMemory() as memory:
-                start = time.perf_counter()
-                prune_weights(
-                    model,
-                    calibration,
-                    sparsity,
-                    method=criterion,
-                    scope=scope,
-                    pattern=pattern,
-                    sequential=True,
-                    reconstruction=reconstruction,
-                    allocation=allocation,
-                    show_progress=False,
-                )
-                seconds = time.perf_counter() - start
-            name = " + ".join(
-                [criterion]
-                + ([reconstruction] if reconstruction != "none" else [])
-                + (["OWL"] if allocation == "owl" else [])
-            )
-            row = {
-                "criterion": f"{name}, layer by layer",
-                "pattern": label,
-                "seconds": seconds,
-                "extra_memory": (memory.peak - memory.start) / model_bytes,
-                label: example.perplexity(model, held_out),
-            }
-            remove_masks(model)
-            model.load_state_dict(saved)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
     results = {
         **results_header(NAME, args),
         "model_bytes": model_bytes,
@@ -149,7 +92,7 @@ def main() -> None:
         "runtime_s": round(time.perf_counter() - started, 1),
     }
     write_results(results, args, plot)
-    labels = [label for label, *_ in patterns]
+    labels = [label for label, *_ in example.PATTERNS]
     print("\n| criterion | " + " | ".join(labels) + " | scoring s | peak memory (x fp32 model) |")
     print("|---|" + "---:|" * (len(labels) + 2))
     for row in rows:

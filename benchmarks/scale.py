@@ -51,12 +51,7 @@ from common import (
 # overstates what a pass needs; MALLOC_MMAP_THRESHOLD_=65536 fixes the threshold (the run is named after it).
 NAME = "scale" + ("_mmap_threshold" if os.environ.get("MALLOC_MMAP_THRESHOLD_") else "")
 #: The layer-by-layer passes measured, each in a fresh process: (criterion, reconstruction).
-BLOCK_BY_BLOCK_RUNS = (
-    ("wanda", "none"),
-    ("obd", "none"),
-    ("sparsegpt", "none"),
-    ("wanda", "least_squares_adam"),
-)
+BLOCK_BY_BLOCK_RUNS = (("obd", "none"), ("wanda", "least_squares_adam"))
 
 
 FRESH_LOAD = """

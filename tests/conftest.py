@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from filelock import FileLock
 
 from hf_gradprune import supported_model_types
 from hf_gradprune.testing import load_rotten_tomatoes, minilm_path, smollm2_gguf
 
 from .helpers import TINY_MODELS, load_minilm
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores: one thread each, and in the processes they start.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(params=supported_model_types())
@@ -62,17 +69,29 @@ def review_batches(rotten_tomatoes, minilm_tokenizer) -> Callable[[int, int], li
 
 
 @pytest.fixture(scope="session")
-def _smollm2_loaded():
-    """The real SmolLM2-135M (GGUF, dequantised to float32), loaded once per session."""
-    pytest.importorskip("gguf")
+def _smollm2_loaded(tmp_path_factory: pytest.TempPathFactory):
+    """The real SmolLM2-135M (GGUF, dequantised to float32) and its tokenizer, loaded once per session. Under
+    pytest-xdist the first worker to need it saves the dequantised model for the others (about 35 s to
+    dequantise on 2 cores, 2 s to load)."""
     folder, gguf_file = smollm2_gguf()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return _dequantized_smollm2(folder, gguf_file), tokenizer
+    shared = tmp_path_factory.getbasetemp().parent / "smollm2-dequantized"  # this session's workers only
+    with FileLock(f"{shared}.lock"):
+        if (shared / "config.json").is_file():
+            return transformers.AutoModelForCausalLM.from_pretrained(shared).eval(), tokenizer
+        model = _dequantized_smollm2(folder, gguf_file)
+        model.save_pretrained(shared)
+    return model, tokenizer
+
+
+def _dequantized_smollm2(folder: Path, gguf_file: str) -> transformers.PreTrainedModel:
     # dequantize=True gives a plain dense model (a model still tied to its GGUF quantizer cannot be saved).
     dequantized = transformers.GgufConfig(dequantize=True)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
+    return transformers.AutoModelForCausalLM.from_pretrained(
         folder, gguf_file=gguf_file, quantization_config=dequantized
     ).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    return model, tokenizer
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from .helpers import build_tiny
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.xdist_group("distributed"),  # one worker runs the module's two-process runs, once each
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo"),
 ]
 

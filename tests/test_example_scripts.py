@@ -216,7 +216,6 @@ def tiny_llama_with_smollm2_tokenizer(folder: Path) -> Path:
 
 
 def test_clm_style_script_prunes_heads_and_weights_and_pushes_the_pruning_card(hub_env, tmp_path):
-    pytest.importorskip("gguf")
     model = tiny_llama_with_smollm2_tokenizer(tmp_path / "base")
     reviews = load_rotten_tomatoes()
     for split, rows in (("train", reviews["train"][:300]), ("validation", reviews["test"][:60])):

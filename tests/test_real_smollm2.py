@@ -49,7 +49,8 @@ def test_smollm2_prune_kv_groups_reload_fresh_and_generate(smollm2, tmp_path):
 
 def test_smollm2_block_by_block_2_4_sparsegpt_and_reconstruction_beat_plain_wanda(smollm2):
     """The first two blocks of the real model at 2:4: SparseGPT and Wanda with least squares restore the
-    outputs on the calibration text better than Wanda alone (held-out text: ``benchmarks/llm.py``)."""
+    outputs on the calibration text better than Wanda alone (held-out text:
+    ``benchmarks/llm_blockwise.py``)."""
     model, tokenizer = smollm2
     texts = load_rotten_tomatoes()["train"]["text"][:8]
     batches = [tokenizer(texts, truncation=True, max_length=32, padding="max_length", return_tensors="pt")]

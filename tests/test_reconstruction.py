@@ -322,7 +322,7 @@ def test_reconstruction_brings_the_outputs_back_and_keeps_the_masks(reconstructi
     masks = prune_blockwise(
         model, batches, 0.6, targets, reconstruction=reconstruction, adam_lr=1e-3, **options
     )
-    # On the calibration text, what the update fits (held-out text is the benchmark's: benchmarks/llm.py).
+    # On the calibration text, what the update fits (held-out text: benchmarks/llm_blockwise.py).
     assert output_error(model, dense, batches) < 0.9 * output_error(plain, dense, batches)
     assert all(bool((model.get_parameter(n)[~k] == 0).all()) for n, k in masks.items())
     assert get_masks(model).keys() == masks.keys()
