@@ -12,6 +12,7 @@ model is all-MiniLM-L6-v2 with a new 2-label head, fine-tuned one epoch (AdamW, 
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.util
 import json
@@ -23,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -39,7 +41,7 @@ from transformers import (
 )
 
 import hf_gradprune
-from hf_gradprune.testing import minilm_path, shipped_path
+from hf_gradprune.testing import load_rotten_tomatoes, minilm_path, shipped_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(__file__).resolve().parents[1] / "runs" / "benchmarks"
@@ -286,3 +288,35 @@ def load_causal_lm_example():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def smollm2_perplexity_setup(description: str) -> tuple[argparse.Namespace, SimpleNamespace]:
+    """The command line and data of the SmolLM2 perplexity benchmarks (``llm.py``, ``llm_blockwise.py``):
+    the parsed arguments, and the example module, model, its size in bytes, and the calibration and
+    held-out batches of ``examples/causal_lm_pruning.py`` (seed 0)."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--calibration_batches", type=int, default=8)
+    parser.add_argument("--eval_batches", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--seq_len", type=int, default=128)
+    parser.add_argument("--output_dir", type=Path, default=RESULTS)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.calibration_batches, args.eval_batches = 1, 1
+    example = load_causal_lm_example()
+    torch.manual_seed(0)
+    model, tokenizer = example.load_smollm2()
+    reviews = load_rotten_tomatoes()
+    shape = (args.batch_size, args.seq_len)
+    return args, SimpleNamespace(
+        example=example,
+        model=model,
+        model_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        calibration=example.text_batches(
+            tokenizer, reviews["train"]["text"], args.calibration_batches, *shape
+        ),
+        held_out=example.text_batches(tokenizer, reviews["test"]["text"], args.eval_batches, *shape),
+    )

@@ -12,48 +12,28 @@ Run: ``.venv/bin/python benchmarks/llm.py`` (``--quick`` for a smoke run). Write
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from hf_gradprune import compute_weight_importance, compute_weight_masks
 from hf_gradprune.adapters import weight_input_dims
-from hf_gradprune.testing import load_rotten_tomatoes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, PeakMemory, load_causal_lm_example, results_header, write_results
+from common import PeakMemory, results_header, smollm2_perplexity_setup, write_results
 
 NAME = "llm"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--calibration_batches", type=int, default=8)
-    parser.add_argument("--eval_batches", type=int, default=8)
-    parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--seq_len", type=int, default=128)
-    parser.add_argument("--output_dir", type=Path, default=RESULTS)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    if args.quick:
-        args.calibration_batches, args.eval_batches = 1, 1
-    example = load_causal_lm_example()
     started = time.perf_counter()
-    torch.manual_seed(0)
-    model, tokenizer = example.load_smollm2()
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    reviews = load_rotten_tomatoes()
-    shape = (args.batch_size, args.seq_len)
-    calibration = example.text_batches(tokenizer, reviews["train"]["text"], args.calibration_batches, *shape)
-    held_out = example.text_batches(tokenizer, reviews["test"]["text"], args.eval_batches, *shape)
+    args, run = smollm2_perplexity_setup(__doc__)
+    example, model, model_bytes = run.example, run.model, run.model_bytes
+    calibration, held_out = run.calibration, run.held_out
     dims = weight_input_dims(model)
     rows = [
         {
