@@ -4,8 +4,10 @@ layer-by-layer passes.
 The stages a user runs to prune an LLM without training: load the model, score every weight (``obd``, w² ·
 Σg², the strongest criterion of ``benchmarks/llm.py``, on ``--calibration_batches`` batches of 4 x 128
 tokens), turn the scores into 50% per-row masks, apply them (bool buffers and gradient hooks), save with
-``save_pruned`` and load again with ``load_pruned`` (in a fresh process); then, each in a fresh process
-that loads the model, the layer-by-layer passes of ``BLOCK_BY_BLOCK_RUNS`` (block by block, 50% per row).
+``save_pruned`` and load again with ``load_pruned`` (in a fresh process); then the passes of
+``FRESH_PASSES`` (``prune_weights`` at 50% per row, one shot or block by block), each in a fresh process that
+loads the dense model from a safetensors copy, as a user loads a checkpoint (the GGUF loader alone leaves
+about twice the model resident).
 Peak resident memory is sampled every 2 ms during each stage and reported as a multiple of the float32
 model's size, in total (the model included: the targets are 2.5x one shot, 1.3x block by block) and above
 what the process held before the stage. The run ends with the masks exact: the saved and reloaded weights
@@ -50,8 +52,17 @@ from common import (
 # glibc keeps freed heap memory and raises its mmap threshold as large blocks are freed, so the resident set
 # overstates what a pass needs; MALLOC_MMAP_THRESHOLD_=65536 fixes the threshold (the run is named after it).
 NAME = "scale" + ("_mmap_threshold" if os.environ.get("MALLOC_MMAP_THRESHOLD_") else "")
-#: The layer-by-layer passes measured, each in a fresh process: (criterion, reconstruction).
-BLOCK_BY_BLOCK_RUNS = (("obd", "none"), ("wanda", "least_squares_adam"))
+#: The passes measured each in a fresh process that loads the model from safetensors: (criterion,
+#: reconstruction, block by block), the rows of ``benchmarks/llm_blockwise.py`` and block-by-block ``obd``.
+FRESH_PASSES = (
+    ("wanda", "none", False),
+    ("wanda", "none", True),
+    ("sparsegpt", "none", True),
+    ("wanda", "least_squares", True),
+    ("wanda", "least_squares_adam", True),
+    ("gblm", "least_squares_adam", True),
+    ("obd", "none", True),
+)
 
 
 FRESH_LOAD = """
@@ -66,47 +77,55 @@ print(json.dumps({"baseline": baseline, "peak": memory.peak}))
 """
 
 
-BLOCK_BY_BLOCK = """
+SAVE_DENSE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from common import load_causal_lm_example
+model, tokenizer = load_causal_lm_example().load_smollm2()
+model.save_pretrained(sys.argv[2])
+tokenizer.save_pretrained(sys.argv[2])
+"""
+
+
+FRESH_PASS = """
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from common import PeakMemory, load_causal_lm_example, resident_bytes
 from hf_gradprune import prune_weights
 from hf_gradprune.testing import load_rotten_tomatoes
-method, reconstruction, count = sys.argv[2], sys.argv[3], int(sys.argv[4])
+folder, method, reconstruction, sequential = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1"
+tokenizer = AutoTokenizer.from_pretrained(folder)
+texts = load_rotten_tomatoes()["train"]["text"]
+batches = load_causal_lm_example().text_batches(tokenizer, texts, int(sys.argv[6]), 4, 128)
 baseline = resident_bytes()
-example = load_causal_lm_example()
-model, tokenizer = example.load_smollm2()
-batches = example.text_batches(tokenizer, load_rotten_tomatoes()["train"]["text"], count, 4, 128)
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 start = time.perf_counter()
 with PeakMemory() as memory:
-    prune_weights(model, batches, 0.5, method=method, scope="per_row", sequential=True,
+    prune_weights(model, batches, 0.5, method=method, scope="per_row", sequential=sequential,
                   reconstruction=reconstruction, show_progress=False)
 seconds = time.perf_counter() - start
 print(json.dumps({"baseline": baseline, "start": memory.start, "peak": memory.peak, "seconds": seconds}))
 """
 
 
-def block_by_block(method: str, reconstruction: str, batches: int, model_bytes: int) -> dict:
-    """``prune_weights(sequential=True)`` at 50% per row in a fresh process (the model loaded in it): its
-    peak with the model, and above what the process held when the pass began."""
+def fresh_pass(folder: str, run: tuple[str, str, bool], batches: int, model_bytes: int) -> dict:
+    """``prune_weights`` at 50% per row in a fresh process that loads the dense model from ``folder``
+    (safetensors, memory-mapped as ``from_pretrained`` maps it): its peak with the model, and above what the
+    process held when the pass began."""
+    method, reconstruction, sequential = run
+    args = [str(Path(__file__).resolve().parent), folder, method, reconstruction, str(int(sequential))]
     out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            BLOCK_BY_BLOCK,
-            str(Path(__file__).resolve().parent),
-            method,
-            reconstruction,
-            str(batches),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
+        [sys.executable, "-c", FRESH_PASS, *args, str(batches)], capture_output=True, text=True, check=True
     ).stdout
     memory = json.loads(out.splitlines()[-1])
     suffix = "" if reconstruction == "none" else f" + {reconstruction}"
     return {
-        "stage": f"block by block, {method}{suffix} (fresh process)",
+        "stage": f"{'block by block' if sequential else 'one shot'}, {method}{suffix} (fresh process)",
+        "method": method,
+        "reconstruction": reconstruction,
+        "sequential": sequential,
         "seconds": round(memory["seconds"], 2),
         "peak_total": (memory["peak"] - memory["baseline"]) / model_bytes,
         "peak_extra": (memory["peak"] - memory["start"]) / model_bytes,
@@ -177,9 +196,12 @@ def main() -> None:
         stages.append(fresh_load(folder, model_bytes))
         print(json.dumps(stages[-1]), flush=True)
         again = load_pruned(folder)
-    for method, reconstruction in BLOCK_BY_BLOCK_RUNS:
-        stages.append(block_by_block(method, reconstruction, args.calibration_batches, model_bytes))
-        print(json.dumps(stages[-1]), flush=True)
+    with tempfile.TemporaryDirectory() as dense:
+        here = str(Path(__file__).resolve().parent)
+        subprocess.run([sys.executable, "-c", SAVE_DENSE, here, dense], capture_output=True, check=True)
+        for run in FRESH_PASSES[:1] if args.quick else FRESH_PASSES:
+            stages.append(fresh_pass(dense, run, args.calibration_batches, model_bytes))
+            print(json.dumps(stages[-1]), flush=True)
     sparsity = compute_sparsity(again)
     rows_exact = all(
         bool((mask.sum(dim=1) == mask.shape[1] // 2).all()) for mask in get_masks(again).values()

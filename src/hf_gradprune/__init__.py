@@ -39,12 +39,14 @@ _MODULES = {
     ),
     "gates": (
         "HeadGates",
+        "LayerGates",
         "UnitGates",
         "add_head_gates",
     ),
     "hub": ("push_folder_to_hub",),
     "importance": (
         "compute_head_importance",
+        "compute_layer_importance",
         "compute_unit_importance",
         "compute_weight_importance",
     ),
@@ -54,6 +56,7 @@ _MODULES = {
     ),
     "oneshot": (
         "prune_in_rounds",
+        "prune_layers_by_importance",
         "prune_to_flops",
         "prune_weights",
     ),
@@ -73,6 +76,7 @@ _MODULES = {
     ),
     "surgery": (
         "prune_heads",
+        "prune_layers",
         "prune_units",
     ),
     "trainer": ("PruningTrainer",),

@@ -9,6 +9,7 @@ from typing import Any
 
 HEAD_NORMALIZATIONS = ("layer_sum", "l2", "none")
 HEAD_ACCUMULATIONS = ("fisher", "sum_of_abs", "abs_of_sum")
+LAYER_IMPORTANCES = ("fisher", "block_influence")
 MASK_TUNING_METHODS = ("distillation", "least_squares")
 WEIGHT_IMPORTANCES = ("magnitude", "gradient", "taylor", "fisher", "obd", "combined", "wanda", "gblm")
 #: What chooses the pruned weights: an importance, or SparseGPT (which also updates the kept ones).
@@ -65,6 +66,24 @@ class PruningArguments:
             "help": "How per-batch gate gradients g of heads and FFN neurons become a score: fisher (sum of "
             "g^2), sum_of_abs (sum of |g|) or abs_of_sum (|sum of g|, the classic head-mask recipe).",
             "choices": HEAD_ACCUMULATIONS,
+        },
+    )
+    # --- whole layers ---
+    prune_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Whole layers (transformer blocks) to remove, the least important first "
+            "(--layer_importance), spread over --prune_steps; a model with only layers removed is an "
+            "ordinary config of its family."
+        },
+    )
+    layer_importance: str = field(
+        default="fisher",
+        metadata={
+            "help": "How --prune_layers ranks layers: fisher (sum of squared gradients of a gate on each "
+            "block's residual branch, as for heads) or block_influence (ShortGPT: 1 - cos(block input, "
+            "block output), no labels).",
+            "choices": LAYER_IMPORTANCES,
         },
     )
     # --- FFN neurons and FLOPs ---
@@ -243,6 +262,7 @@ class PruningArguments:
         choices = {
             "head_importance_normalize": HEAD_NORMALIZATIONS,
             "head_importance_accumulate": HEAD_ACCUMULATIONS,
+            "layer_importance": LAYER_IMPORTANCES,
             "mask_tuning_method": MASK_TUNING_METHODS,
             "weight_importance": WEIGHT_METHODS,
             "weight_reconstruction": RECONSTRUCTIONS,
@@ -270,6 +290,14 @@ class PruningArguments:
             raise ValueError(
                 f"`--prune_min_heads_per_layer` must be >= 1 (0 with --allow_empty_layers), got "
                 f"{self.prune_min_heads_per_layer}."
+            )
+        if self.prune_layers is not None and self.prune_layers < 0:
+            raise ValueError(f"`--prune_layers` must be >= 0, got {self.prune_layers}.")
+        if self.layer_importance != "fisher" and not self.prune_layers:
+            warnings.warn(
+                f"`--layer_importance {self.layer_importance}` ranks layers for `--prune_layers`, which is "
+                "not set: it is ignored.",
+                stacklevel=3,
             )
         if self.prune_ffn_fraction is not None and not 0.0 <= self.prune_ffn_fraction < 1.0:
             raise ValueError(f"`--prune_ffn_fraction` must be in [0, 1), got {self.prune_ffn_fraction}.")
@@ -312,7 +340,7 @@ class PruningArguments:
             raise ValueError(f"`--prune_rounds` must be >= 1, got {self.prune_rounds}.")
         if self.flops_seq_len < 1:
             raise ValueError(f"`--flops_seq_len` must be >= 1, got {self.flops_seq_len}.")
-        if self.mask_tuning and not self.prunes_structures:
+        if self.mask_tuning and not (self.prunes_heads or self.prunes_ffn):
             raise ValueError(
                 "`--mask_tuning` rescales kept heads and neurons after a structural cut: set "
                 "`--prune_heads_per_layer`, `--prune_heads_fraction`, `--prune_ffn_fraction` or "
@@ -374,8 +402,9 @@ class PruningArguments:
                 )
         if not self.prunes_structures and not self.prunes_weights:
             warnings.warn(
-                "PruningArguments prune nothing: set `--prune_heads_per_layer`, `--prune_heads_fraction`, "
-                "`--prune_ffn_fraction`, `--target_flops_ratio` or `--weight_sparsity`.",
+                "PruningArguments prune nothing: set `--prune_layers`, `--prune_heads_per_layer`, "
+                "`--prune_heads_fraction`, `--prune_ffn_fraction`, `--target_flops_ratio` or "
+                "`--weight_sparsity`.",
                 stacklevel=3,
             )
 
@@ -418,14 +447,19 @@ class PruningArguments:
         return bool(self.prune_ffn_fraction) or self.prunes_by_flops
 
     @property
+    def prunes_layers(self) -> bool:
+        """Whether whole layers are to be removed."""
+        return bool(self.prune_layers)
+
+    @property
     def prunes_by_flops(self) -> bool:
         """Whether heads and neurons are chosen together under a FLOPs budget."""
         return self.target_flops_ratio is not None
 
     @property
     def prunes_structures(self) -> bool:
-        """Whether any structural unit (head, FFN neuron) is to be removed."""
-        return self.prunes_heads or self.prunes_ffn
+        """Whether any structural unit (layer, head, FFN neuron) is to be removed."""
+        return self.prunes_layers or self.prunes_heads or self.prunes_ffn
 
     @property
     def prunes_weights(self) -> bool:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .adapters import get_adapter, input_channel_dim, weight_dims
 from .importance import SCORE_NEEDS, finalize_score, frozen_for_probe, prepare_batch
-from .masks import apply_masks, get_masks
+from .masks import apply_masks, masks_of
 from .reconstruction import add_to_hessian, least_squares_update, sparsegpt_prune, tune_block
 from .selection import masks_keeping, outlier_ratio, owl_sparsities, parse_sparsity_pattern
 
@@ -79,13 +79,13 @@ def _as_rows(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
 
 def _add_example_gradients(entry: dict, module: nn.Module, inputs: torch.Tensor, grad: torch.Tensor) -> None:
     """Fold the per-example weight gradients ``δᵢᵀ xᵢ`` of one batch (the layer's inputs and output gradients)
-    into ``Σ g`` and ``Σ g²``."""
-    per_example = torch.einsum("bto,bti->boi", grad.float().flatten(1, -2), inputs.float().flatten(1, -2))
-    per_example = _as_rows(module, per_example)
-    if "sum" in entry:
-        entry["sum"].add_(per_example.sum(dim=0))
-    if "square" in entry:
-        entry["square"].add_(per_example.square().sum(dim=0))
+    into ``Σ g`` and ``Σ g²``, one example at a time (a weight-sized temporary, not one per example)."""
+    for example_grad, example_inputs in zip(grad.flatten(1, -2), inputs.flatten(1, -2), strict=True):
+        gradient = _as_rows(module, example_grad.float().T @ example_inputs.float())
+        if "sum" in entry:
+            entry["sum"].add_(gradient)
+        if "square" in entry:
+            entry["square"].addcmul_(gradient, gradient)
 
 
 def _statistics_hook(
@@ -155,19 +155,18 @@ def _gather(
 ) -> tuple[dict[str, dict[str, Any]], list[torch.Tensor]]:
     """One pass of the block over ``hidden`` gathering :func:`_statistics`, and its outputs; with a gradient
     need, it backpropagates the block-local loss ``Σᵢ ‖block(xᵢ)‖₂``, the L2 norm of the block's output on
-    each example (Wanda++'s regional loss), through this block alone."""
+    each example (Wanda++'s regional loss), through this block alone: to the block's input, so the weight
+    gradients the hooks rebuild per example are never formed."""
     gradients = bool(needs & {"sum", "square"})
-    weights = [module.weight for module in modules.values()]
     seen: dict[int, tuple[torch.Tensor, dict]] = {}
     outputs = []
     with frozen_for_probe(block), _statistics(modules, needs, seen) as stats:
-        for weight in weights:
-            weight.requires_grad_(gradients)
         for call, x in zip(calls, hidden, strict=True):
             with torch.set_grad_enabled(gradients):
+                x = x.detach().requires_grad_(gradients)
                 output = _run(block, call, x)
                 if gradients:
-                    torch.autograd.grad(output.float().flatten(1).norm(dim=1).sum(), weights)
+                    torch.autograd.grad(output.float().flatten(1).norm(dim=1).sum(), x)
             outputs.append(output.detach())
             seen.clear()
     return stats, outputs
@@ -292,7 +291,8 @@ def prune_blockwise(
         show_progress (`bool`, *optional*, defaults to `True`): a progress bar over blocks.
 
     Returns:
-        `dict[str, torch.Tensor]`: the masks applied, parameter name to bool mask.
+        `dict[str, torch.Tensor]`: the masks applied, parameter name to bool mask (the model's own masks,
+        not copies: copy one before changing it).
     """
     blocks = get_adapter(model).blocks(model)
     names = {id(m): name for name, m in model.named_modules()}
@@ -339,10 +339,10 @@ def prune_blockwise(
                 scope,
                 pattern,
                 reconstruction,
-                get_masks(model),
+                masks_of(group),
                 gblm_alpha,
             )
-            apply_masks(model, masks)
+            apply_masks(model, masks, copy=False)  # the masks returned are the model's: one copy
             applied.update(masks)
             if reconstruction.endswith("adam"):
                 inputs = pruned

@@ -31,7 +31,7 @@ from .masks import (
     reapply_masks,
     save_masks,
 )
-from .oneshot import prune_in_rounds, prune_weights
+from .oneshot import prune_in_rounds, prune_layers_by_importance, prune_weights
 from .record import PruningRecord
 from .selection import (
     select_heads_to_prune,
@@ -250,8 +250,19 @@ class GradientPruningCallback(TrainerCallback):
         Returns the logs of the cut."""
         args = self.pruning_args
         names = [name for name, wanted in ((HEADS, args.prunes_heads), (FFN, args.prunes_ffn)) if wanted]
-        rounds = self._rounds(model, step)
         reference = copy.deepcopy(model) if args.measure_speedup else None
+        logs = {}
+        layers = _share(step, args.prune_step_list, args.prune_layers) if args.prunes_layers else 0
+        if layers:
+            removed = prune_layers_by_importance(
+                model, batches, layers, args.layer_importance, optimizer, show_progress=self._progress
+            )
+            self.importance["layers"] = removed["importance"]
+            logs["prune/layers_removed"] = float(len(PruningRecord.from_config(model.config).removed_layers))
+        if not names:
+            reference = reference if layers else None
+            return self._speedup_logs(reference, model, batches, {**logs, **self.structure_logs(model)})
+        rounds = self._rounds(model, step)
         if args.prunes_by_flops:
             ratio = self.flops_ratio_at(step)
             multiples = neuron_multiples(model, args.prune_ffn_multiple_of)
@@ -278,11 +289,17 @@ class GradientPruningCallback(TrainerCallback):
             allow_empty=args.allow_empty_layers,
             show_progress=self._progress,
         )
-        logs = {
-            **self.structure_logs(model),
-            **{k: v for k, v in report.items() if k.startswith(PRUNING_METRICS)},
-        }
-        if reference is not None and report["units"]:
+        logs.update(self.structure_logs(model))
+        logs.update({k: v for k, v in report.items() if k.startswith(PRUNING_METRICS)})
+        reference = reference if report["units"] or layers else None
+        return self._speedup_logs(reference, model, batches, logs)
+
+    def _speedup_logs(
+        self, reference: nn.Module | None, model: nn.Module, batches: list, logs: dict[str, float]
+    ) -> dict[str, float]:
+        """``logs`` with ``prune/speedup``, the forward of ``reference`` against ``model``'s, multiplied into
+        the speed-up of the cuts before, when ``--measure_speedup`` kept a ``reference``."""
+        if reference is not None:
             was_training = model.training
             ratio = measure_speedup(reference, model, prepare_batch(model, batches[0]))
             model.train(was_training)

@@ -438,6 +438,8 @@ def _structure_rows(model: nn.Module, seq_len: int) -> dict[str, Any]:
         "heads_removed": heads_total - heads_kept,
         "heads_removed_pct": f"{(heads_total - heads_kept) / heads_total:.2%}",
         "layers_pruned": sum(1 for row in rows if row["kept"] < num_heads),
+        "layers_removed": record.removed_layers,
+        "num_layers_before": num_layers + len(record.removed_layers),
         "kv_heads_total": num_heads // group * num_layers,
         "kv_heads_kept": sum(row["kv_kept"] for row in rows),
         "ffn_size": ffn["units"] if ffn else None,

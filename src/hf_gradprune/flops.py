@@ -69,7 +69,8 @@ def block_flops(model: nn.Module, seq_len: int, original: bool = False) -> int:
     Args:
         model (`nn.Module`): a model of a registered family.
         seq_len (`int`): tokens in the sequence.
-        original (`bool`, *optional*, defaults to `False`): count the unpruned model instead.
+        original (`bool`, *optional*, defaults to `False`): count the unpruned model instead (its removed
+            layers included).
 
     Example:
         >>> from transformers import BertConfig, BertModel
@@ -84,7 +85,7 @@ def block_flops(model: nn.Module, seq_len: int, original: bool = False) -> int:
     adapter = get_adapter(model)
     record = PruningRecord.from_config(model.config)
     costs = unit_macs(model, seq_len)
-    num_layers = len(adapter.blocks(model))
+    num_layers = len(adapter.blocks(model)) + (len(record.removed_layers) if original else 0)
     total = 0
     for structure in adapter.structures:
         num_units = adapter.num_units(structure, model.config)

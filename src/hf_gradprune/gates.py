@@ -1,12 +1,16 @@
-"""Gates: one scalar per unit of a structure (attention head, FFN neuron), applied before its output layer.
+"""Gates: one scalar per unit of a structure (attention head, FFN neuron), applied before its output layer,
+and one per layer on what the whole block adds to the residual stream.
 
 A head gate plays the role ``head_mask`` played in transformers 4: gate 0 removes a unit's contribution
 exactly as structural removal would, gate 1 leaves the model unchanged. The gate sits on the input of the
 structure's output layer (the attention output projection, the FFN down projection), where each unit owns
-one run of ``unit_width`` columns.
+one run of ``unit_width`` columns. A layer gate turns a block's output ``y`` on input ``x`` into
+``x + gate · (y − x)``: gate 0 is the model without that block.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -118,3 +122,60 @@ def add_head_gates(
 ) -> HeadGates:
     """Attach :class:`HeadGates` to ``model``; use as a context manager or call ``.remove()``."""
     return HeadGates(model, gates=gates, requires_grad=requires_grad)
+
+
+class LayerGates:
+    """One gate per layer, ``(num_layers,)``, on what each block adds to its input (see the module docstring).
+
+    Args:
+        model (`nn.Module`): a model of a registered family.
+        gates (`torch.Tensor`, *optional*): initial values; defaults to ones (float32).
+        requires_grad (`bool`, *optional*, defaults to `False`): track gradients of the gates.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> import torch
+        >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        ...                              intermediate_size=37, vocab_size=99)).eval()
+        >>> with LayerGates(model) as gates:
+        ...     gates.gates[1] = 0.0  # the model without its last layer
+        ...     out = model(torch.tensor([[1, 2, 3]])).last_hidden_state
+        >>> tuple(gates.gates.shape)
+        (2,)
+    """
+
+    def __init__(self, model: nn.Module, gates: torch.Tensor | None = None, requires_grad: bool = False):
+        blocks = get_adapter(model).blocks(model)
+        if gates is None:
+            gates = torch.ones(len(blocks))
+        if tuple(gates.shape) != (len(blocks),):
+            raise ValueError(f"`gates` must have shape ({len(blocks)},), got {tuple(gates.shape)}.")
+        device = next(model.parameters()).device
+        self.gates = gates.detach().to(device=device, dtype=torch.float32).requires_grad_(requires_grad)
+        self._handles = [block.register_forward_hook(self._hook(i)) for i, block in enumerate(blocks)]
+
+    def _hook(self, layer: int):
+        def gate_block(module: nn.Module, args: tuple, output: Any) -> Any:
+            if not args:
+                raise TypeError(
+                    f"{type(module).__name__} was called without positional hidden states; layer gates read "
+                    "a block's input from its first positional argument."
+                )
+            hidden = args[0]
+            out = output[0] if isinstance(output, tuple) else output
+            gated = hidden + self.gates[layer].to(out.dtype) * (out - hidden)
+            return (gated, *output[1:]) if isinstance(output, tuple) else gated
+
+        return gate_block
+
+    def remove(self) -> None:
+        """Remove every hook; the model is left exactly as before."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> LayerGates:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()

@@ -16,9 +16,22 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import HEADS, find_target_modules, input_channel_dim, per_input_channel, weight_dims
-from .arguments import HEAD_ACCUMULATIONS, HEAD_NORMALIZATIONS, WEIGHT_IMPORTANCES, check_choice
-from .gates import UnitGates
+from .adapters import (
+    HEADS,
+    find_target_modules,
+    get_adapter,
+    input_channel_dim,
+    per_input_channel,
+    weight_dims,
+)
+from .arguments import (
+    HEAD_ACCUMULATIONS,
+    HEAD_NORMALIZATIONS,
+    LAYER_IMPORTANCES,
+    WEIGHT_IMPORTANCES,
+    check_choice,
+)
+from .gates import LayerGates, UnitGates
 from .record import PruningRecord
 
 
@@ -288,6 +301,94 @@ def compute_head_importance(
     return compute_unit_importance(
         model, dataloader, (HEADS,), num_batches, normalize, accumulate, show_progress
     )[HEADS]
+
+
+def _block_influence(
+    model: nn.Module, batches: Iterable, total: int | None, show_progress: bool
+) -> tuple[torch.Tensor, int]:
+    """Σ over batches of each block's mean ``1 − cos(x, block(x))`` over the batch's tokens (padding left out
+    when the batch has an attention mask), and the batch count."""
+    blocks = get_adapter(model).blocks(model)
+    sums = torch.zeros(len(blocks))
+    weights: list[torch.Tensor | None] = [None]
+
+    def record(layer: int, _module: nn.Module, args: tuple, output: Any) -> None:
+        out = output[0] if isinstance(output, tuple) else output
+        change = 1 - torch.nn.functional.cosine_similarity(args[0].float(), out.float(), dim=-1)
+        keep = weights[0]
+        mean = change.mean() if keep is None else (change * keep).sum() / keep.sum().clamp_min(1)
+        sums[layer] += float(mean)
+
+    handles = [block.register_forward_hook(functools.partial(record, i)) for i, block in enumerate(blocks)]
+    seen = 0
+    try:
+        with frozen_for_probe(model), torch.no_grad():
+            for batch in tqdm(batches, total=total, desc="Layer importance", disable=not show_progress):
+                inputs = prepare_batch(model, {k: v for k, v in batch.items() if k != "labels"})
+                mask = inputs.get("attention_mask")
+                weights[0] = mask.float() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+                model(**inputs)
+                seen += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sums, seen
+
+
+def compute_layer_importance(
+    model: nn.Module,
+    dataloader: Iterable[Mapping[str, Any]],
+    method: str = "fisher",
+    num_batches: int | None = None,
+    show_progress: bool = True,
+) -> torch.Tensor:
+    """Importance of every whole layer (transformer block), ``(num_layers,)``: the lowest go first.
+
+    - ``"fisher"``: ``Σ g²`` over batches of the gradient ``g = dL/dgate`` of an all-ones
+      :class:`hf_gradprune.gates.LayerGates` gate (the empirical Fisher information, as for heads and
+      neurons: half of it estimates the loss increase when the layer goes, so it compares with theirs).
+    - ``"block_influence"``: ShortGPT's block influence, the mean over tokens of ``1 − cos(x, block(x))``
+      (how much a block turns the residual stream); no labels or gradients needed, summed over batches.
+
+    The model's parameter gradients, ``requires_grad`` flags and train/eval mode are left as they were.
+    Under ``torch.distributed`` the sums are all-reduced, so every rank gets the same scores.
+
+    Args:
+        model (`nn.Module`): a model of a registered family (that returns a loss for ``"fisher"``).
+        dataloader (`Iterable[Mapping]`): batches (with labels for ``"fisher"``; causal LMs: ``labels =
+            input_ids`` if absent).
+        method (`str`, *optional*, defaults to `"fisher"`): one of
+            :data:`hf_gradprune.arguments.LAYER_IMPORTANCES`.
+        num_batches (`int`, *optional*): stop after this many batches (default: all).
+        show_progress (`bool`, *optional*, defaults to `True`): a progress bar over batches.
+
+    Returns:
+        `torch.Tensor`: float32 ``(num_layers,)`` on the CPU, layers numbered as the model stands.
+
+    Example:
+        >>> import torch
+        >>> from transformers import BertConfig, BertForSequenceClassification
+        >>> model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=3,
+        ...     num_attention_heads=4, intermediate_size=37, vocab_size=99))
+        >>> batch = {"input_ids": torch.tensor([[1, 2, 3]]), "labels": torch.tensor([1])}
+        >>> compute_layer_importance(model, [batch], show_progress=False).shape
+        torch.Size([3])
+    """
+    check_choice("method", method, LAYER_IMPORTANCES)
+    batches, total = limited(dataloader, num_batches)
+    if method == "block_influence":
+        scores, seen = _block_influence(model, batches, total, show_progress)
+    else:
+        seen = 0
+        with frozen_for_probe(model), LayerGates(model, requires_grad=True) as gates:
+            scores = torch.zeros_like(gates.gates)
+            for batch in tqdm(batches, total=total, desc="Layer importance", disable=not show_progress):
+                (grad,) = torch.autograd.grad(batch_loss(model, batch), [gates.gates])
+                scores.addcmul_(grad, grad)
+                seen += 1
+    if not seen:
+        raise ValueError("`dataloader` yielded no batches: importance needs at least one.")
+    return all_reduce_sum(scores).float().cpu()
 
 
 def _magnitude(module: nn.Module) -> torch.Tensor:

@@ -75,7 +75,7 @@ def _zero_masked(module: nn.Module, attr: str) -> None:
         getattr(module, attr).mul_(getattr(module, _buffer_name(attr)))
 
 
-def _note_masks(model: nn.Module) -> None:
+def note_masks(model: nn.Module) -> None:
     """Count the masked tensors in the pruning record of ``model.config``, so a saved folder says that
     its masks file belongs with it (:func:`hf_gradprune.load_pruned` refuses the folder without it)."""
     config = getattr(model, "config", None)
@@ -120,7 +120,7 @@ class _GradientMask:
         return grad.mul_(getattr(self.module, self.buffer))
 
 
-def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], copy: bool = True) -> None:
     """Prune ``model`` persistently: zero the masked weights and their gradients from now on.
 
     Every name and mask is checked before the model changes. A parameter masked before gets the new mask
@@ -130,6 +130,9 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
         model (`nn.Module`): the model to prune.
         masks (`Mapping[str, torch.Tensor]`): parameter name (as in ``model.named_parameters()``) to a bool
             mask of the parameter's shape, ``True`` keeps; on any device.
+        copy (`bool`, *optional*, defaults to `True`): keep copies of the masks; ``False`` keeps the given
+            tensors where they already sit on the parameter's device (no second copy of every mask: the
+            caller then owns the model's masks and must not change them).
 
     Raises:
         ValueError: an unknown name, a mask of the wrong shape, a parameter that does not require grad, or
@@ -176,11 +179,11 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
         if attr in hooks:
             hooks.pop(attr).remove()
         module.register_buffer(
-            _buffer_name(attr), mask.detach().to(param.device, copy=True), persistent=False
+            _buffer_name(attr), mask.detach().to(param.device, copy=copy), persistent=False
         )
         _zero_masked(module, attr)
         hooks[attr] = param.register_hook(_GradientMask(module, attr))
-    _note_masks(model)
+    note_masks(model)
 
 
 def reapply_masks(model: nn.Module) -> None:
@@ -213,7 +216,7 @@ def remove_masks(model: nn.Module) -> None:
         for attr, handle in vars(module).pop(_HOOKS, {}).items():
             handle.remove()
             delattr(module, _buffer_name(attr))
-    _note_masks(model)
+    note_masks(model)
 
 
 def mask_of(module: nn.Module, attr: str = "weight") -> torch.Tensor | None:
@@ -226,6 +229,20 @@ def mask_of(module: nn.Module, attr: str = "weight") -> torch.Tensor | None:
         (tensor([[ True, False]]), None)
     """
     return getattr(module, _buffer_name(attr)) if attr in vars(module).get(_HOOKS, {}) else None
+
+
+def masks_of(modules: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The weight masks of ``modules`` (qualified name to module) as ``"<name>.weight"`` to mask, the masks
+    themselves rather than copies; modules without one are left out.
+
+    Example:
+        >>> layer = torch.nn.Linear(2, 1)
+        >>> apply_masks(layer, {"weight": torch.tensor([[True, False]])})
+        >>> masks_of({"fc": layer})
+        {'fc.weight': tensor([[ True, False]])}
+    """
+    masks = {f"{name}.weight": mask_of(module) for name, module in modules.items()}
+    return {name: mask for name, mask in masks.items() if mask is not None}
 
 
 def is_masked(module: nn.Module) -> bool:

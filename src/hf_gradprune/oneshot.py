@@ -1,5 +1,5 @@
-"""One-shot pruning outside the ``Trainer``: structures to a FLOPs budget with rescaling, and weights
-layer by layer."""
+"""One-shot pruning outside the ``Trainer``: structures to a FLOPs budget with rescaling, whole layers by
+importance, and weights layer by layer."""
 
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ from .arguments import (
 )
 from .blockwise import prune_blockwise
 from .flops import flops_in_rounds, neuron_multiples
-from .importance import compute_unit_importance, score_modules
-from .masks import apply_masks, get_masks
+from .importance import compute_layer_importance, compute_unit_importance, score_modules
+from .masks import apply_masks, masks_of
 from .rescale import capture_targets, capture_teacher, distill_unit_scales, rescale_units
 from .selection import masks_keeping
-from .surgery import prune_units
+from .surgery import prune_layers, prune_units
 
 #: What mask tuning keeps of the unpruned model, and what fits the scales to it, by method.
 MASK_TUNERS = {
@@ -179,6 +179,51 @@ def prune_to_flops(
     )
 
 
+def prune_layers_by_importance(
+    model: nn.Module,
+    batches: Sequence[Mapping[str, Any]],
+    num_layers: int,
+    method: str = "fisher",
+    optimizer: torch.optim.Optimizer | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Remove the ``num_layers`` least important whole layers (:func:`hf_gradprune.compute_layer_importance`
+    on ``batches``, then :func:`hf_gradprune.prune_layers`).
+
+    Args:
+        model (`nn.Module`): a model of a registered family (that returns a loss for ``"fisher"``).
+        batches (`Sequence[Mapping]`): calibration batches.
+        num_layers (`int`): layers to remove, fewer than the model has.
+        method (`str`, *optional*, defaults to `"fisher"`): ``"fisher"`` or ``"block_influence"``.
+        optimizer (`torch.optim.Optimizer`, *optional*): the removed layers' parameters leave it.
+        show_progress (`bool`, *optional*, defaults to `True`): a progress bar over batches.
+
+    Returns:
+        `dict[str, Any]`: ``layers`` (the positions removed, numbered as the model stood) and ``importance``
+        (the scores of every layer it had).
+
+    Example:
+        >>> import torch
+        >>> from transformers import BertConfig, BertForSequenceClassification
+        >>> model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=3,
+        ...     num_attention_heads=4, intermediate_size=37, vocab_size=99))
+        >>> batch = {"input_ids": torch.tensor([[1, 2, 3]]), "labels": torch.tensor([1])}
+        >>> report = prune_layers_by_importance(model, [batch], 1, show_progress=False)
+        >>> model.config.num_hidden_layers, len(report["layers"])
+        (2, 1)
+    """
+    depth = len(get_adapter(model).blocks(model))
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 0 <= num_layers < depth:
+        raise ValueError(
+            f"`num_layers` must be an int in [0, {depth - 1}] ({depth} layers), got {num_layers!r}."
+        )
+    importance = compute_layer_importance(model, batches, method, show_progress=show_progress)
+    layers = sorted(importance.argsort(stable=True)[:num_layers].tolist())
+    if layers:
+        prune_layers(model, layers, optimizer=optimizer)
+    return {"layers": layers, "importance": importance}
+
+
 def prune_weights(
     model: nn.Module,
     batches: Sequence[Mapping[str, Any]] | None,
@@ -228,7 +273,8 @@ def prune_weights(
             block from the outliers of its Wanda scores, the same total; block by block, unstructured).
 
     Returns:
-        `dict[str, torch.Tensor]`: the masks applied, parameter name to bool mask.
+        `dict[str, torch.Tensor]`: the masks applied, parameter name to bool mask (the model's own masks,
+        not copies: copy one before changing it).
 
     Example:
         >>> import torch
@@ -294,12 +340,12 @@ def prune_weights(
         masks = masks_keeping(
             scores,
             sparsity,
-            get_masks(model),
+            masks_of(group),
             scope=scope,
             pattern=pattern,
             groups={name: layer_of[name] for name in scores},
             input_dims={name: dims[name] for name in scores},
         )
-        apply_masks(model, masks)
+        apply_masks(model, masks, copy=False)  # the masks returned are the model's: one copy
         applied.update(masks)
     return applied

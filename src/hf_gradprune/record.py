@@ -17,7 +17,7 @@ LEGACY_KEY = "pruned_heads"
 _PREFIX = "pruned_"
 RECORD_FORMAT = 1
 """The layout of the record this version writes; a record of a newer format is refused, not misread."""
-_KNOWN = {"version", "format", "weight_masks"}
+_KNOWN = {"version", "format", "weight_masks", "removed_layers"}
 
 
 def _clean(layers: dict) -> dict[int, list[int]]:
@@ -28,10 +28,13 @@ def _clean(layers: dict) -> dict[int, list[int]]:
 
 @dataclass
 class PruningRecord:
-    """Units removed per structure and layer, in the indices of the original (unpruned) model.
+    """Units removed per structure and layer, in the unit indices of the original (unpruned) model, and the
+    whole layers removed.
 
     Stored in ``config.json`` under ``hf_gradprune`` as ``pruned_<structure>`` entries (``pruned_heads``,
-    ``pruned_ffn``), each a map from layer to removed units; the per-layer sizes follow from them.
+    ``pruned_ffn``), each a map from layer to removed units; the per-layer sizes follow from them. Layers are
+    numbered as the model stands: after a whole layer is removed (``removed_layers``, in the original
+    model's numbering) the config holds the new depth and the layers after it move up.
 
     Args:
         pruned (`dict[str, dict[int, list[int]]]`, *optional*): structure name (``"heads"``, ``"ffn"``) to
@@ -39,6 +42,7 @@ class PruningRecord:
         version (`str`, *optional*): the hf_gradprune version that wrote the record.
         weight_masks (`int`, *optional*, defaults to 0): masked weight tensors, whose masks a saved folder
             must hold in ``pruning_masks.safetensors``.
+        removed_layers (`list[int]`, *optional*): whole layers removed, in the original model's numbering.
 
     Example:
         >>> record = PruningRecord({"heads": {0: [3, 1]}, "ffn": {1: [5]}})
@@ -51,9 +55,29 @@ class PruningRecord:
     pruned: dict[str, dict[int, list[int]]] = field(default_factory=dict)
     version: str = __version__
     weight_masks: int = 0
+    removed_layers: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.pruned = {name: _clean(layers) for name, layers in self.pruned.items() if _clean(layers)}
+        self.removed_layers = sorted({int(layer) for layer in self.removed_layers})
+
+    def remove_layers(self, positions: list[int], num_layers: int) -> None:
+        """Record the layers at ``positions`` (numbered as the model stands, ``num_layers`` of them) as
+        removed: their entries go and the layers after them move up."""
+        gone = set(positions)
+        moved = {old: old - sum(1 for p in gone if p < old) for old in range(num_layers) if old not in gone}
+        self.pruned = {
+            name: {moved[layer]: units for layer, units in layers.items() if layer in moved}
+            for name, layers in self.pruned.items()
+        }
+        self.pruned = {name: layers for name, layers in self.pruned.items() if layers}
+        original = self.original_layers(num_layers)
+        self.removed_layers = sorted({*self.removed_layers, *(original[p] for p in gone)})
+
+    def original_layers(self, num_layers: int) -> list[int]:
+        """The original index of each of the ``num_layers`` layers the model has now."""
+        depth = num_layers + len(self.removed_layers)
+        return [layer for layer in range(depth) if layer not in self.removed_layers]
 
     @property
     def pruned_heads(self) -> dict[int, list[int]]:
@@ -80,7 +104,7 @@ class PruningRecord:
 
     def is_empty(self) -> bool:
         """Whether nothing was removed."""
-        return not any(self.pruned.values())
+        return not any(self.pruned.values()) and not self.removed_layers
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (layer keys as strings, sorted); ``pruned_heads`` is always present."""
@@ -89,6 +113,8 @@ class PruningRecord:
             data[f"{_PREFIX}{name}"] = {str(k): v for k, v in sorted(layers.items())}
         if self.weight_masks:
             data["weight_masks"] = self.weight_masks
+        if self.removed_layers:
+            data["removed_layers"] = list(self.removed_layers)
         return data
 
     @classmethod
@@ -109,7 +135,12 @@ class PruningRecord:
                 stacklevel=2,
             )
         pruned = {key.removeprefix(_PREFIX): v for key, v in data.items() if key.startswith(_PREFIX)}
-        return cls(pruned=pruned, version=version, weight_masks=int(data.get("weight_masks", 0)))
+        return cls(
+            pruned=pruned,
+            version=version,
+            weight_masks=int(data.get("weight_masks", 0)),
+            removed_layers=list(data.get("removed_layers", [])),
+        )
 
     @classmethod
     def from_config(cls, config: PretrainedConfig | None) -> PruningRecord:

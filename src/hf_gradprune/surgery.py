@@ -1,4 +1,5 @@
-"""Structural surgery: remove units of any structure (heads, FFN neurons) by cutting rows and columns."""
+"""Structural surgery: remove units of any structure (heads, FFN neurons) by cutting rows and columns, and
+whole layers by deleting blocks."""
 
 from __future__ import annotations
 
@@ -19,8 +20,13 @@ from .adapters import (
     refresh_features,
     weight_dims,
 )
-from .masks import apply_masks, get_masks
+from .masks import apply_masks, get_masks, note_masks
 from .record import PruningRecord
+
+#: Config keys holding one entry per layer (transformers' convention), cut with the layers.
+PER_LAYER_CONFIG_KEYS = ("layer_types",)
+#: The attribute by which transformers' modules know their block's position (the cache slot they use).
+LAYER_INDEX_ATTR = "layer_idx"
 
 
 class Replacement(NamedTuple):
@@ -298,3 +304,100 @@ def _cut_masks(
         if name in cut:
             cut[name] = cut[name].index_select(r.dim, r.keep.to(cut[name].device))
     return cut
+
+
+def _check_layers(
+    model: nn.Module, adapter: ArchitectureAdapter, layers: Sequence[int], depth: int
+) -> list[int]:
+    """The positions to remove, sorted; every check runs before anything is cut."""
+    if isinstance(layers, (int, str)) or not isinstance(layers, Sequence):
+        raise TypeError(f"`layers` must be a sequence of layer indices, got {layers!r}.")
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < depth:
+            raise ValueError(f"`layers` must hold ints in [0, {depth - 1}] ({depth} layers), got {layer!r}.")
+    positions = sorted(set(layers))
+    if len(positions) != len(layers):
+        raise ValueError(f"`layers` names a layer twice: {list(layers)}.")
+    if len(positions) == depth:
+        raise ValueError(f"`layers` would remove all {depth} layers: keep at least one.")
+    config = model.config
+    if getattr(config, "is_heterogeneous", False):
+        raise ValueError(
+            "This config describes its layers one by one (`per_layer_config`); removing whole layers from it "
+            "is not supported yet: prune heads, FFN neurons or weights instead."
+        )
+    moving = positions and positions[0] < depth - len(positions)
+    fixed = [key for key in adapter.position_keys if getattr(config, key, False)]
+    if moving and fixed:
+        raise ValueError(
+            f"With {fixed[0]}=True each {config.model_type!r} block computes with its position, and removing "
+            f"layers {positions} would move the blocks after them: remove only the last layers "
+            f"({list(range(depth - len(positions), depth))}), or prune heads or neurons instead."
+        )
+    return positions
+
+
+def _drop_from_optimizer(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter]) -> None:
+    """Take ``params`` and their state out of ``optimizer`` (in place, as :func:`remap_optimizer`)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    gone = {id(p) for p in params}
+    for group in inner.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in gone]
+    for param in params:
+        inner.state.pop(param, None)
+
+
+def prune_layers(
+    model: nn.Module, layers: Sequence[int], optimizer: torch.optim.Optimizer | None = None
+) -> PruningRecord:
+    """Remove whole layers (transformer blocks), numbered as the model stands.
+
+    The blocks are deleted and the ones after them move up: their modules learn their new position (the
+    ``layer_idx`` of the cache slot they use), the config gets the new depth (``num_hidden_layers`` and the
+    per-layer ``layer_types``), and the record notes the removed layers in the original model's numbering
+    and moves the per-layer entries of heads and neurons with their layers. A model cut only this way (or
+    also the same in every layer) is an ordinary config: plain ``from_pretrained`` loads it. All input is
+    checked before anything changes.
+
+    Args:
+        model (`nn.Module`): a model of a registered family.
+        layers (`Sequence[int]`): positions of the layers to remove.
+        optimizer (`torch.optim.Optimizer`, *optional*): an optimizer over ``model``'s parameters; the removed
+            layers' parameters and their state leave it, in place.
+
+    Returns:
+        `PruningRecord`: the model's updated record.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+        ...     num_key_value_heads=2, intermediate_size=37, vocab_size=99))
+        >>> prune_layers(model, [1, 2]).removed_layers
+        [1, 2]
+        >>> model.config.num_hidden_layers, model.model.layers[1].self_attn.layer_idx
+        (2, 1)
+    """
+    adapter = get_adapter(model)
+    blocks = adapter.blocks(model)
+    depth = len(blocks)
+    positions = _check_layers(model, adapter, layers, depth)
+    config = model.config
+    record = PruningRecord.from_config(config)
+    removed = [param for p in positions for param in blocks[p].parameters()]
+    for position in reversed(positions):
+        del blocks[position]
+    for position, block in enumerate(blocks):
+        for module in block.modules():
+            if isinstance(getattr(module, LAYER_INDEX_ATTR, None), int):
+                setattr(module, LAYER_INDEX_ATTR, position)
+    config.num_hidden_layers = len(blocks)
+    for key in PER_LAYER_CONFIG_KEYS:
+        values = getattr(config, key, None)
+        if isinstance(values, (list, tuple)) and len(values) == depth:
+            setattr(config, key, [v for i, v in enumerate(values) if i not in positions])
+    record.remove_layers(positions, depth)
+    record.save_to_config(config)
+    note_masks(model)  # masks of the removed layers went with them
+    if optimizer is not None:
+        _drop_from_optimizer(optimizer, removed)
+    return PruningRecord.from_config(config)

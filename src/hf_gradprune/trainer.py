@@ -24,7 +24,7 @@ from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy
 from transformers.utils.hub import PushInProgress
 
-from .adapters import FFN, HEADS
+from .adapters import FFN, HEADS, get_adapter
 from .arguments import PruningArguments
 from .callback import PRUNING_METRICS, GradientPruningCallback
 from .cards import create_pruning_model_card, save_head_importance_heatmap
@@ -34,7 +34,7 @@ from .hub import push_folder_to_hub, resolve_token, staged_copy
 from .lora import mask_lora_updates, masked_lora_layers
 from .masks import MASKS_FILENAME, get_masks
 from .record import PruningRecord
-from .surgery import prune_units
+from .surgery import prune_layers, prune_units
 
 TRAINING_ARGS_JSON = "training_args.json"
 HEATMAP_FILENAME = "head_importance.png"
@@ -215,6 +215,11 @@ class PruningTrainer(Trainer):
             return  # a model of no registered family: only weight masks, restored at train begin
         saved = PruningRecord.from_config(AutoConfig.from_pretrained(checkpoint))
         current = PruningRecord.from_config(self.model.config)
+        originals = current.original_layers(len(get_adapter(self.model).blocks(self.model)))
+        layers = [originals.index(layer) for layer in saved.removed_layers if layer in originals]
+        if layers:
+            prune_layers(self.model, layers)
+            current = PruningRecord.from_config(self.model.config)
         missing = {
             name: {
                 layer: [u for u in units if u not in current.removed(name, layer)]

@@ -191,11 +191,15 @@ class ArchitectureAdapter:
         model_types (`tuple[str, ...]`): the ``config.model_type`` values this adapter serves.
         layers (`str`): path from ``model.base_model`` to the ``nn.ModuleList`` of blocks.
         structures (`tuple[Structure, ...]`): the prunable structures of a block, heads first.
+        position_keys (`tuple[str, ...]`, *optional*): config keys that, when true, make a block compute
+            with its position in the stack (GPT-2's ``scale_attn_by_inverse_layer_idx``): whole layers are
+            then removed only from the top, where no block moves.
     """
 
     model_types: tuple[str, ...]
     layers: str
     structures: tuple[Structure, ...]
+    position_keys: tuple[str, ...] = ()
 
     def structure(self, name: str) -> Structure:
         """The structure called ``name``; a ``ValueError`` lists this family's structures otherwise."""

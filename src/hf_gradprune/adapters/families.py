@@ -76,6 +76,7 @@ register_adapter(
                 vanilla=lambda config, kept: {"n_inner": kept},
             ),
         ),
+        position_keys=("scale_attn_by_inverse_layer_idx",),
     )
 )
 
