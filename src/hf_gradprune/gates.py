@@ -10,7 +10,7 @@ one run of ``unit_width`` columns. A layer gate turns a block's output ``y`` on 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,8 +18,29 @@ from torch import nn
 from .adapters import HEADS, get_adapter
 from .record import PruningRecord
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
-class UnitGates:
+
+class _Hooked:
+    """Hooks that a ``with`` block or :meth:`remove` takes off the model again."""
+
+    _handles: list
+
+    def remove(self) -> None:
+        """Remove every hook; the model is left exactly as before."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
+
+
+class UnitGates(_Hooked):
     """Gates of shape ``(num_layers, num_units)`` of one structure, in original unit indices.
 
     Entries of units already removed by surgery have no effect.
@@ -80,18 +101,6 @@ class UnitGates:
 
         return gate_units
 
-    def remove(self) -> None:
-        """Remove every hook; the model is left exactly as before."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def __enter__(self) -> UnitGates:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.remove()
-
 
 class HeadGates(UnitGates):
     """:class:`UnitGates` of the attention heads: shape ``(num_layers, num_heads)``.
@@ -124,7 +133,7 @@ def add_head_gates(
     return HeadGates(model, gates=gates, requires_grad=requires_grad)
 
 
-class LayerGates:
+class LayerGates(_Hooked):
     """One gate per layer, ``(num_layers,)``, on what each block adds to its input (see the module docstring).
 
     Args:
@@ -167,15 +176,3 @@ class LayerGates:
             return (gated, *output[1:]) if isinstance(output, tuple) else gated
 
         return gate_block
-
-    def remove(self) -> None:
-        """Remove every hook; the model is left exactly as before."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def __enter__(self) -> LayerGates:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.remove()
