@@ -69,3 +69,26 @@ def test_pruning_arguments_nothing_to_prune_warns():
 def test_pruning_arguments_bad_input_is_a_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PruningArguments(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "switch"),
+    [
+        ("layer_importance", "block_influence", "--prune_layers"),
+        ("mask_tuning_method", "least_squares", "--mask_tuning"),
+        ("measure_speedup", True, "--prune_layers"),
+        ("weight_reconstruction", "least_squares", "--weight_sparsity"),
+        ("sequential_calibration", True, "--weight_sparsity"),
+        ("prune_target_modules", [r"\.mlp\."], "--weight_sparsity"),
+        ("gblm_alpha", 10.0, "--weight_importance gblm"),
+        ("sparsity_schedule_start", 10, "--sparsity_schedule linear"),
+        ("sparsity_schedule_end", 100, "--sparsity_schedule linear"),
+        ("sparsity_schedule_frequency", 5, "--sparsity_schedule linear"),
+    ],
+)
+def test_pruning_arguments_warn_when_a_flag_s_feature_is_off(flag, value, switch):
+    other = {"weight_sparsity": 0.5} if "weight" not in switch else {"prune_heads_per_layer": 1}
+    with pytest.warns(
+        UserWarning, match=rf"`--{flag} .*` shapes .*, which is off: it is ignored \(set `{switch}"
+    ):
+        PruningArguments(**other, **{flag: value})

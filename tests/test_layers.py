@@ -263,7 +263,9 @@ def test_pruning_arguments_prune_layers_checks():
         PruningArguments(prune_layers=-1)
     with pytest.raises(ValueError, match="`--layer_importance` must be one of fisher, block_influence"):
         PruningArguments(prune_layers=1, layer_importance="cosine")
-    with pytest.warns(UserWarning, match="`--layer_importance block_influence` ranks layers"):
+    with pytest.warns(
+        UserWarning, match="`--layer_importance block_influence` shapes layer pruning, which is off"
+    ):
         PruningArguments(weight_sparsity=0.5, layer_importance="block_influence")
     with pytest.raises(ValueError, match="`--mask_tuning` rescales kept heads and neurons"):
         PruningArguments(prune_layers=1, mask_tuning=True)

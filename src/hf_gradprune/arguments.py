@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 HEAD_NORMALIZATIONS = ("layer_sum", "l2", "none")
@@ -293,12 +293,6 @@ class PruningArguments:
             )
         if self.prune_layers is not None and self.prune_layers < 0:
             raise ValueError(f"`--prune_layers` must be >= 0, got {self.prune_layers}.")
-        if self.layer_importance != "fisher" and not self.prune_layers:
-            warnings.warn(
-                f"`--layer_importance {self.layer_importance}` ranks layers for `--prune_layers`, which is "
-                "not set: it is ignored.",
-                stacklevel=3,
-            )
         if self.prune_ffn_fraction is not None and not 0.0 <= self.prune_ffn_fraction < 1.0:
             raise ValueError(f"`--prune_ffn_fraction` must be in [0, 1), got {self.prune_ffn_fraction}.")
         if self.target_flops_ratio is not None:
@@ -392,14 +386,7 @@ class PruningArguments:
                 f"`--weight_sparsity_allocation owl` spreads an unstructured sparsity over the blocks; "
                 f"`--sparsity_pattern {self.sparsity_pattern}` fixes it in every block: use one or the other."
             )
-        for flag, default in (("weight_reconstruction", "none"), ("weight_sparsity_allocation", "uniform")):
-            value = getattr(self, flag)
-            if value != default and not self.prunes_weights:
-                warnings.warn(
-                    f"`--{flag} {value}` shapes weight pruning, and no weight is pruned: it is ignored (set "
-                    "`--weight_sparsity` or an N:M `--sparsity_pattern`).",
-                    stacklevel=3,
-                )
+        self._warn_flags_of_features_off()
         if not self.prunes_structures and not self.prunes_weights:
             warnings.warn(
                 "PruningArguments prune nothing: set `--prune_layers`, `--prune_heads_per_layer`, "
@@ -407,6 +394,48 @@ class PruningArguments:
                 "`--weight_sparsity`.",
                 stacklevel=3,
             )
+
+    def _warn_flags_of_features_off(self) -> None:
+        """One policy for a flag whose feature is off: a warning naming the flag and what turns it on."""
+        weights = (
+            "weight pruning",
+            "`--weight_sparsity` or an N:M `--sparsity_pattern`",
+            self.prunes_weights,
+        )
+        ramp = (
+            "a sparsity ramp",
+            "`--sparsity_schedule linear` or `cubic`",
+            self.sparsity_schedule != "one_shot",
+        )
+        features = {
+            "layer_importance": ("layer pruning", "`--prune_layers`", self.prunes_layers),
+            "mask_tuning_method": ("mask tuning", "`--mask_tuning`", self.mask_tuning),
+            "measure_speedup": (
+                "structural cuts",
+                "`--prune_layers`, `--prune_heads_*`, `--prune_ffn_fraction` or `--target_flops_ratio`",
+                self.prunes_structures,
+            ),
+            "weight_reconstruction": weights,
+            "weight_sparsity_allocation": weights,
+            "sequential_calibration": weights,
+            "prune_target_modules": weights,
+            "gblm_alpha": (
+                "the gblm criterion",
+                "`--weight_importance gblm`",
+                self.weight_importance == "gblm",
+            ),
+            "sparsity_schedule_start": ramp,
+            "sparsity_schedule_end": ramp,
+            "sparsity_schedule_frequency": ramp,
+        }
+        defaults = {f.name: f.default for f in fields(self)}
+        for flag, (feature, switch, on) in features.items():
+            value = getattr(self, flag)
+            if not on and value != defaults[flag]:
+                warnings.warn(
+                    f"`--{flag} {value}` shapes {feature}, which is off: it is ignored (set {switch}).",
+                    stacklevel=4,
+                )
 
     def _validate_pattern(self) -> None:
         match = PATTERN_FORM.match(self.sparsity_pattern)
