@@ -1,9 +1,20 @@
 """The foundation on the real all-MiniLM-L6-v2 encoder (6 layers x 12 heads) and real reviews."""
 
+import copy
+
 import pytest
 import torch
+from transformers import BertForSequenceClassification
 
-from hf_gradprune import HeadGates, compute_head_importance, load_pruned, prune_heads, select_heads_to_prune
+from hf_gradprune import (
+    HeadGates,
+    LayerGates,
+    compute_head_importance,
+    load_pruned,
+    prune_heads,
+    prune_layers_by_importance,
+    select_heads_to_prune,
+)
 
 from .helpers import fresh_reload_logits, load_minilm, logits
 
@@ -68,3 +79,20 @@ def test_minilm_prune_one_head_per_layer_reloads_in_fresh_process(review_batches
     reloaded = fresh_reload_logits(tmp_path / "pruned", batches[0], tmp_path)
     torch.testing.assert_close(reloaded, logits(model, batches[0]), atol=0, rtol=0)
     assert load_pruned(tmp_path / "pruned").num_parameters() == model.num_parameters()
+
+
+def test_minilm_two_layers_removed_by_fisher_equal_their_gates_at_zero_and_load_with_plain_transformers(
+    review_batches, tmp_path
+):
+    model, batches = load_minilm(), review_batches(2, 8)
+    gated = copy.deepcopy(model)
+    report = prune_layers_by_importance(model, batches, 2, show_progress=False)
+    gates = torch.ones(6)
+    gates[report["layers"]] = 0.0
+    with LayerGates(gated, gates):
+        expected = logits(gated, batches[0])
+    torch.testing.assert_close(logits(model, batches[0]), expected, atol=1e-5, rtol=1e-5)
+    assert len(model.bert.encoder.layer) == 4 and model.config.num_hidden_layers == 4
+    model.save_pretrained(tmp_path / "pruned")
+    plain = BertForSequenceClassification.from_pretrained(tmp_path / "pruned").eval()
+    torch.testing.assert_close(logits(plain, batches[0]), logits(model, batches[0]), atol=0, rtol=0)

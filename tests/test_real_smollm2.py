@@ -6,10 +6,18 @@ import copy
 import pytest
 import torch
 
-from hf_gradprune import compute_head_importance, prune_heads, prune_weights, select_heads_to_prune
+from hf_gradprune import (
+    compute_head_importance,
+    export_vanilla,
+    prune_heads,
+    prune_layers_by_importance,
+    prune_weights,
+    select_heads_to_prune,
+)
 from hf_gradprune.testing import load_rotten_tomatoes
 
 from .helpers import fresh_reload_logits, logits
+from .test_export import plain_logits
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -79,3 +87,22 @@ def test_smollm2_block_by_block_2_4_sparsegpt_and_reconstruction_beat_plain_wand
         )
     assert errors["sparsegpt", "none"] < errors["wanda", "none"]
     assert errors["wanda", "least_squares"] < errors["wanda", "none"]
+
+
+def test_smollm2_layers_removed_by_block_influence_generate_and_load_with_plain_transformers(
+    smollm2, tmp_path
+):
+    model, tokenizer = smollm2
+    texts = load_rotten_tomatoes()["train"]["text"][:8]
+    batches = [tokenizer(texts, truncation=True, max_length=32, padding="max_length", return_tensors="pt")]
+    report = prune_layers_by_importance(model, batches, 4, "block_influence", show_progress=False)
+    assert report["importance"].shape == (30,) and len(report["layers"]) == 4
+    assert model.config.num_hidden_layers == 26 and len(model.model.layers) == 26
+    prompt = tokenizer(TEXTS[:1], return_tensors="pt")
+    cached = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    uncached = model.generate(**prompt, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    batch = {**prompt, "labels": prompt["input_ids"]}
+    got, report = plain_logits(export_vanilla(model, tmp_path / "vanilla"), model, batch, tmp_path, True)
+    torch.testing.assert_close(got, logits(model, batch), atol=0, rtol=0)
+    assert report["config"]["num_hidden_layers"] == 26 and report["generated"] == 5

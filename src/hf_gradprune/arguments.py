@@ -486,6 +486,11 @@ class PruningArguments:
         return self.target_flops_ratio is not None
 
     @property
+    def unit_structures(self) -> list[str]:
+        """The structures whose units within layers are to be removed (``"heads"``, ``"ffn"``)."""
+        return [name for name, wanted in (("heads", self.prunes_heads), ("ffn", self.prunes_ffn)) if wanted]
+
+    @property
     def prunes_structures(self) -> bool:
         """Whether any structural unit (layer, head, FFN neuron) is to be removed."""
         return self.prunes_layers or self.prunes_heads or self.prunes_ffn

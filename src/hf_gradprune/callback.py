@@ -249,7 +249,7 @@ class GradientPruningCallback(TrainerCallback):
         rounds each scored anew; optionally rescale the kept units (mask tuning). Weight masks are kept.
         Returns the logs of the cut."""
         args = self.pruning_args
-        names = [name for name, wanted in ((HEADS, args.prunes_heads), (FFN, args.prunes_ffn)) if wanted]
+        names = args.unit_structures
         reference = copy.deepcopy(model) if args.measure_speedup else None
         logs = {}
         layers = _share(step, args.prune_step_list, args.prune_layers) if args.prunes_layers else 0

@@ -24,7 +24,7 @@ from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy
 from transformers.utils.hub import PushInProgress
 
-from .adapters import FFN, HEADS, get_adapter
+from .adapters import get_adapter
 from .arguments import PruningArguments
 from .callback import PRUNING_METRICS, GradientPruningCallback
 from .cards import create_pruning_model_card, save_head_importance_heatmap
@@ -154,8 +154,7 @@ class PruningTrainer(Trainer):
         self.pruning_callback.refuse_sharded_training(self.is_fsdp_enabled, self.is_deepspeed_enabled)
         self._mask_lora_updates()
         if pruning_args.export_vanilla:
-            pruned = [(HEADS, pruning_args.prunes_heads), (FFN, pruning_args.prunes_ffn)]
-            check_exportable(self.model, [name for name, wanted in pruned if wanted])
+            check_exportable(self.model, pruning_args.unit_structures)
         self.pruning_args = pruning_args
         self.params_before = sum(p.numel() for p in self.model.parameters())
         self.eval_before: dict[str, float] | None = None
