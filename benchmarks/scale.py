@@ -226,18 +226,24 @@ def main() -> None:
 
 
 def plot(results: dict, path: Path) -> None:
-    figure = Figure(figsize=(9, 4), layout="constrained")
+    figure = Figure(figsize=(10, 5), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     stages = [s for s in results["stages"] if "peak_total" in s]
-    axes.bar([s["stage"] for s in stages], [s["peak_total"] for s in stages], color="tab:blue")
+    names = [
+        s["stage"].replace(" (fresh process)", "*").replace("block by block, ", "blockwise ") for s in stages
+    ]
+    axes.bar(names, [s["peak_total"] for s in stages], color="tab:blue")
     axes.axhline(2.5, color="black", linestyle="--", linewidth=1, label="target 2.5x, one shot")
     axes.axhline(1.3, color="tab:red", linestyle="--", linewidth=1, label="target 1.3x, block by block")
     axes.axhline(1.0, color="grey", linestyle=":", linewidth=1, label="the model")
     axes.set_ylabel("peak resident memory (x fp32 model)")
     size = results["model_bytes"] / 2**20
     axes.set_title(f"SmolLM2-135M weight pruning, one shot and block by block ({size:.0f} MiB fp32)")
-    axes.tick_params(axis="x", labelsize=7, rotation=15)
+    axes.tick_params(axis="x", labelsize=7, rotation=30)
+    for label in axes.get_xticklabels():
+        label.set_horizontalalignment("right")
+    axes.set_xlabel("* in a fresh process (the passes: loaded from safetensors)", fontsize=7)
     axes.legend(fontsize=7)
     figure.savefig(path, dpi=110)
 
