@@ -26,10 +26,11 @@ from .record import PruningRecord, strip_record
 
 
 def _unsayable(model: nn.Module, name: str) -> ValueError:
+    reason = get_adapter(model).structure(name).no_vanilla
     return ValueError(
         f"A {model.config.model_type!r} config cannot say fewer {name} per layer with the family's own code "
-        "(its head size is derived from hidden_size / num_attention_heads): export a model whose "
-        f"{name} are all kept, or share it with `save_pruned` and `load_pruned`."
+        f"({reason}): export a model whose {name} are all kept, or share it with `save_pruned` and "
+        "`load_pruned`."
     )
 
 

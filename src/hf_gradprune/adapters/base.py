@@ -68,6 +68,8 @@ class Structure:
         vanilla (`Callable[[PretrainedConfig, int], dict]`, *optional*): the config changes that give every
             layer ``kept`` units with the family's own code (``from_pretrained`` rebuilds them); ``None``
             when the family cannot say it (BERT derives its head size from ``hidden_size``).
+        no_vanilla (`str`, *optional*): why, when ``vanilla`` is ``None``: what in the family's config stands
+            in the way, for the error that refuses a vanilla export.
     """
 
     name: str
@@ -82,6 +84,7 @@ class Structure:
     empty: str = ""
     empty_returns_tuple: bool = False
     vanilla: Callable[[PretrainedConfig, int], dict[str, Any]] | None = None
+    no_vanilla: str = "its config has no key for fewer units per layer"
 
     def paths(self) -> tuple[str, ...]:
         """Paths of every layer the structure cuts: rows first, then the output layer."""
@@ -149,6 +152,7 @@ def attention_heads(
         empty=empty,
         empty_returns_tuple=True,
         vanilla=vanilla,
+        no_vanilla="its head size is derived from hidden_size / num_attention_heads",
     )
 
 
