@@ -64,15 +64,15 @@ class PruningRecord:
     def remove_layers(self, positions: list[int], num_layers: int) -> None:
         """Record the layers at ``positions`` (numbered as the model stands, ``num_layers`` of them) as
         removed: their entries go and the layers after them move up."""
-        gone = set(positions)
-        moved = {old: old - sum(1 for p in gone if p < old) for old in range(num_layers) if old not in gone}
-        self.pruned = {
+        kept = [layer for layer in range(num_layers) if layer not in positions]
+        moved = {old: new for new, old in enumerate(kept)}
+        pruned = {
             name: {moved[layer]: units for layer, units in layers.items() if layer in moved}
             for name, layers in self.pruned.items()
         }
-        self.pruned = {name: layers for name, layers in self.pruned.items() if layers}
+        self.pruned = {name: layers for name, layers in pruned.items() if layers}
         original = self.original_layers(num_layers)
-        self.removed_layers = sorted({*self.removed_layers, *(original[p] for p in gone)})
+        self.removed_layers = sorted({*self.removed_layers, *(original[p] for p in positions)})
 
     def original_layers(self, num_layers: int) -> list[int]:
         """The original index of each of the ``num_layers`` layers the model has now."""
