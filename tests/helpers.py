@@ -67,7 +67,7 @@ def removable(model_type: str) -> tuple[dict, dict]:
     """Two successive cuts for the tiny model (whole kv groups of 2 under GQA)."""
     config = build_tiny(model_type).config
     adapter = get_adapter(config)
-    if adapter.num_key_value_heads(config) < adapter.num_heads(config):
+    if adapter.group_size(adapter.structure("heads"), config) > 1:
         return {0: [0, 1], 1: [2, 3]}, {2: [0, 1]}
     return {0: [1], 1: [3]}, {0: [2], 2: [0, 1, 2]}
 

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 from transformers import OPTConfig, OPTForCausalLM
 
@@ -55,8 +57,16 @@ def test_register_adapter_refuses_duplicates():
 def test_adapter_gqa_head_counts_on_tiny_llama():
     config = build_tiny("llama").config
     adapter = get_adapter(config)
-    assert (adapter.num_heads(config), adapter.num_key_value_heads(config), adapter.head_dim(config)) == (
-        4,
-        2,
-        8,
-    )
+    heads = adapter.structure("heads")
+    assert adapter.num_units(heads, config) == 4
+    assert (adapter.group_size(heads, config), adapter.unit_width(heads, config)) == (2, 8)
+
+
+def test_structure_declares_width_groups_and_context_cost():
+    """A structure's unit width, grouping and per-token cost come from its declaration, not its name."""
+    config = build_tiny("llama").config
+    adapter = get_adapter(config)
+    declared = dataclasses.replace(adapter.structure("ffn"), width="head_dim")
+    assert (adapter.unit_width(declared, config), adapter.group_size(declared, config)) == (8, 1)
+    plain = dataclasses.replace(adapter.structure("heads"), width=None, groups=None)
+    assert (adapter.unit_width(plain, config), adapter.group_size(plain, config)) == (1, 1)

@@ -32,12 +32,12 @@ def training_args(tmp_path, **overrides) -> TrainingArguments:
 
 def test_callback_spreads_heads_over_prune_steps():
     callback = GradientPruningCallback(PruningArguments(prune_heads_per_layer=3, prune_steps="0,10"))
-    assert [callback.head_units_to_remove(s, 12) for s in (0, 5, 10)] == [2, None, 1]
+    assert [callback.units_to_remove("heads", s, 12) for s in (0, 5, 10)] == [2, None, 1]
 
 
 def test_callback_fraction_of_heads_spread_over_prune_steps():
     callback = GradientPruningCallback(PruningArguments(prune_heads_fraction=0.5, prune_steps="0,4"))
-    assert [callback.head_units_to_remove(s, 12) for s in (0, 4)] == [3, 3]
+    assert [callback.units_to_remove("heads", s, 12) for s in (0, 4)] == [3, 3]
 
 
 @pytest.mark.parametrize(

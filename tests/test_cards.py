@@ -181,7 +181,10 @@ def test_create_pruning_model_card_lists_key_value_heads_under_grouped_query_att
 
     card = create_pruning_model_card(model)  # the task follows the model's head
 
-    assert "| Layer | Heads kept | Removed heads | Key/value heads kept | FFN neurons kept |" in card.text
+    assert (
+        "| Layer | Attention heads kept | Removed attention heads | Key/value heads kept | FFN neurons kept |"
+        in card.text
+    )
     assert "| 0 | 4 / 4 | – | 2 / 2 | 37 / 37 |" in card.text
     assert "| 1 | 2 / 4 | 2, 3 | 1 / 2 | 37 / 37 |" in card.text
     assert card.data.pipeline_tag == "text-generation"
@@ -191,8 +194,8 @@ def test_create_pruning_model_card_lists_key_value_heads_under_grouped_query_att
 def test_create_pruning_model_card_renders_every_family(model_type: str) -> None:
     model = build_tiny(model_type)
     adapter = hf_gradprune.get_adapter(model)
-    num_heads = adapter.num_heads(model.config)
-    group = num_heads // adapter.num_key_value_heads(model.config)
+    num_heads = adapter.num_units("heads", model.config)
+    group = adapter.group_size(adapter.structure("heads"), model.config)
     prune_heads(model, {0: list(range(group))})
 
     card = create_pruning_model_card(model, eval_after={"eval_accuracy": 0.5}, dataset_name="rotten_tomatoes")

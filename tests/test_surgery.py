@@ -27,8 +27,8 @@ def test_prune_heads_updates_shapes_and_head_counts(model_type):
     adapter = get_adapter(model)
     first, _ = removable(model_type)
     prune_heads(model, first)
-    head_dim, group = adapter.head_dim(model.config), 4 // adapter.num_key_value_heads(model.config)
     heads = adapter.structure("heads")
+    head_dim, group = adapter.unit_width(heads, model.config), adapter.group_size(heads, model.config)
     for layer in range(3):
         kept = 4 - len(first.get(layer, []))
         output = adapter.module(model, layer, heads.output)

@@ -28,6 +28,33 @@ def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}, got {value!r}.")
 
 
+@dataclass(frozen=True)
+class UnitTarget:
+    """How many units of one structure a run removes from within layers, and how they are ranked.
+
+    Args:
+        amount (`float`): units (key/value groups) to remove per layer when ``fraction`` is false, else the
+            fraction of them to remove.
+        fraction (`bool`): ``amount`` is a fraction of the units.
+        across_layers (`bool`): the units are ranked across layers (scores normalised per layer by
+            ``normalize``), not layer by layer.
+        minimum (`int`): units (groups) every layer keeps.
+        normalize (`str`): per-layer normalisation before ranking across layers.
+    """
+
+    amount: float
+    fraction: bool
+    across_layers: bool
+    minimum: int
+    normalize: str = "none"
+
+    def total(self, units_per_layer: int, num_layers: int) -> float:
+        """Units to remove in all (across layers) or from every layer, of ``units_per_layer`` per layer."""
+        if not self.fraction:
+            return self.amount
+        return self.amount * units_per_layer * (num_layers if self.across_layers else 1)
+
+
 @dataclass
 class PruningArguments:
     """What to prune, by which importance, and when.
@@ -489,6 +516,39 @@ class PruningArguments:
     def unit_structures(self) -> list[str]:
         """The structures whose units within layers are to be removed (``"heads"``, ``"ffn"``)."""
         return [name for name, wanted in (("heads", self.prunes_heads), ("ffn", self.prunes_ffn)) if wanted]
+
+    def min_units_per_layer(self, name: str) -> int:
+        """Units (groups) of structure ``name`` every layer keeps: ``--prune_min_heads_per_layer`` for heads,
+        otherwise one, or none with ``--allow_empty_layers``."""
+        if name == "heads":
+            return self.prune_min_heads_per_layer
+        return 0 if self.allow_empty_layers else 1
+
+    @property
+    def unit_targets(self) -> dict[str, UnitTarget]:
+        """Structure name to what the count and fraction flags ask of it (empty under a FLOPs budget, which
+        chooses the amounts itself).
+
+        Example:
+            >>> PruningArguments(prune_heads_per_layer=2, prune_ffn_fraction=0.5).unit_targets["ffn"]
+            UnitTarget(amount=0.5, fraction=True, across_layers=False, minimum=1, normalize='none')
+        """
+        targets = {}
+        if self.prune_heads_per_layer:
+            targets["heads"] = UnitTarget(
+                self.prune_heads_per_layer, False, False, self.min_units_per_layer("heads")
+            )
+        elif self.prune_heads_fraction:
+            targets["heads"] = UnitTarget(
+                self.prune_heads_fraction,
+                True,
+                not self.uniform_per_layer,
+                self.min_units_per_layer("heads"),
+                self.head_importance_normalize,
+            )
+        if self.prune_ffn_fraction:
+            targets["ffn"] = UnitTarget(self.prune_ffn_fraction, True, False, self.min_units_per_layer("ffn"))
+        return targets
 
     @property
     def prunes_structures(self) -> bool:

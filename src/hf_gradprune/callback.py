@@ -18,7 +18,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .adapters import FFN, HEADS, find_target_modules, get_adapter, weight_layer_groups
+from .adapters import FFN, HEADS, Structure, find_target_modules, get_adapter, weight_layer_groups
 from .arguments import PruningArguments
 from .flops import flops_in_rounds, flops_ratio, measure_speedup, neuron_multiples
 from .importance import normalize_per_layer, prepare_batch
@@ -33,11 +33,7 @@ from .masks import (
 )
 from .oneshot import prune_in_rounds, prune_layers_by_importance, prune_weights
 from .record import PruningRecord
-from .selection import (
-    select_heads_to_prune,
-    select_units_to_prune,
-    sparsity_at_step,
-)
+from .selection import select_units_to_prune, sparsity_at_step
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +61,17 @@ def take_batches(dataloader: Iterable, count: int) -> list[Any]:
             stacklevel=2,
         )
     return batches
+
+
+def _unit_counts(model: nn.Module, names: Iterable[str]) -> list[tuple[Structure, int]]:
+    """The structures called ``names`` in ``model``'s family, each with its units (groups) per layer in the
+    unpruned model."""
+    adapter = get_adapter(model)
+    return [
+        (structure, adapter.num_units(structure, model.config) // adapter.group_size(structure, model.config))
+        for structure in adapter.structures
+        if structure.name in names
+    ]
 
 
 def _share(step: int, steps: list[int], target: float) -> int:
@@ -134,26 +141,18 @@ class GradientPruningCallback(TrainerCallback):
     def _structure_step(self, step: int) -> bool:
         return self.pruning_args.prunes_structures and step in self.pruning_args.prune_step_list
 
-    def head_units_to_remove(self, step: int, num_units: int) -> int | None:
-        """Heads (key/value groups under GQA) to remove at ``step``, or ``None`` off-schedule.
+    def units_to_remove(self, name: str, step: int, units_per_layer: int, num_layers: int = 1) -> int | None:
+        """Units (key/value groups) of structure ``name`` to remove at ``step``, or ``None`` off-schedule or
+        when no flag asks for them.
 
-        The target (``prune_heads_per_layer`` per layer, or ``prune_heads_fraction`` of the ``num_units``
-        of the original model) is spread evenly over the prune steps.
+        The target of :attr:`PruningArguments.unit_targets` (a count per layer, a fraction of the
+        ``units_per_layer`` of the original model in every layer, or a fraction of all of them across
+        ``num_layers``) is spread evenly over the prune steps.
         """
-        args = self.pruning_args
-        if not (args.prune_heads_per_layer or args.prune_heads_fraction) or not self._structure_step(step):
+        target = self.pruning_args.unit_targets.get(name)
+        if target is None or not self._structure_step(step):
             return None
-        target = args.prune_heads_per_layer
-        if target is None:
-            target = args.prune_heads_fraction * num_units
-        return _share(step, args.prune_step_list, target)
-
-    def ffn_units_to_remove(self, step: int, num_units: int) -> int | None:
-        """FFN neurons to remove from every layer at ``step`` (of ``num_units`` per layer), or ``None``."""
-        args = self.pruning_args
-        if not args.prune_ffn_fraction or not self._structure_step(step):
-            return None
-        return _share(step, args.prune_step_list, args.prune_ffn_fraction * num_units)
+        return _share(step, self.pruning_args.prune_step_list, target.total(units_per_layer, num_layers))
 
     def flops_ratio_at(self, step: int) -> float | None:
         """The fraction of the original block FLOPs to keep after ``step``, or ``None`` off-schedule."""
@@ -186,59 +185,49 @@ class GradientPruningCallback(TrainerCallback):
         args = self.pruning_args
         if args.prunes_by_flops:
             return args.prune_rounds
-        adapter = get_adapter(model)
-        config = model.config
         largest = 1
-        if args.prune_heads_per_layer is not None:
-            largest = max(largest, self.head_units_to_remove(step, 0) or 0)
-        elif args.prune_heads_fraction:
-            largest = max(largest, args.prune_heads_fraction * adapter.num_key_value_heads(config))
-        neurons = self.ffn_units_to_remove(step, adapter.num_units(adapter.structure(FFN), config))
-        return max(1, min(args.prune_rounds, int(max(largest, neurons or 0))))
+        for structure, units in _unit_counts(model, args.unit_targets):
+            largest = max(largest, self.units_to_remove(structure.name, step, units) or 0)
+        return max(1, min(args.prune_rounds, int(largest)))
 
     def _min_units(self) -> dict[str, int]:
         """Units (groups) of each structure every layer keeps."""
-        args = self.pruning_args
-        return {HEADS: args.prune_min_heads_per_layer, FFN: 0 if args.allow_empty_layers else 1}
+        return {
+            name: self.pruning_args.min_units_per_layer(name) for name in self.pruning_args.unit_structures
+        }
 
     def _structure_plan(
         self, model: nn.Module, step: int, importance: dict[str, torch.Tensor], index: int, rounds: int
     ) -> dict[str, dict[int, list[int]]]:
         """The units to remove in round ``index`` of the ``rounds`` rounds of ``step``'s cut, from the round's
-        ``importance``, by per-layer counts (a FLOPs budget chooses through :func:`flops_in_rounds`)."""
-        args = self.pruning_args
-        adapter = get_adapter(model)
-        config = model.config
-        min_units = self._min_units()
-        steps = [*range(rounds)]
+        ``importance``, by the count and fraction flags (a FLOPs budget chooses through
+        :func:`flops_in_rounds`)."""
+        targets = self.pruning_args.unit_targets
+        num_layers = len(get_adapter(model).blocks(model))
         plan = {}
-        num_layers = len(adapter.blocks(model))
-        per_layer = args.prune_heads_per_layer is not None or args.uniform_per_layer
-        heads = self.head_units_to_remove(
-            step, adapter.num_key_value_heads(config) * (1 if per_layer else num_layers)
-        )
-        heads = _share(index, steps, heads) if heads else 0
-        if heads:
-            scores = normalize_per_layer(importance[HEADS], args.head_importance_normalize)
-            if per_layer:
-                amount = {"per_layer": heads}
+        for structure, units in _unit_counts(model, targets):
+            target = targets[structure.name]
+            amount = self.units_to_remove(structure.name, step, units, num_layers)
+            amount = _share(index, [*range(rounds)], amount) if amount else 0
+            if not amount:
+                continue
+            group = get_adapter(model).group_size(structure, model.config)
+            scores = importance[structure.name]
+            if target.across_layers:
+                scores = normalize_per_layer(scores, target.normalize)
+                # select_units_to_prune removes int(fraction * remaining) units: aim at mid-unit.
+                remaining = int((~scores.isnan()).sum()) // group
+                count = {"fraction": min((amount + 0.5) / remaining, 0.999999)}
             else:
-                remaining = int((~scores.isnan()).sum()) // adapter.group_size(
-                    adapter.structure(HEADS), config
-                )
-                # select_heads_to_prune removes int(fraction * remaining) units: aim at mid-unit.
-                amount = {"fraction": min((heads + 0.5) / remaining, 0.999999)}
-            plan[HEADS] = select_heads_to_prune(
+                count = {"per_layer": amount}
+            plan[structure.name] = select_units_to_prune(
                 scores,
-                min_heads_per_layer=min_units[HEADS],
-                num_key_value_heads=adapter.num_key_value_heads(config),
-                **amount,
-            )
-        neurons = self.ffn_units_to_remove(step, adapter.num_units(adapter.structure(FFN), config))
-        neurons = _share(index, steps, neurons) if neurons else 0
-        if neurons:
-            plan[FFN] = select_units_to_prune(
-                importance[FFN], per_layer=neurons, min_units_per_layer=min_units[FFN], unit_name="neurons"
+                min_units_per_layer=target.minimum,
+                group=group,
+                unit_name=structure.units_label
+                if group == 1
+                else f"key/value groups of {structure.units_label}",
+                **count,
             )
         return plan
 

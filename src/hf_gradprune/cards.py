@@ -32,7 +32,7 @@ from torch import nn
 from transformers.modelcard import TASK_MAPPING
 
 from ._version import __version__
-from .adapters import FFN, HEADS, find_adapter, find_target_modules
+from .adapters import FFN, Structure, find_adapter, find_target_modules
 from .flops import block_flops
 from .masks import grouped_sparsity
 from .record import PruningRecord
@@ -403,49 +403,73 @@ def _structure_sizes(model: nn.Module) -> dict[str, dict[str, Any]]:
     return sizes
 
 
+def _structure_summary(structure: Structure, adapter: Any, model: nn.Module) -> dict[str, Any]:
+    """One structure's card lines: what the units are called, how many each layer had and kept, and the
+    table cells of each layer (kept, the removed indices when the structure lists them, groups kept)."""
+    config = model.config
+    record = PruningRecord.from_config(config)
+    units, group = adapter.num_units(structure, config), adapter.group_size(structure, config)
+    kept = [record.kept(structure.name, layer, units) for layer in range(len(adapter.blocks(model)))]
+    label = structure.units_label
+    title = label[:1].upper() + label[1:]
+    header, cells, totals = [f"{title} kept"], [[f"{len(k)} / {units}"] for k in kept], []
+    total, kept_total = units * len(kept), sum(map(len, kept))
+    totals.append(f"**{kept_total} / {total}**")
+    if structure.list_removed:
+        header.append(f"Removed {label}")
+        for layer, row in enumerate(cells):
+            row.append(", ".join(map(str, record.removed(structure.name, layer))) or "–")
+        totals.append(str(total - kept_total))
+    groups = units // group
+    if group > 1:
+        header.append(f"{structure.group_label[:1].upper()}{structure.group_label[1:]} kept")
+        groups_kept = [len({unit // group for unit in k}) for k in kept]
+        for row, count in zip(cells, groups_kept, strict=True):
+            row.append(f"{count} / {groups}")
+        totals.append(f"**{sum(groups_kept)} / {groups * len(kept)}**")
+    removed = total - kept_total
+    return {
+        "label": label,
+        "title": title,
+        "grouped": group > 1,
+        "group_label": structure.group_label,
+        "before": f"{units} {label}" + (f" sharing {groups} {structure.group_label}" if group > 1 else ""),
+        "removed": removed,
+        "total": total,
+        "removed_pct": f"{removed / total:.2%}" if total else "0.00%",
+        "layers_pruned": sum(1 for k in kept if len(k) < units),
+        "header": header,
+        "cells": cells,
+        "totals": totals,
+    }
+
+
 def _structure_rows(model: nn.Module, seq_len: int) -> dict[str, Any]:
-    """Per-layer heads (and key/value heads under grouped-query attention) and FFN sizes, and block FLOPs."""
+    """Every structure of the model's family: its units before and after, per layer and in all, the whole
+    layers removed, and the block FLOPs."""
     adapter = find_adapter(model)
     if adapter is None:
         return {"structured": False}
-    sizes = _structure_sizes(model)
-    config = model.config
-    heads, ffn = sizes[HEADS], sizes.get(FFN)
-    num_heads, group = heads["units"], adapter.group_size(adapter.structure(HEADS), config)
-    record = PruningRecord.from_config(config)
-    rows = [
-        {
-            "layer": layer,
-            "kept": heads["kept"][layer],
-            "kv_kept": len({h // group for h in heads["kept_units"][layer]}),
-            "removed": ", ".join(map(str, record.removed(HEADS, layer))) or "–",
-            "ffn_kept": ffn["kept"][layer] if ffn else None,
-        }
-        for layer in range(len(heads["kept"]))
-    ]
-    num_layers = len(rows)
-    heads_total, heads_kept = num_heads * num_layers, sum(heads["kept"])
+    structures = [_structure_summary(structure, adapter, model) for structure in adapter.structures]
+    num_layers = len(adapter.blocks(model))
+    record = PruningRecord.from_config(model.config)
+    table = {
+        "header": ["Layer", *(cell for s in structures for cell in s["header"])],
+        "rows": [
+            [str(layer), *(cell for s in structures for cell in s["cells"][layer])]
+            for layer in range(num_layers)
+        ],
+        "totals": ["**All**", *(cell for s in structures for cell in s["totals"])],
+    }
     flops_before, flops_after = block_flops(model, seq_len, original=True), block_flops(model, seq_len)
     return {
         "structured": True,
-        "layers": rows,
+        "structures": structures,
+        "table": table,
+        "lists_indices": any(s.list_removed for s in adapter.structures),
         "num_layers": num_layers,
-        "num_heads": num_heads,
-        "num_kv_heads": num_heads // group,
-        "grouped_query": group > 1,
-        "heads_total": heads_total,
-        "heads_kept": heads_kept,
-        "heads_removed": heads_total - heads_kept,
-        "heads_removed_pct": f"{(heads_total - heads_kept) / heads_total:.2%}",
-        "layers_pruned": sum(1 for row in rows if row["kept"] < num_heads),
         "layers_removed": record.removed_layers,
         "num_layers_before": num_layers + len(record.removed_layers),
-        "kv_heads_total": num_heads // group * num_layers,
-        "kv_heads_kept": sum(row["kv_kept"] for row in rows),
-        "ffn_size": ffn["units"] if ffn else None,
-        "ffn_total": ffn["units"] * num_layers if ffn else None,
-        "ffn_kept": sum(ffn["kept"]) if ffn else None,
-        "ffn_pruned": bool(ffn) and sum(ffn["kept"]) < ffn["units"] * num_layers,
         "flops_seq_len": seq_len,
         "flops_before": f"{flops_before / 1e9:,.2f} GFLOPs",
         "flops_after": f"{flops_after / 1e9:,.2f} GFLOPs",

@@ -57,8 +57,7 @@ def unit_macs(model: nn.Module, seq_len: int) -> dict[str, int]:
             macs += sum(in_features * width * (group if s == UNIT else 1) for s in rows.segments)
         output = adapter.module(model, 0, structure.output)
         macs += output.weight.shape[weight_dims(output)[0]] * width * group
-        if structure.attention:
-            macs += 2 * seq_len * width * group
+        macs += structure.context_macs * seq_len * width * group
         costs[structure.name] = macs
     return costs
 
@@ -97,8 +96,9 @@ def block_flops(model: nn.Module, seq_len: int, original: bool = False) -> int:
 
 
 def neuron_multiples(model: nn.Module, ffn_multiple_of: int | None = None) -> dict[str, int]:
-    """The ``multiple_of`` of :func:`select_units_for_flops`: ``ffn_multiple_of`` for every structure that is
-    not attention, by default :data:`KERNEL_MULTIPLE` when the unpruned width is a multiple of it, else 1.
+    """The ``multiple_of`` of :func:`select_units_for_flops`: ``ffn_multiple_of`` for every structure of
+    one-row units (neurons), by default :data:`KERNEL_MULTIPLE` when the unpruned width is a multiple of it,
+    else 1.
 
     Example:
         >>> from transformers import BertConfig, BertModel
@@ -111,7 +111,7 @@ def neuron_multiples(model: nn.Module, ffn_multiple_of: int | None = None) -> di
     adapter = get_adapter(model)
     multiples = {}
     for structure in adapter.structures:
-        if not structure.attention:
+        if adapter.unit_width(structure, model.config) == 1:
             width = adapter.num_units(structure, model.config)
             default = KERNEL_MULTIPLE if width % KERNEL_MULTIPLE == 0 else 1
             multiples[structure.name] = default if ffn_multiple_of is None else ffn_multiple_of

@@ -56,8 +56,16 @@ class Structure:
             config key, or a function of the config.
         residual (`str`, *optional*, defaults to `""`): path from a block to the module whose first input is
             the residual stream that is added to ``output``'s output (``""``: the block's own input).
-        attention (`bool`, *optional*, defaults to `False`): the units are attention heads: one head
-            width each, removed by whole key/value groups, with score and context multiply-adds.
+        width (`str` or `Callable[[PretrainedConfig], int]`, *optional*): rows (and output-layer columns)
+            of one unit: a config key, or a function of the config; ``None``: one (a neuron).
+        groups (`str`, *optional*): config key of the groups units leave by (key/value heads under
+            grouped-query attention); ``None``, or a config without the key: each unit leaves alone.
+        context_macs (`int`, *optional*, defaults to 0): multiply-adds per unit row for every token of
+            context, on top of the weights (attention: 2, the scores and the weighted sum of values).
+        label (`str`, *optional*): what the units are called in cards and messages (``"attention heads"``).
+        group_label (`str`, *optional*, defaults to `"groups"`): what ``groups`` are called.
+        list_removed (`bool`, *optional*, defaults to `False`): cards list the indices of removed units
+            (a structure of few units per layer).
         owner (`str`, *optional*, defaults to `""`): path of the module whose attributes follow the count.
         count_attrs (`tuple[str, ...]`, *optional*): ``owner`` attributes holding the number of units.
         width_attrs (`tuple[str, ...]`, *optional*): ``owner`` attributes holding units times unit width.
@@ -77,7 +85,12 @@ class Structure:
     output: str
     units: str | Callable[[PretrainedConfig], int]
     residual: str = ""
-    attention: bool = False
+    width: str | Callable[[PretrainedConfig], int] | None = None
+    groups: str | None = None
+    context_macs: int = 0
+    label: str = ""
+    group_label: str = "groups"
+    list_removed: bool = False
     owner: str = ""
     count_attrs: tuple[str, ...] = ()
     width_attrs: tuple[str, ...] = ()
@@ -85,6 +98,11 @@ class Structure:
     empty_returns_tuple: bool = False
     vanilla: Callable[[PretrainedConfig, int], dict[str, Any]] | None = None
     no_vanilla: str = "its config has no key for fewer units per layer"
+
+    @property
+    def units_label(self) -> str:
+        """What the units are called: the declared ``label``, else the name."""
+        return self.label or self.name
 
     def paths(self) -> tuple[str, ...]:
         """Paths of every layer the structure cuts: rows first, then the output layer."""
@@ -132,10 +150,25 @@ def attention_heads(
     count_attrs: tuple[str, ...] = (),
     width_attrs: tuple[str, ...] = (),
     units: str = "num_attention_heads",
+    groups: str = "num_key_value_heads",
+    width: str | Callable[[PretrainedConfig], int] | None = None,
     empty: str = "",
     vanilla: Callable[[PretrainedConfig, int], dict[str, Any]] | None = None,
 ) -> Structure:
-    """The attention-head structure: separate ``query``/``key``/``value`` projections or a fused ``qkv``."""
+    """The attention-head structure: separate ``query``/``key``/``value`` projections or a fused ``qkv``.
+
+    A head is ``width`` rows wide (default: the config's ``head_dim``, else ``hidden_size`` over the ``units``
+    key) and heads leave by the ``groups`` key's key/value groups; each costs two multiply-adds per row and
+    token of context (scores and weighted values).
+    """
+    if width is None:
+        heads = units
+
+        def width(config: PretrainedConfig) -> int:
+            explicit = getattr(config, "head_dim", None)
+            hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None)
+            return int(explicit) if explicit else int(hidden) // int(getattr(config, heads))
+
     if qkv:
         rows = (Rows(qkv, (UNIT, GROUP, GROUP)),)
     else:
@@ -145,7 +178,12 @@ def attention_heads(
         rows=rows,
         output=output,
         units=units,
-        attention=True,
+        width=width,
+        groups=groups,
+        context_macs=2,
+        label="attention heads",
+        group_label="key/value heads",
+        list_removed=True,
         owner=owner,
         count_attrs=count_attrs,
         width_attrs=width_attrs,
@@ -180,6 +218,7 @@ def ffn_neurons(
         output=output,
         units=units,
         residual=residual,
+        label="FFN neurons",
         owner=owner,
         count_attrs=count_attrs,
         empty=empty,
@@ -215,38 +254,23 @@ class ArchitectureAdapter:
             f"{', '.join(repr(s.name) for s in self.structures)}."
         )
 
+    @staticmethod
+    def _config_int(config: PretrainedConfig, value: str | Callable[[PretrainedConfig], int]) -> int:
+        return int(value(config) if callable(value) else getattr(config, value))
+
     def num_units(self, structure: Structure | str, config: PretrainedConfig) -> int:
         """Units of ``structure`` per layer in the unpruned model."""
         structure = self.structure(structure) if isinstance(structure, str) else structure
-        units = structure.units
-        return int(units(config) if callable(units) else getattr(config, units))
-
-    def num_heads(self, config: PretrainedConfig) -> int:
-        """Query heads per layer in the unpruned model."""
-        return self.num_units(HEADS, config)
-
-    def num_key_value_heads(self, config: PretrainedConfig) -> int:
-        """Key/value heads per layer in the unpruned model (equal to query heads without GQA)."""
-        kv = getattr(config, "num_key_value_heads", None)
-        return int(kv) if kv else self.num_heads(config)
-
-    def head_dim(self, config: PretrainedConfig) -> int:
-        """Width of one head."""
-        explicit = getattr(config, "head_dim", None)
-        if explicit:
-            return int(explicit)
-        hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None)
-        return int(hidden) // self.num_heads(config)
+        return self._config_int(config, structure.units)
 
     def unit_width(self, structure: Structure, config: PretrainedConfig) -> int:
-        """Rows (and output-layer columns) of one unit: the head width for heads, 1 for neurons."""
-        return self.head_dim(config) if structure.attention else 1
+        """Rows (and output-layer columns) of one unit, as the structure declares (heads: the head width)."""
+        return 1 if structure.width is None else self._config_int(config, structure.width)
 
     def group_size(self, structure: Structure, config: PretrainedConfig) -> int:
-        """Units that leave together: query heads per key/value head for heads, 1 otherwise."""
-        if not structure.attention:
-            return 1
-        return self.num_heads(config) // self.num_key_value_heads(config)
+        """Units that leave together, as the structure declares (query heads per key/value head), else 1."""
+        groups = getattr(config, structure.groups, None) if structure.groups else None
+        return self.num_units(structure, config) // int(groups) if groups else 1
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         """The transformer blocks of ``model``."""
