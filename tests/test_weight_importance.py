@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from hf_gradprune import PruningArguments, prune_weights, register_weight_criterion
 from hf_gradprune.adapters import find_target_modules, get_adapter, weight_input_dims, weight_layer_groups
 from hf_gradprune.importance import compute_weight_importance
 
@@ -289,3 +290,47 @@ def test_squared_gradients_skip_examples_without_loss():
     for name, score in scores.items():
         assert torch.isfinite(score).all()
         torch.testing.assert_close(score, expected[name])
+
+
+@pytest.fixture
+def square_of_gradient_sum():
+    """A criterion registered for one test: ``(Σ g)²``, which no built-in criterion is."""
+    from hf_gradprune.criteria import WEIGHT_CRITERIA
+
+    criterion = register_weight_criterion(
+        "sum_squared", {"sum"}, lambda module, sums, alpha: sums["sum"] ** 2
+    )
+    yield criterion
+    del WEIGHT_CRITERIA[criterion.name]
+
+
+def test_register_weight_criterion_reaches_every_entry_point(square_of_gradient_sum):
+    """One registration: the importance, prune_weights and the flag take the new criterion."""
+    model = build_tiny("bert")
+    batch = tiny_batch(model)
+    name = "bert.encoder.layer.0.intermediate.dense.weight"
+    scores = compute_weight_importance(model, [batch], method="sum_squared", show_progress=False)
+    taylor = compute_weight_importance(model, [batch], method="gradient", show_progress=False)
+    torch.testing.assert_close(scores[name], taylor[name] ** 2)
+    masks = prune_weights(model, [batch], 0.5, method="sum_squared", show_progress=False)
+    assert masks[name].float().mean() == 0.5
+    assert (
+        PruningArguments(weight_sparsity=0.5, weight_importance="sum_squared").weight_importance
+        == "sum_squared"
+    )
+
+
+def test_weight_importance_flag_refuses_an_unregistered_criterion():
+    with pytest.raises(
+        ValueError, match=r"`--weight_importance` must be one of .*obd.*sparsegpt, got 'sum_squared'"
+    ):
+        PruningArguments(weight_sparsity=0.5, weight_importance="sum_squared")
+
+
+def test_register_weight_criterion_refuses_duplicates_and_unknown_needs():
+    with pytest.raises(ValueError, match="'obd' is already registered"):
+        register_weight_criterion("obd", {"square"}, lambda module, sums, alpha: sums["square"])
+    with pytest.raises(
+        ValueError, match=r"`needs` must be drawn from 'sum', 'square', 'inputs', got \['hessian'\]"
+    ):
+        register_weight_criterion("new", {"hessian"}, lambda module, sums, alpha: sums["hessian"])

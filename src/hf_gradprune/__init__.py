@@ -31,6 +31,10 @@ _MODULES = {
         "load_pruned",
         "save_pruned",
     ),
+    "criteria": (
+        "WeightCriterion",
+        "register_weight_criterion",
+    ),
     "export": ("export_vanilla",),
     "flops": (
         "block_flops",

@@ -7,13 +7,17 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .criteria import WEIGHT_CRITERIA
+
 HEAD_NORMALIZATIONS = ("layer_sum", "l2", "none")
 HEAD_ACCUMULATIONS = ("fisher", "sum_of_abs", "abs_of_sum")
 LAYER_IMPORTANCES = ("fisher", "block_influence")
 MASK_TUNING_METHODS = ("distillation", "least_squares")
-WEIGHT_IMPORTANCES = ("magnitude", "gradient", "taylor", "fisher", "obd", "combined", "wanda", "gblm")
-#: What chooses the pruned weights: an importance, or SparseGPT (which also updates the kept ones).
-WEIGHT_METHODS = (*WEIGHT_IMPORTANCES, "sparsegpt")
+#: The built-in weight criteria (:mod:`hf_gradprune.criteria`); validation reads the live registry.
+WEIGHT_IMPORTANCES = tuple(WEIGHT_CRITERIA)
+#: What chooses the pruned weights besides a criterion: SparseGPT (which also updates the kept ones).
+WEIGHT_SOLVERS = ("sparsegpt",)
+WEIGHT_METHODS = (*WEIGHT_IMPORTANCES, *WEIGHT_SOLVERS)
 #: How the kept weights of a block are updated once its masks are chosen (layer by layer only).
 RECONSTRUCTIONS = ("none", "least_squares", "adam", "least_squares_adam")
 SPARSITY_ALLOCATIONS = ("uniform", "owl")
@@ -291,7 +295,7 @@ class PruningArguments:
             "head_importance_accumulate": HEAD_ACCUMULATIONS,
             "layer_importance": LAYER_IMPORTANCES,
             "mask_tuning_method": MASK_TUNING_METHODS,
-            "weight_importance": WEIGHT_METHODS,
+            "weight_importance": (*WEIGHT_CRITERIA, *WEIGHT_SOLVERS),
             "weight_reconstruction": RECONSTRUCTIONS,
             "weight_sparsity_allocation": SPARSITY_ALLOCATIONS,
             "sparsity_scope": SPARSITY_SCOPES,

@@ -16,7 +16,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import get_adapter, input_channel_dim, weight_dims
-from .importance import SCORE_NEEDS, finalize_score, frozen_for_probe, prepare_batch
+from .criteria import WEIGHT_CRITERIA
+from .importance import frozen_for_probe, prepare_batch
 from .masks import apply_masks, masks_of
 from .reconstruction import add_to_hessian, least_squares_update, sparsegpt_prune, tune_block
 from .selection import masks_keeping, outlier_ratio, owl_sparsities, parse_sparsity_pattern
@@ -186,7 +187,7 @@ def _owl_sparsities(
         group = by_block[index]
         stats, hidden = _gather(block, group, calls[index], hidden, {"inputs"})
         if group:
-            scores = [finalize_score("wanda", m, stats[name], 0.0) for name, m in group.items()]
+            scores = [WEIGHT_CRITERIA["wanda"].score(m, stats[name], 0.0) for name, m in group.items()]
             ratios[index] = outlier_ratio(scores)
     sparsities = [sparsity] * len(by_block)
     for index, chosen in zip(ratios, owl_sparsities(list(ratios.values()), sparsity), strict=True):
@@ -222,7 +223,7 @@ def _block_masks(
             masks[f"{name}.weight"] = _as_rows(module, keep) & existing.get(f"{name}.weight", True)
         return masks
     scores = {
-        f"{name}.weight": finalize_score(method, module, stats[name], gblm_alpha)
+        f"{name}.weight": WEIGHT_CRITERIA[method].score(module, stats[name], gblm_alpha)
         for name, module in modules.items()
     }
     masks = masks_keeping(
@@ -307,7 +308,7 @@ def prune_blockwise(
         by_block[owner][name] = module
     if not batches:
         raise ValueError("`batches` is empty: layer-by-layer pruning needs calibration data.")
-    needs = set() if method == "sparsegpt" else set(SCORE_NEEDS[method])
+    needs = set() if method == "sparsegpt" else set(WEIGHT_CRITERIA[method].needs)
     if method == "sparsegpt" or reconstruction.startswith("least_squares"):
         needs.add("hessian")
     was_training = model.training

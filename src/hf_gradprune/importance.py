@@ -21,16 +21,15 @@ from .adapters import (
     find_target_modules,
     get_adapter,
     input_channel_dim,
-    per_input_channel,
     weight_dims,
 )
 from .arguments import (
     HEAD_ACCUMULATIONS,
     HEAD_NORMALIZATIONS,
     LAYER_IMPORTANCES,
-    WEIGHT_IMPORTANCES,
     check_choice,
 )
+from .criteria import WEIGHT_CRITERIA
 from .gates import LayerGates, UnitGates
 from .record import PruningRecord
 
@@ -391,16 +390,6 @@ def compute_layer_importance(
     return all_reduce_sum(scores).float().cpu()
 
 
-def _magnitude(module: nn.Module) -> torch.Tensor:
-    """A new float32 tensor ``|weight|``."""
-    return module.weight.detach().abs().float()
-
-
-def _mean_normalized(scores: torch.Tensor) -> torch.Tensor:
-    """``scores`` divided in place by their mean (all-zero scores stay zero)."""
-    return scores.div_(scores.mean().clamp_min(torch.finfo(torch.float32).tiny))
-
-
 def _add_square_sum(total: torch.Tensor, channel_dim: int, _module: nn.Module, args: tuple) -> None:
     inputs = args[0].detach().float().movedim(channel_dim, -1)
     total.add_(inputs.square().reshape(-1, inputs.shape[-1]).sum(dim=0))
@@ -484,42 +473,6 @@ def _calibration_sums(
     return sums, seen
 
 
-#: What each method takes from the calibration pass.
-SCORE_NEEDS = {
-    "magnitude": set(),
-    "gradient": {"sum"},
-    "taylor": {"sum"},
-    "combined": {"sum"},
-    "fisher": {"square"},
-    "obd": {"square"},
-    "wanda": {"inputs"},
-    "gblm": {"square", "inputs"},
-}
-
-
-def finalize_score(
-    method: str, module: nn.Module, sums: Mapping[str, torch.Tensor | None], alpha: float
-) -> torch.Tensor:
-    """The score of ``module.weight`` from its all-reduced accumulators (copied, so several methods can share
-    them)."""
-    if method == "magnitude":
-        return _magnitude(module)
-    if method == "wanda":
-        return _magnitude(module).mul_(per_input_channel(module, sums["inputs"].sqrt()))
-    if method == "gblm":
-        norms = per_input_channel(module, sums["inputs"].sqrt())
-        return sums["square"].sqrt().mul_(alpha).add_(norms).mul_(_magnitude(module))
-    if method == "fisher":
-        return sums["square"].clone()
-    if method == "obd":
-        return _magnitude(module).square_().mul_(sums["square"])
-    if method == "taylor":
-        return sums["sum"].mul(module.weight.detach()).abs_()
-    if method == "gradient":
-        return sums["sum"].abs()
-    return _mean_normalized(sums["sum"].abs()).add_(_mean_normalized(_magnitude(module)))
-
-
 def compute_weight_importance(
     model: nn.Module,
     dataloader: Iterable[Mapping[str, Any]] | None = None,
@@ -569,8 +522,9 @@ def compute_weight_importance(
             reads it (``outputs["loss"]`` or ``outputs[0]``).
         dataloader (`Iterable[Mapping]`, *optional*): batches, with labels for the gradient methods; required
             by every method except ``"magnitude"``.
-        method (`str` or `Sequence[str]`, *optional*, defaults to `"taylor"`): one of ``WEIGHT_IMPORTANCES``,
-            or several: they share one pass over the data (one forward and backward per batch for all).
+        method (`str` or `Sequence[str]`, *optional*, defaults to `"taylor"`): a registered criterion
+            (:data:`hf_gradprune.criteria.WEIGHT_CRITERIA`), or several: they share one pass over the data
+            (one forward and backward per batch for all).
         target_modules (`Sequence[str]`, *optional*): regular expressions selecting the modules, see
             :func:`hf_gradprune.adapters.find_target_modules` (default: the attention and FFN linears of
             every block of a registered family; every Linear/Conv but the output layer of any other model).
@@ -595,8 +549,8 @@ def compute_weight_importance(
     """
     methods = [method] if isinstance(method, str) else list(method)
     for name in methods:
-        check_choice("method", name, WEIGHT_IMPORTANCES)
-    needs_data = any(SCORE_NEEDS[name] for name in methods)
+        check_choice("method", name, tuple(WEIGHT_CRITERIA))
+    needs_data = any(WEIGHT_CRITERIA[name].needs for name in methods)
     if needs_data and dataloader is None:
         raise ValueError(
             f"method={method!r} needs a `dataloader` of batches; only 'magnitude' works without data."
@@ -626,8 +580,8 @@ def score_modules(
     to score, a sequence of methods gives method to that mapping."""
     methods = [method] if isinstance(method, str) else list(method)
     for name in methods:
-        check_choice("method", name, WEIGHT_IMPORTANCES)
-    needs = set().union(*(SCORE_NEEDS[name] for name in methods))
+        check_choice("method", name, tuple(WEIGHT_CRITERIA))
+    needs = set().union(*(WEIGHT_CRITERIA[name].needs for name in methods))
     sums: dict[str, list[torch.Tensor]] = {}
     if needs:
         sums, seen = _calibration_sums(model, dict(modules), batches, needs)
@@ -637,7 +591,9 @@ def score_modules(
     for index, (name, module) in enumerate(modules.items()):
         reduced = {need: all_reduce_sum(values[index]) for need, values in sums.items()}
         for method_name in methods:
-            scores[method_name][f"{name}.weight"] = finalize_score(method_name, module, reduced, gblm_alpha)
+            scores[method_name][f"{name}.weight"] = WEIGHT_CRITERIA[method_name].score(
+                module, reduced, gblm_alpha
+            )
         for values in sums.values():
             values[index] = None  # free the accumulators as their scores are made
     return scores[methods[0]] if isinstance(method, str) else scores
