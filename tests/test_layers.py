@@ -15,7 +15,9 @@ from hf_gradprune import (
     PruningRecord,
     PruningTrainer,
     export_vanilla,
+    flops_ratio,
     load_pruned,
+    prune_to_flops,
     prune_units,
     save_pruned,
 )
@@ -23,6 +25,7 @@ from hf_gradprune.adapters import get_adapter
 from hf_gradprune.gates import LayerGates
 from hf_gradprune.importance import compute_layer_importance
 from hf_gradprune.masks import apply_masks, get_masks
+from hf_gradprune.selection import select_units_under_budget
 from hf_gradprune.surgery import prune_layers
 
 from .helpers import (
@@ -269,3 +272,112 @@ def test_pruning_arguments_prune_layers_checks():
         PruningArguments(weight_sparsity=0.5, layer_importance="block_influence")
     with pytest.raises(ValueError, match="`--mask_tuning` rescales kept heads and neurons"):
         PruningArguments(prune_layers=1, mask_tuning=True)
+
+
+# --- whole layers inside a FLOPs budget ---
+
+
+def test_budget_ranks_a_layer_by_its_score_per_cost_and_takes_back_its_units():
+    scores = {"ffn": torch.tensor([[1.0, 2.0, 3.0], [0.5, 4.0, 4.0], [5.0, 6.0, 7.0]])}
+    # Layer 1 is worth 0.5 over a cost of 3: lower per cost than every neuron but layer 1's first.
+    chosen = select_units_under_budget(
+        {**scores, "layers": torch.tensor([9.0, 1.5, 9.0])}, {"ffn": 1.0}, 4.0, layer_costs=[3.0, 3.0, 3.0]
+    )
+    # Neuron 0 of layer 1 goes first (0.5), then the layer (0.5 per cost, its neuron taken back: 2 more),
+    # then layer 0's cheapest neuron closes the gap.
+    assert chosen == {"ffn": {0: [0]}, "layers": {1: [1]}}
+    without = select_units_under_budget(scores, {"ffn": 1.0}, 4.0)
+    assert "layers" not in without and sum(map(len, without["ffn"].values())) == 4
+
+
+def test_budget_keeps_one_layer_and_refuses_layers_without_costs_or_with_uniform():
+    lone = select_units_under_budget(
+        {"ffn": torch.tensor([[9.0, 9.0], [9.0, 9.0]]), "layers": torch.tensor([0.0, 0.0])},
+        {"ffn": 1.0},
+        2.0,
+        min_units_per_layer=0,
+        layer_costs=[2.0, 2.0],
+    )
+    assert list(lone["layers"]) == [0] and lone["ffn"] == {}
+    with pytest.raises(ValueError, match="Whole layers join a budget with one cost per layer"):
+        select_units_under_budget({"layers": torch.tensor([1.0, 2.0])}, {}, 1.0)
+    with pytest.raises(ValueError, match=r"Whole layers join a budget.*uniform=True"):
+        select_units_under_budget({"layers": torch.ones(2)}, {}, 1.0, layer_costs=[1.0, 1.0], uniform=True)
+
+
+def _idle_block(model, layer: int) -> None:
+    """Make block ``layer`` of a pre-norm decoder add nothing to the residual stream: its outputs zeroed."""
+    block = model.model.layers[layer]
+    with torch.no_grad():
+        block.self_attn.o_proj.weight.zero_()
+        block.mlp.down_proj.weight.zero_()
+
+
+def test_prune_to_flops_with_layers_removes_a_block_that_adds_nothing_and_reloads(tmp_path):
+    model = build_tiny("llama")
+    _idle_block(model, 1)
+    batches = [tiny_batch(model, seed=seed) for seed in range(3)]
+    report = prune_to_flops(model, batches, 0.6, seq_len=16, rounds=2, show_progress=False, layers=True)
+    assert report["layers"] == [1] and model.config.num_hidden_layers == 2
+    assert flops_ratio(model, 16) <= 0.6
+    assert PruningRecord.from_config(model.config).removed_layers == [1]
+    save_pruned(model, tmp_path / "joint")
+    reloaded = fresh_reload_logits(tmp_path / "joint", batches[0], tmp_path)
+    torch.testing.assert_close(reloaded, logits(model, batches[0]), atol=1e-5, rtol=0)
+    untouched = build_tiny("llama")
+    _idle_block(untouched, 1)
+    prune_to_flops(untouched, batches, 0.6, seq_len=16, rounds=2, show_progress=False)
+    assert untouched.config.num_hidden_layers == 3  # without layers the budget only narrows
+
+
+def test_trainer_target_flops_ratio_with_layers_cuts_blocks_and_units_at_step_0(tmp_path):
+    (pruning,) = HfArgumentParser(PruningArguments).parse_args_into_dataclasses(
+        [
+            "--target_flops_ratio",
+            "0.5",
+            "--prune_flops_structures",
+            "heads,ffn,layers",
+            "--importance_batches",
+            "2",
+        ]
+    )
+    model = build_tiny("llama").train()
+    _idle_block(model, 2)
+    trainer = PruningTrainer(
+        model=model,
+        args=quiet_cpu_args(tmp_path, max_steps=2),
+        train_dataset=tiny_dataset(rows=16, causal=True),
+        pruning_args=pruning,
+    )
+    trainer.train()
+    assert PruningRecord.from_config(model.config).removed_layers == [2]
+    assert flops_ratio(model, pruning.flops_seq_len) <= 0.5
+    logged = [h for h in trainer.state.log_history if "prune/layers_removed" in h]
+    assert logged and logged[0]["prune/layers_removed"] == 1.0
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.parameters()}
+
+
+def test_pruning_arguments_prune_flops_structures_checks():
+    assert PruningArguments(target_flops_ratio=0.5, prune_flops_structures="layers").unit_structures == []
+    assert PruningArguments(target_flops_ratio=0.5, prune_flops_structures="ffn, layers").prunes_ffn
+    for bad in ("", "heads,heads", "heads,blocks"):
+        with pytest.raises(
+            ValueError, match="`--prune_flops_structures` must name some of heads, ffn, layers"
+        ):
+            PruningArguments(target_flops_ratio=0.5, prune_flops_structures=bad)
+    with pytest.raises(ValueError, match="`--uniform_per_layer` ranks one slice of every layer"):
+        PruningArguments(
+            target_flops_ratio=0.5, prune_flops_structures="heads,layers", uniform_per_layer=True
+        )
+    with pytest.raises(ValueError, match="`--mask_tuning_method least_squares` fits each layer"):
+        PruningArguments(
+            target_flops_ratio=0.5,
+            prune_flops_structures="ffn,layers",
+            mask_tuning=True,
+            mask_tuning_method="least_squares",
+        )
+    with pytest.warns(
+        UserWarning, match="`--prune_flops_structures layers` shapes a FLOPs budget, which is off"
+    ):
+        PruningArguments(prune_heads_per_layer=1, prune_flops_structures="layers")

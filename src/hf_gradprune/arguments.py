@@ -7,6 +7,7 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .adapters.base import FFN, HEADS, LAYERS
 from .criteria import WEIGHT_CRITERIA
 
 HEAD_NORMALIZATIONS = ("layer_sum", "l2", "none")
@@ -126,6 +127,14 @@ class PruningArguments:
         metadata={
             "help": "Remove heads and FFN neurons, ranked together by importance per FLOP, until the blocks' "
             "FLOPs fall to this fraction in (0, 1) of the original (instead of the head and FFN flags)."
+        },
+    )
+    prune_flops_structures: str = field(
+        default="heads,ffn",
+        metadata={
+            "help": "What --target_flops_ratio ranks together by importance per FLOP, comma-separated: "
+            "heads, ffn, layers (whole blocks, each costing its FLOPs as it stands, ranked by the Fisher "
+            "information of a gate on its residual branch)."
         },
     )
     flops_seq_len: int = field(
@@ -339,6 +348,7 @@ class PruningArguments:
                     f"`--target_flops_ratio` chooses heads and FFN neurons itself: leave out "
                     f"{', '.join('`--' + flag + '`' for flag in given)}."
                 )
+        self._validate_flops_structures()
         if self.prune_ffn_multiple_of is not None:
             if self.prune_ffn_multiple_of < 1:
                 raise ValueError(f"`--prune_ffn_multiple_of` must be >= 1, got {self.prune_ffn_multiple_of}.")
@@ -426,6 +436,27 @@ class PruningArguments:
                 stacklevel=3,
             )
 
+    def _validate_flops_structures(self) -> None:
+        names = self.flops_structures
+        allowed = (HEADS, FFN, LAYERS)
+        if not names or len(set(names)) < len(names) or not set(names) <= set(allowed):
+            raise ValueError(
+                f"`--prune_flops_structures` must name some of {', '.join(allowed)} once each, "
+                f"comma-separated, got {self.prune_flops_structures!r}."
+            )
+        if self.prunes_by_flops and LAYERS in names:
+            if self.uniform_per_layer:
+                raise ValueError(
+                    "`--uniform_per_layer` ranks one slice of every layer at a time, which a whole layer is "
+                    "not: leave `layers` out of `--prune_flops_structures`, or `--uniform_per_layer` off."
+                )
+            if self.mask_tuning and self.mask_tuning_method == "least_squares":
+                raise ValueError(
+                    "`--mask_tuning_method least_squares` fits each layer to the same layer before the cut, "
+                    "which removing whole layers renumbers: use `distillation` with `layers` in "
+                    "`--prune_flops_structures`."
+                )
+
     def _warn_flags_of_features_off(self) -> None:
         """One policy for a flag whose feature is off: a warning naming the flag and what turns it on."""
         weights = (
@@ -440,6 +471,7 @@ class PruningArguments:
         )
         features = {
             "layer_importance": ("layer pruning", "`--prune_layers`", self.prunes_layers),
+            "prune_flops_structures": ("a FLOPs budget", "`--target_flops_ratio`", self.prunes_by_flops),
             "mask_tuning_method": ("mask tuning", "`--mask_tuning`", self.mask_tuning),
             "measure_speedup": (
                 "structural cuts",
@@ -497,14 +529,22 @@ class PruningArguments:
         return self._parse_steps(self.prune_steps)
 
     @property
+    def flops_structures(self) -> list[str]:
+        """``--prune_flops_structures`` as a list of names."""
+        return [name.strip() for name in self.prune_flops_structures.split(",") if name.strip()]
+
+    def _budget_cuts(self, name: str) -> bool:
+        return self.prunes_by_flops and name in self.flops_structures
+
+    @property
     def prunes_heads(self) -> bool:
         """Whether heads are to be removed (by count, fraction or FLOPs budget)."""
-        return bool(self.prune_heads_per_layer) or bool(self.prune_heads_fraction) or self.prunes_by_flops
+        return bool(self.prune_heads_per_layer) or bool(self.prune_heads_fraction) or self._budget_cuts(HEADS)
 
     @property
     def prunes_ffn(self) -> bool:
         """Whether FFN neurons are to be removed (by fraction or FLOPs budget)."""
-        return bool(self.prune_ffn_fraction) or self.prunes_by_flops
+        return bool(self.prune_ffn_fraction) or self._budget_cuts(FFN)
 
     @property
     def prunes_layers(self) -> bool:
@@ -519,12 +559,12 @@ class PruningArguments:
     @property
     def unit_structures(self) -> list[str]:
         """The structures whose units within layers are to be removed (``"heads"``, ``"ffn"``)."""
-        return [name for name, wanted in (("heads", self.prunes_heads), ("ffn", self.prunes_ffn)) if wanted]
+        return [name for name, wanted in ((HEADS, self.prunes_heads), (FFN, self.prunes_ffn)) if wanted]
 
     def min_units_per_layer(self, name: str) -> int:
         """Units (groups) of structure ``name`` every layer keeps: ``--prune_min_heads_per_layer`` for heads,
         otherwise one, or none with ``--allow_empty_layers``."""
-        if name == "heads":
+        if name == HEADS:
             return self.prune_min_heads_per_layer
         return 0 if self.allow_empty_layers else 1
 
@@ -539,25 +579,25 @@ class PruningArguments:
         """
         targets = {}
         if self.prune_heads_per_layer:
-            targets["heads"] = UnitTarget(
-                self.prune_heads_per_layer, False, False, self.min_units_per_layer("heads")
+            targets[HEADS] = UnitTarget(
+                self.prune_heads_per_layer, False, False, self.min_units_per_layer(HEADS)
             )
         elif self.prune_heads_fraction:
-            targets["heads"] = UnitTarget(
+            targets[HEADS] = UnitTarget(
                 self.prune_heads_fraction,
                 True,
                 not self.uniform_per_layer,
-                self.min_units_per_layer("heads"),
+                self.min_units_per_layer(HEADS),
                 self.head_importance_normalize,
             )
         if self.prune_ffn_fraction:
-            targets["ffn"] = UnitTarget(self.prune_ffn_fraction, True, False, self.min_units_per_layer("ffn"))
+            targets[FFN] = UnitTarget(self.prune_ffn_fraction, True, False, self.min_units_per_layer(FFN))
         return targets
 
     @property
     def prunes_structures(self) -> bool:
         """Whether any structural unit (layer, head, FFN neuron) is to be removed."""
-        return self.prunes_layers or self.prunes_heads or self.prunes_ffn
+        return self.prunes_layers or self.prunes_heads or self.prunes_ffn or self._budget_cuts(LAYERS)
 
     @property
     def prunes_weights(self) -> bool:

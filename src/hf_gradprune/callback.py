@@ -18,7 +18,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .adapters import FFN, HEADS, Structure, find_target_modules, get_adapter, weight_layer_groups
+from .adapters import FFN, HEADS, LAYERS, Structure, find_target_modules, get_adapter, weight_layer_groups
 from .arguments import PruningArguments
 from .flops import flops_in_rounds, flops_ratio, measure_speedup, neuron_multiples
 from .importance import normalize_per_layer, prepare_batch
@@ -238,19 +238,30 @@ class GradientPruningCallback(TrainerCallback):
         rounds each scored anew; optionally rescale the kept units (mask tuning). Weight masks are kept.
         Returns the logs of the cut."""
         args = self.pruning_args
-        names = args.unit_structures
         reference = copy.deepcopy(model) if args.measure_speedup else None
-        logs = {}
         layers = _share(step, args.prune_step_list, args.prune_layers) if args.prunes_layers else 0
         if layers:
-            removed = prune_layers_by_importance(
+            self.importance[LAYERS] = prune_layers_by_importance(
                 model, batches, layers, args.layer_importance, optimizer, show_progress=self._progress
-            )
-            self.importance["layers"] = removed["importance"]
-            logs["prune/layers_removed"] = float(len(PruningRecord.from_config(model.config).removed_layers))
-        if not names:
-            reference = reference if layers else None
-            return self._speedup_logs(reference, model, batches, {**logs, **self.structure_logs(model)})
+            )["importance"]
+        names = args.flops_structures if args.prunes_by_flops else args.unit_structures
+        report = self._prune_units(model, batches, step, names, optimizer) if names else {}
+        logs = {k: v for k, v in report.items() if k.startswith(PRUNING_METRICS)}
+        logs.update(self.structure_logs(model))
+        cut = layers or report.get("units") or report.get("layers")
+        return self._speedup_logs(reference if cut else None, model, batches, logs)
+
+    def _prune_units(
+        self,
+        model: nn.Module,
+        batches: list,
+        step: int,
+        names: list[str],
+        optimizer: torch.optim.Optimizer | None,
+    ) -> dict[str, Any]:
+        """Remove the units (and, under a FLOPs budget, the whole layers) of ``names`` that ``step`` asks for,
+        in ``--prune_rounds`` rounds: the report of :func:`prune_in_rounds`."""
+        args = self.pruning_args
         rounds = self._rounds(model, step)
         if args.prunes_by_flops:
             ratio = self.flops_ratio_at(step)
@@ -265,7 +276,7 @@ class GradientPruningCallback(TrainerCallback):
             self.importance.update(importance)
             return plan(importance, index)
 
-        report = prune_in_rounds(
+        return prune_in_rounds(
             model,
             batches,
             names,
@@ -278,10 +289,6 @@ class GradientPruningCallback(TrainerCallback):
             allow_empty=args.allow_empty_layers,
             show_progress=self._progress,
         )
-        logs.update(self.structure_logs(model))
-        logs.update({k: v for k, v in report.items() if k.startswith(PRUNING_METRICS)})
-        reference = reference if report["units"] or layers else None
-        return self._speedup_logs(reference, model, batches, logs)
 
     def _speedup_logs(
         self, reference: nn.Module | None, model: nn.Module, batches: list, logs: dict[str, float]
@@ -568,7 +575,8 @@ class GradientPruningCallback(TrainerCallback):
         return logs
 
     def structure_logs(self, model: nn.Module) -> dict[str, float]:
-        """Heads and FFN neurons left per layer, and the block FLOPs left (at ``--flops_seq_len``)."""
+        """Units of each structure left per layer, whole layers removed, and the block FLOPs left (at
+        ``--flops_seq_len``)."""
         adapter = get_adapter(model)
         record = PruningRecord.from_config(model.config)
         logs = {}
@@ -577,6 +585,8 @@ class GradientPruningCallback(TrainerCallback):
             for layer in range(len(adapter.blocks(model))):
                 kept = record.kept(structure.name, layer, num_units)
                 logs[f"prune/{structure.name}_layer_{layer}"] = float(len(kept))
+        if record.removed_layers:
+            logs["prune/layers_removed"] = float(len(record.removed_layers))
         logs["prune/flops_ratio"] = flops_ratio(model, self.pruning_args.flops_seq_len)
         return logs
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import UNIT, get_adapter, weight_dims
+from .adapters import LAYERS, UNIT, get_adapter, weight_dims
 from .record import PruningRecord
 from .selection import select_units_under_budget
 
@@ -81,18 +81,7 @@ def block_flops(model: nn.Module, seq_len: int, original: bool = False) -> int:
         >>> round(block_flops(model, 16) / dense, 3)  # layer 0: half its heads; layer 1: no FFN
         0.671
     """
-    adapter = get_adapter(model)
-    record = PruningRecord.from_config(model.config)
-    costs = unit_macs(model, seq_len)
-    num_layers = len(adapter.blocks(model)) + (len(record.removed_layers) if original else 0)
-    total = 0
-    for structure in adapter.structures:
-        num_units = adapter.num_units(structure, model.config)
-        group = adapter.group_size(structure, model.config)
-        for layer in range(num_layers):
-            kept = num_units if original else len(record.kept(structure.name, layer, num_units))
-            total += kept // group * costs[structure.name]
-    return 2 * seq_len * total
+    return 2 * seq_len * sum(layer_macs(model, unit_macs(model, seq_len), original))
 
 
 def neuron_multiples(model: nn.Module, ffn_multiple_of: int | None = None) -> dict[str, int]:
@@ -126,16 +115,20 @@ def select_units_for_flops(
     min_units_per_layer: int | Mapping[str, int] = 1,
     multiple_of: Mapping[str, int] | None = None,
     uniform: bool = False,
+    final_ratio: float | None = None,
 ) -> dict[str, dict[int, list[int]]]:
-    """Heads and FFN neurons to remove so that the block FLOPs fall to ``target_ratio`` of the original.
+    """Heads and FFN neurons (and whole layers) to remove so that the block FLOPs fall to ``target_ratio`` of
+    the original.
 
     Units of every scored structure are ranked together by importance per multiply-add they cost
     (:func:`hf_gradprune.selection.select_units_under_budget`), so the scores must share one scale: the
     Fisher information of the gates (``compute_unit_importance(..., accumulate="fisher")``, not normalised).
+    With ``"layers"`` scored too, each layer is a candidate that costs its multiply-adds as it stands.
 
     Args:
         model (`nn.Module`): a model of a registered family, possibly pruned already.
-        importance (`Mapping[str, torch.Tensor]`): structure name to ``(num_layers, num_units)`` scores.
+        importance (`Mapping[str, torch.Tensor]`): structure name to ``(num_layers, num_units)`` scores
+            (``"layers"``: ``(num_layers,)``).
         target_ratio (`float`): the fraction in (0, 1] of the original block FLOPs to keep.
         seq_len (`int`, *optional*, defaults to 128): the sequence length FLOPs are counted at.
         min_units_per_layer (`int` or `Mapping[str, int]`, *optional*, defaults to 1): units (groups) of each
@@ -143,6 +136,8 @@ def select_units_for_flops(
         multiple_of (`Mapping[str, int]`, *optional*): structure name to the block size its units leave a
             layer in (:func:`neuron_multiples` gives the kernel-friendly default; none: 1).
         uniform (`bool`, *optional*, defaults to `False`): remove as many of each structure from every layer.
+        final_ratio (`float`, *optional*): when this is one round of a cut to ``final_ratio``, a whole layer
+            may take the FLOPs below ``target_ratio`` down to it (default: ``target_ratio``).
 
     Returns:
         `dict[str, dict[int, list[int]]]`: the ``units_to_prune`` of :func:`hf_gradprune.prune_units` (empty
@@ -151,19 +146,42 @@ def select_units_for_flops(
     if not 0.0 < target_ratio <= 1.0:
         raise ValueError(f"`target_ratio` must be in (0, 1], got {target_ratio}.")
     adapter = get_adapter(model)
-    excess = block_flops(model, seq_len) - target_ratio * block_flops(model, seq_len, original=True)
+    current, original = block_flops(model, seq_len), block_flops(model, seq_len, original=True)
+    excess = current - target_ratio * original
     if excess <= 0:
         return {}
+    final_excess = (
+        current - (target_ratio if final_ratio is None else min(final_ratio, target_ratio)) * original
+    )
     groups = {s.name: adapter.group_size(s, model.config) for s in adapter.structures}
+    costs = unit_macs(model, seq_len)
     return select_units_under_budget(
         importance,
-        {name: cost for name, cost in unit_macs(model, seq_len).items() if name in importance},
+        {name: cost for name, cost in costs.items() if name in importance},
         excess / (2 * seq_len),
         groups=groups,
         min_units_per_layer=min_units_per_layer,
         multiple_of=multiple_of,
         uniform=uniform,
+        layer_costs=layer_macs(model, costs) if LAYERS in importance else None,
+        layer_budget=final_excess / (2 * seq_len),
     )
+
+
+def layer_macs(model: nn.Module, costs: Mapping[str, int], original: bool = False) -> list[int]:
+    """Multiply-adds per token of every layer as it stands (``original``: of every layer of the unpruned
+    model, removed ones included): its units of each structure at ``costs`` (:func:`unit_macs`) per unit."""
+    adapter = get_adapter(model)
+    record = PruningRecord.from_config(model.config)
+    num_layers = len(adapter.blocks(model)) + (len(record.removed_layers) if original else 0)
+    macs = [0] * num_layers
+    for structure in adapter.structures:
+        num_units = adapter.num_units(structure, model.config)
+        group = adapter.group_size(structure, model.config)
+        for layer in range(num_layers):
+            kept = num_units if original else len(record.kept(structure.name, layer, num_units))
+            macs[layer] += kept // group * costs[structure.name]
+    return macs
 
 
 def flops_ratio(model: nn.Module, seq_len: int) -> float:
@@ -188,7 +206,7 @@ def flops_in_rounds(
     def choose(importance: Mapping[str, torch.Tensor], index: int) -> dict[str, dict[int, list[int]]]:
         ratio = start + (target_ratio - start) * (index + 1) / rounds
         return select_units_for_flops(
-            model, importance, ratio, seq_len, min_units_per_layer, multiple_of, uniform
+            model, importance, ratio, seq_len, min_units_per_layer, multiple_of, uniform, target_ratio
         )
 
     return choose

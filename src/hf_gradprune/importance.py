@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .adapters import (
     HEADS,
+    LAYERS,
     find_target_modules,
     get_adapter,
     input_channel_dim,
@@ -161,10 +162,18 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def gate_probe(model: nn.Module, structures: Sequence[str]) -> Iterator[list[UnitGates]]:
-    """Trainable all-ones :class:`UnitGates` of ``structures`` on a :func:`frozen_for_probe` model."""
+def gate_probe(model: nn.Module, structures: Sequence[str]) -> Iterator[list[UnitGates | LayerGates]]:
+    """Trainable all-ones gates of ``structures`` on a :func:`frozen_for_probe` model: :class:`UnitGates`,
+    or :class:`LayerGates` for ``"layers"``."""
     with frozen_for_probe(model), contextlib.ExitStack() as stack:
-        yield [stack.enter_context(UnitGates(model, name, requires_grad=True)) for name in structures]
+        yield [
+            stack.enter_context(
+                LayerGates(model, requires_grad=True)
+                if name == LAYERS
+                else UnitGates(model, name, requires_grad=True)
+            )
+            for name in structures
+        ]
 
 
 def normalize_per_layer(scores: torch.Tensor, normalize: str) -> torch.Tensor:
@@ -209,7 +218,9 @@ def compute_unit_importance(
     Args:
         model (`nn.Module`): a model of a registered family that returns a loss.
         dataloader (`Iterable[Mapping]`): batches with labels (causal LMs: ``labels = input_ids`` if absent).
-        structures (`Sequence[str]`, *optional*, defaults to `("heads",)`): ``"heads"`` and/or ``"ffn"``.
+        structures (`Sequence[str]`, *optional*, defaults to `("heads",)`): ``"heads"`` and/or ``"ffn"``;
+            ``"layers"`` adds the Fisher information of a gate on each block's residual branch
+            (``(num_layers,)``, on the same scale as the units').
         num_batches (`int`, *optional*): stop after this many batches (default: all).
         normalize (`str`, *optional*, defaults to `"none"`): ``"layer_sum"``, ``"l2"`` or ``"none"``.
         accumulate (`str`, *optional*, defaults to `"fisher"`): ``"fisher"``, ``"sum_of_abs"`` or
@@ -218,7 +229,7 @@ def compute_unit_importance(
 
     Returns:
         `dict[str, torch.Tensor]`: structure name to float32 ``(num_layers, num_units)`` scores on the CPU
-        in original unit indices; units already removed are NaN.
+        in original unit indices; units already removed are NaN (``"layers"``: ``(num_layers,)``).
 
     Example:
         >>> import torch
@@ -254,6 +265,9 @@ def compute_unit_importance(
         score = all_reduce_sum(score).float().cpu()
         if accumulate == "abs_of_sum":
             score = score.abs()
+        if name == LAYERS:
+            result[name] = score
+            continue
         for layer, units in record.pruned.get(name, {}).items():
             score[layer, units] = float("nan")
         result[name] = normalize_per_layer(score, normalize)

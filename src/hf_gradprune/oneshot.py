@@ -10,7 +10,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import find_adapter, find_target_modules, get_adapter, weight_input_dims, weight_layer_groups
+from .adapters import (
+    LAYERS,
+    find_adapter,
+    find_target_modules,
+    get_adapter,
+    weight_input_dims,
+    weight_layer_groups,
+)
 from .arguments import (
     HEAD_ACCUMULATIONS,
     MASK_TUNING_METHODS,
@@ -22,6 +29,7 @@ from .blockwise import prune_blockwise
 from .flops import flops_in_rounds, neuron_multiples
 from .importance import compute_layer_importance, compute_unit_importance, score_modules
 from .masks import apply_masks, masks_of
+from .record import PruningRecord
 from .rescale import capture_targets, capture_teacher, distill_unit_scales, rescale_units
 from .selection import masks_keeping
 from .surgery import prune_layers, prune_units
@@ -49,7 +57,8 @@ def prune_in_rounds(
     """Remove units in ``rounds`` rounds, each scored on the model the rounds before it left.
 
     Every round scores ``structures`` on ``batches`` (:func:`hf_gradprune.compute_unit_importance`) and
-    removes what ``choose(importance, round_index)`` returns. Scores of a model that lost units are different
+    removes what ``choose(importance, round_index)`` returns (under ``"layers"``, whole layers, numbered as
+    the model stands: :func:`hf_gradprune.prune_layers`). Scores of a model that lost units are different
     from the original's: units that seemed spare may carry what the removed ones did, so a cut made in steps
     keeps more than one made at once (``benchmarks/structured_speed.py``). With ``mask_tuning`` the kept
     units are rescaled once at the end against the original model's outputs: all together by distillation
@@ -59,7 +68,7 @@ def prune_in_rounds(
     Args:
         model (`nn.Module`): a model of a registered family that returns a loss on ``batches``.
         batches (`Sequence[Mapping]`): calibration batches.
-        structures (`Sequence[str]`): the structures to score (``"heads"``, ``"ffn"``).
+        structures (`Sequence[str]`): the structures to score (``"heads"``, ``"ffn"``, ``"layers"``).
         choose (`Callable`): the units to remove this round, from the scores and the round's index.
         rounds (`int`, *optional*, defaults to 1): scoring rounds.
         mask_tuning (`bool`, *optional*, defaults to `False`): rescale the kept units at the end.
@@ -73,31 +82,46 @@ def prune_in_rounds(
         show_progress (`bool`, *optional*, defaults to `True`): progress bars.
 
     Returns:
-        `dict[str, Any]`: ``units`` (all removed, by structure and layer), ``importance`` (the last scores)
-        and the mask-tuning report.
+        `dict[str, Any]`: ``units`` (all removed, by structure and layer as numbered in their round),
+        ``layers`` (whole layers removed, in the original numbering), ``importance`` (the last scores) and the
+        mask-tuning report.
     """
     check_choice("accumulate", accumulate, HEAD_ACCUMULATIONS)
     if rounds < 1:
         raise ValueError(f"`rounds` must be a positive number of rounds, got {rounds}.")
     check_choice("mask_tuning_method", mask_tuning_method, MASK_TUNING_METHODS)
+    if mask_tuning and mask_tuning_method == "least_squares" and LAYERS in structures:
+        raise ValueError(
+            "`mask_tuning_method='least_squares'` fits each layer's outputs to the same layer of the model "
+            "before the cut, which whole layers removed would renumber: use 'distillation' with \"layers\"."
+        )
     batches = list(batches)
     capture, tune = MASK_TUNERS[mask_tuning_method]
     targets = capture(model, batches, show_progress) if mask_tuning else None
     removed: dict[str, dict[int, list[int]]] = {}
+    removed_layers: list[int] = []
     importance: dict[str, torch.Tensor] = {}
     for index in range(rounds):
         importance = compute_unit_importance(
             model, batches, structures, accumulate=accumulate, show_progress=show_progress
         )
-        units = choose(importance, index)
-        if not any(units.values()):
+        units = dict(choose(importance, index))
+        layers = sorted(units.pop(LAYERS, {}))
+        if not any(units.values()) and not layers:
             continue
-        prune_units(model, units, optimizer=optimizer, allow_empty=allow_empty)
-        for name, layers in units.items():
-            for layer, chosen in layers.items():
+        for name, chosen_layers in units.items():
+            for layer, chosen in chosen_layers.items():
                 removed.setdefault(name, {}).setdefault(layer, []).extend(chosen)
-    report = tune(model, batches, targets, show_progress=show_progress) if mask_tuning and removed else {}
-    return {"units": removed, "importance": importance, **report}
+        if any(units.values()):
+            prune_units(model, units, optimizer=optimizer, allow_empty=allow_empty)
+        if layers:
+            depth = len(get_adapter(model).blocks(model))
+            original = PruningRecord.from_config(model.config).original_layers(depth)
+            prune_layers(model, layers, optimizer=optimizer)
+            removed_layers.extend(original[layer] for layer in layers)
+    cut = removed or removed_layers
+    report = tune(model, batches, targets, show_progress=show_progress) if mask_tuning and cut else {}
+    return {"units": removed, "layers": sorted(removed_layers), "importance": importance, **report}
 
 
 def prune_to_flops(
@@ -114,6 +138,7 @@ def prune_to_flops(
     uniform: bool = False,
     mask_tuning_method: str = "distillation",
     show_progress: bool = True,
+    layers: bool = False,
 ) -> dict[str, Any]:
     """Remove heads and FFN neurons until the block FLOPs fall to ``target_ratio``, without retraining.
 
@@ -140,10 +165,12 @@ def prune_to_flops(
             every layer, so that :func:`hf_gradprune.export_vanilla` can write an ordinary config.
         mask_tuning_method (`str`, *optional*, defaults to `"distillation"`): see :func:`prune_in_rounds`.
         show_progress (`bool`, *optional*, defaults to `True`): progress bars.
+        layers (`bool`, *optional*, defaults to `False`): rank whole layers too (the Fisher information of
+            a gate on each block's residual branch), each costing its FLOPs as it stands.
 
     Returns:
-        `dict[str, Any]`: ``units`` (what was removed, by structure and layer), ``importance`` and the
-        mask-tuning report.
+        `dict[str, Any]`: ``units`` (what was removed, by structure and layer), ``layers`` (whole layers
+        removed, original numbering), ``importance`` and the mask-tuning report.
 
     Example:
         >>> import torch
@@ -166,7 +193,7 @@ def prune_to_flops(
     return prune_in_rounds(
         model,
         batches,
-        names,
+        [*names, LAYERS] if layers else names,
         flops_in_rounds(
             model, target_ratio, seq_len, minimum, rounds, neuron_multiples(model, ffn_multiple_of), uniform
         ),

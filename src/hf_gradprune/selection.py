@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .adapters.base import LAYERS
 from .arguments import SPARSITY_SCHEDULES, SPARSITY_SCOPES, check_choice
 
 
@@ -185,6 +186,8 @@ def select_units_under_budget(
     min_units_per_layer: int | Mapping[str, int] = 1,
     multiple_of: Mapping[str, int] | None = None,
     uniform: bool = False,
+    layer_costs: Sequence[float] | None = None,
+    layer_budget: float | None = None,
 ) -> dict[str, dict[int, list[int]]]:
     """Units of several structures ranked together by importance per cost, removed until ``remove_cost``.
 
@@ -200,9 +203,15 @@ def select_units_under_budget(
     their summed score, so the result is an ordinary config of the family (see
     :func:`hf_gradprune.export_vanilla`).
 
+    Whole layers join the ranking when ``importance`` has ``"layers"`` (one score per layer) and
+    ``layer_costs`` says what each layer costs now: a layer is one candidate, and choosing it takes back the
+    units already chosen in it (its cost counts once); at least one layer stays. A layer may overshoot
+    ``remove_cost`` up to ``layer_budget`` (the whole cut's cost when this is one round of it: later rounds
+    then remove less), since no cheaper unit can stand in for it.
+
     Args:
         importance (`Mapping[str, torch.Tensor]`): structure name to ``(num_layers, num_units)`` scores,
-            NaN for units already removed.
+            NaN for units already removed; ``"layers"`` to ``(num_layers,)`` scores.
         costs (`Mapping[str, float]`): structure name to the cost (e.g. multiply-adds) of one prunable unit
             (a whole group).
         remove_cost (`float`): the cost to remove, >= 0.
@@ -213,9 +222,13 @@ def select_units_under_budget(
             (default 1); a layer whose count is not a multiple first loses the remainder.
         uniform (`bool`, *optional*, defaults to `False`): remove the same number from every layer (each
             layer its own lowest-scored units); every layer must have as many left.
+        layer_costs (`Sequence[float]`, *optional*): the cost of each whole layer, needed with ``"layers"``.
+        layer_budget (`float`, *optional*): the removed cost a layer may take it to (default
+            ``remove_cost``).
 
     Returns:
-        `dict[str, dict[int, list[int]]]`: structure name to layer index to sorted units to remove.
+        `dict[str, dict[int, list[int]]]`: structure name to layer index to sorted units to remove
+        (``"layers"``: each removed layer to ``[layer]``).
 
     Raises:
         ValueError: the cost cannot be reached while every layer keeps its minimum.
@@ -236,11 +249,23 @@ def select_units_under_budget(
         if isinstance(min_units_per_layer, Mapping)
         else dict.fromkeys(importance, min_units_per_layer)
     )
+    importance = dict(importance)
+    whole = importance.pop(LAYERS, None)
+    if whole is not None and (uniform or layer_costs is None or len(layer_costs) != whole.numel()):
+        raise ValueError(
+            "Whole layers join a budget with one cost per layer (`layer_costs`, "
+            f"{whole.numel()} of them) and without `uniform`, got layer_costs={layer_costs!r} and "
+            f"uniform={uniform}."
+        )
     if uniform:
         return _uniform_under_budget(importance, costs, remove_cost, groups, minimum, multiple_of)
     # (score per cost, structure, layer, units, cost): a layer's units leave in blocks.
     candidates: list[tuple[float, str, int, list[int], float]] = []
     left: dict[tuple[str, int], int] = {}
+    for layer, (value, cost) in enumerate(zip(_layer_scores(whole), layer_costs or (), strict=False)):
+        if cost <= 0:
+            raise ValueError(f"`layer_costs[{layer}]` must be positive, got {cost}.")
+        candidates.append((value / cost, LAYERS, layer, [layer], float(cost)))
     for name, score in importance.items():
         unit_scores = _unit_scores(score.detach().float().cpu(), groups.get(name, 1))
         cost = float(costs[name])
@@ -261,6 +286,8 @@ def select_units_under_budget(
                 candidates.append((mean / cost, name, layer, [u for _, u in units], cost * len(units)))
     candidates.sort(key=lambda c: c[0])
     chosen: dict[str, dict[int, list[int]]] = {name: {} for name in importance}
+    gone: dict[int, list[int]] = {}
+    spent = [0.0] * (0 if whole is None else whole.numel())  # cost of the units chosen in each layer
     removed = 0.0
     cheapest = min((c[4] for c in candidates), default=0.0)
     # First pass: lowest score per cost first, but a block that would overshoot the target is passed over
@@ -271,20 +298,44 @@ def select_units_under_budget(
             _, name, layer, units, cost = candidate
             if removed >= remove_cost:
                 break
-            if left[name, layer] - len(units) < minimum.get(name, 1):
+            if layer in gone:
                 continue
-            if pass_over and cost > cheapest and removed + cost > remove_cost:
+            if name == LAYERS:
+                cost -= spent[layer]  # its units already chosen were counted
+                if len(gone) + 1 >= len(spent) or cost <= 0:
+                    continue
+            elif left[name, layer] - len(units) < minimum.get(name, 1):
+                continue
+            limit = remove_cost if name != LAYERS or layer_budget is None else max(layer_budget, remove_cost)
+            if pass_over and cost > cheapest and removed + cost > limit:
                 passed_over.append(candidate)
+                continue
+            removed += cost
+            if name == LAYERS:
+                gone[layer] = units
+                for structure in chosen.values():
+                    structure.pop(layer, None)
                 continue
             chosen[name].setdefault(layer, []).extend(units)
             left[name, layer] -= len(units)
-            removed += cost
+            if spent:
+                spent[layer] += cost
     if removed < remove_cost:
         raise ValueError(
             f"Cannot remove {remove_cost:,.0f} of cost: only {removed:,.0f} can go while every layer keeps "
             f"{minimum} unit(s) of each structure; lower the target or allow empty layers."
         )
-    return {name: _expand(layers, groups.get(name, 1)) for name, layers in chosen.items()}
+    result = {name: _expand(layers, groups.get(name, 1)) for name, layers in chosen.items()}
+    return result if whole is None else {**result, LAYERS: dict(sorted(gone.items()))}
+
+
+def _layer_scores(layers: torch.Tensor | None) -> list[float]:
+    """Per-layer scores as floats (none without layers); a 2-D or non-finite input is refused."""
+    if layers is None:
+        return []
+    if layers.dim() != 1 or not torch.isfinite(layers).all():
+        raise ValueError(f"`importance['layers']` must be finite, one score per layer, got {layers!r}.")
+    return layers.detach().float().cpu().tolist()
 
 
 def _uniform_under_budget(

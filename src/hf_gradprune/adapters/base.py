@@ -21,6 +21,9 @@ from .layout import weight_dims
 #: A run of rows holding ``width`` rows per unit ("unit") or per key/value group ("group").
 UNIT, GROUP = "unit", "group"
 HEADS, FFN = "heads", "ffn"
+#: Whole layers (transformer blocks): not a structure of a block but the blocks themselves, ranked beside
+#: the structures' units under a FLOPs budget.
+LAYERS = "layers"
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module:
