@@ -4,13 +4,15 @@ removed to the same block FLOPs, right after the cut, after a short fine-tune, a
 MiniLM on the peers' protocol (``common.py``): the fine-tuned dense model; 2 of its 6 layers removed by the
 Fisher information of a gate on each block's residual branch (``--prune_layers``' default) and by ShortGPT's
 block influence; heads and FFN neurons chosen together to the same block FLOPs (``prune_to_flops``, 8
-rounds), with and without mask tuning. Accuracy right after on 2,000 test reviews, then after one epoch of
-the peers' fine-tune for the dense model, the Fisher depth cut and the width cut.
+rounds), with and without mask tuning, and layers ranked with them inside the same budget
+(``prune_to_flops(..., layers=True)``, ``--prune_flops_structures heads,ffn,layers``). Accuracy right after on
+2,000 test reviews, then after one epoch of the peers' fine-tune for the dense model, the Fisher depth cut,
+the width cut and the joint cut.
 
 SmolLM2-135M (GGUF, float32): 8 of its 30 layers removed the same two ways, beside key/value groups and FFN
-neurons to the same block FLOPs (4 rounds), with and without mask tuning; perplexity on held-out reviews
-disjoint from the calibration text, right after and after ``--smollm2_steps`` steps of causal-LM fine-tuning
-on training reviews (AdamW, lr 1e-4) for the dense model and the three untuned cuts.
+neurons to the same block FLOPs (4 rounds), with and without mask tuning, and the joint budget; perplexity on
+held-out reviews disjoint from the calibration text, right after and after ``--smollm2_steps`` steps of
+causal-LM fine-tuning on training reviews (AdamW, lr 1e-4) for the dense model and the four untuned cuts.
 
 Speed: every variant timed interleaved in one process with ``--threads`` torch threads (MiniLM: throughput
 at 32 x 128 tokens, latency at 1 x 128; SmolLM2: forward at 4 x 128 and greedy ``generate``).
@@ -90,12 +92,17 @@ def cuts(dense: torch.nn.Module, calibration: list[dict], layers: int, rounds: i
         prune_layers_by_importance(model, calibration, layers, method, show_progress=False)
         variants[f"{layers} layers, {method}"] = (model, time.perf_counter() - start)
     ratio = flops_ratio(variants[f"{layers} layers, fisher"][0], SEQ_LEN)
-    for tuned in (False, True):
+    for name, options in (
+        (f"width to {ratio:.0%} FLOPs", {}),
+        (f"width to {ratio:.0%} FLOPs, tuned", {"mask_tuning": True}),
+        (f"depth + width to {ratio:.0%} FLOPs", {"layers": True}),
+    ):
         model, start = copy.deepcopy(dense), time.perf_counter()
-        prune_to_flops(
-            model, calibration, ratio, seq_len=SEQ_LEN, rounds=rounds, mask_tuning=tuned, show_progress=False
+        report = prune_to_flops(
+            model, calibration, ratio, seq_len=SEQ_LEN, rounds=rounds, show_progress=False, **options
         )
-        name = f"width to {ratio:.0%} FLOPs" + (", tuned" if tuned else "")
+        if options.get("layers"):
+            print(name, "removed layers", report["layers"], flush=True)
         variants[name] = (model, time.perf_counter() - start)
     return variants
 
@@ -136,7 +143,7 @@ def minilm(args: argparse.Namespace) -> dict[str, Any]:
         row["throughput_b32"] = throughput[row["name"]]["forward"]
         row["latency_b1"] = latency[row["name"]]["forward"]
     if args.finetune:
-        for row in rows[:2] + [r for r in rows if r["name"].startswith("width") and "tuned" not in r["name"]]:
+        for row in rows[:2] + [r for r in rows if "width" in r["name"] and "tuned" not in r["name"]]:
             model = copy.deepcopy(models[row["name"]]).train()
             train_rows(model, train, args=peer_training_args(CACHE / "scratch"))
             row["accuracy_finetuned"] = accuracy(model, tests)

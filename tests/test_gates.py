@@ -10,13 +10,14 @@ def heads_for(model_type: str) -> dict[int, list[int]]:
     """Heads to remove in the tiny models: whole kv groups (of 2) for grouped-query families."""
     model = build_tiny(model_type)
     adapter = get_adapter(model)
-    if adapter.num_key_value_heads(model.config) < adapter.num_heads(model.config):
+    if adapter.group_size(adapter.structure("heads"), model.config) > 1:
         return {0: [2, 3], 2: [0, 1]}
     return {0: [1], 2: [0, 3]}
 
 
 def gated(model, heads: dict[int, list[int]], batch: dict) -> torch.Tensor:
-    gates = torch.ones(len(get_adapter(model).blocks(model)), get_adapter(model).num_heads(model.config))
+    adapter = get_adapter(model)
+    gates = torch.ones(len(adapter.blocks(model)), adapter.num_units("heads", model.config))
     for layer, hs in heads.items():
         gates[layer, hs] = 0.0
     with HeadGates(model, gates):
