@@ -40,7 +40,7 @@ from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
 from hf_gradprune import compute_head_importance, prune_heads, select_heads_to_prune
 from hf_gradprune.importance import compute_weight_importance
 from hf_gradprune.masks import apply_masks
-from hf_gradprune.selection import compute_weight_masks
+from hf_gradprune.sparsity import compute_weight_masks
 from hf_gradprune.testing import load_rotten_tomatoes, minilm_path, smollm2_gguf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -32,12 +32,12 @@ def training_args(tmp_path, **overrides) -> TrainingArguments:
 
 def test_callback_spreads_heads_over_prune_steps():
     callback = GradientPruningCallback(PruningArguments(prune_heads_per_layer=3, prune_steps="0,10"))
-    assert [callback.units_to_remove("heads", s, 12) for s in (0, 5, 10)] == [2, None, 1]
+    assert [callback.plan.units_to_remove("heads", s, 12) for s in (0, 5, 10)] == [2, None, 1]
 
 
 def test_callback_fraction_of_heads_spread_over_prune_steps():
     callback = GradientPruningCallback(PruningArguments(prune_heads_fraction=0.5, prune_steps="0,4"))
-    assert [callback.units_to_remove("heads", s, 12) for s in (0, 4)] == [3, 3]
+    assert [callback.plan.units_to_remove("heads", s, 12) for s in (0, 4)] == [3, 3]
 
 
 @pytest.mark.parametrize(
@@ -56,7 +56,7 @@ def test_callback_fraction_of_heads_spread_over_prune_steps():
 )
 def test_callback_weight_schedule(schedule, expected):
     callback = GradientPruningCallback(PruningArguments(weight_sparsity=0.6, **schedule))
-    got = {step: callback.weight_sparsity_at(step) for step in expected}
+    got = {step: callback.plan.weight_sparsity_at(step) for step in expected}
     assert all(
         (got[s] is None) == (v is None) and (v is None or math.isclose(got[s], v))
         for s, v in expected.items()

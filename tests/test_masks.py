@@ -21,7 +21,7 @@ from hf_gradprune.masks import (
     remove_masks,
     save_masks,
 )
-from hf_gradprune.selection import compute_weight_masks
+from hf_gradprune.sparsity import compute_weight_masks
 
 from .helpers import build_tiny, tiny_batch
 

@@ -14,7 +14,7 @@ from hf_gradprune.adapters import find_target_modules, get_adapter, weight_dims
 from hf_gradprune.blockwise import _gather, capture_block_inputs, prune_blockwise
 from hf_gradprune.masks import get_masks
 from hf_gradprune.reconstruction import add_to_hessian, least_squares_update, sparsegpt_prune
-from hf_gradprune.selection import outlier_ratio, owl_sparsities
+from hf_gradprune.sparsity import outlier_ratio, owl_sparsities
 
 from .helpers import DECODER, build_tiny, logits, quiet_cpu_args, tiny_batch, tiny_dataset
 

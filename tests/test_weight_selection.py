@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from hf_gradprune.selection import compute_weight_masks, parse_sparsity_pattern, sparsity_at_step
+from hf_gradprune.sparsity import compute_weight_masks, parse_sparsity_pattern, sparsity_at_step
 
 
 @pytest.fixture

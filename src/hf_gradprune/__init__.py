@@ -58,6 +58,13 @@ _MODULES = {
         "mask_lora_updates",
         "merge_and_unload",
     ),
+    "mask_tuning": (
+        "Teacher",
+        "capture_targets",
+        "capture_teacher",
+        "distill_unit_scales",
+        "rescale_units",
+    ),
     "oneshot": (
         "prune_in_rounds",
         "prune_layers_by_importance",
@@ -65,19 +72,12 @@ _MODULES = {
         "prune_weights",
     ),
     "record": ("PruningRecord",),
-    "rescale": (
-        "Teacher",
-        "capture_targets",
-        "capture_teacher",
-        "distill_unit_scales",
-        "rescale_units",
-    ),
     "selection": (
-        "compute_weight_masks",
         "select_heads_to_prune",
         "select_units_to_prune",
         "select_units_under_budget",
     ),
+    "sparsity": ("compute_weight_masks",),
     "surgery": (
         "prune_heads",
         "prune_layers",

@@ -20,7 +20,7 @@ from .criteria import WEIGHT_CRITERIA
 from .importance import frozen_for_probe, prepare_batch
 from .masks import apply_masks, masks_of
 from .reconstruction import add_to_hessian, least_squares_update, sparsegpt_prune, tune_block
-from .selection import masks_keeping, outlier_ratio, owl_sparsities, parse_sparsity_pattern
+from .sparsity import masks_keeping, outlier_ratio, owl_sparsities, parse_sparsity_pattern
 
 
 class _Captured(Exception):
@@ -288,7 +288,7 @@ def prune_blockwise(
             1e-5 on SmolLM2-135M; a step moves a weight by about this much, so scale it with the weights).
         allocation (`str`, *optional*, defaults to `"uniform"`): ``"uniform"`` (every block pruned to
             ``sparsity``) or ``"owl"`` (OWL: blocks whose Wanda scores in the dense model hold more outliers
-            keep more, :func:`hf_gradprune.selection.owl_sparsities`, one more pass; unstructured only).
+            keep more, :func:`hf_gradprune.sparsity.owl_sparsities`, one more pass; unstructured only).
         show_progress (`bool`, *optional*, defaults to `True`): a progress bar over blocks.
 
     Returns:

@@ -28,10 +28,10 @@ from .arguments import (
 from .blockwise import prune_blockwise
 from .flops import flops_in_rounds, neuron_multiples
 from .importance import compute_layer_importance, compute_unit_importance, score_modules
+from .mask_tuning import capture_targets, capture_teacher, distill_unit_scales, rescale_units
 from .masks import apply_masks, masks_of
 from .record import PruningRecord
-from .rescale import capture_targets, capture_teacher, distill_unit_scales, rescale_units
-from .selection import masks_keeping
+from .sparsity import masks_keeping
 from .surgery import prune_layers, prune_units
 
 #: What mask tuning keeps of the unpruned model, and what fits the scales to it, by method.

@@ -335,7 +335,7 @@ def _output_rows(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     return logits.reshape(-1, logits.shape[-1]).float()
 
 
-def _coarse(log_probs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def coarse(log_probs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """``log_probs`` at ``indices`` with a last column for the log of the remaining mass."""
     top = log_probs.gather(-1, indices)
     top_mass = top.logsumexp(-1, keepdim=True).clamp_max(-1e-7)  # log of the top entries' mass, below 0
@@ -364,7 +364,7 @@ def capture_teacher(
                 rows = rows.log_softmax(-1)
                 if rows.shape[-1] > TOP_K + 1:
                     chosen = rows.topk(TOP_K, dim=-1).indices
-                    rows = _coarse(rows, chosen)
+                    rows = coarse(rows, chosen)
             log_probs.append(rows)
             indices.append(chosen)
     return Teacher(log_probs, indices)
@@ -378,7 +378,7 @@ def _divergence(model: nn.Module, batch: Mapping[str, Any], teacher: Teacher, in
         return (rows - wanted).square().mean()
     rows = rows.log_softmax(-1)
     if chosen is not None:
-        rows = _coarse(rows, chosen)
+        rows = coarse(rows, chosen)
     return (wanted.exp() * (wanted - rows)).sum(-1).mean()
 
 
