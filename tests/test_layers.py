@@ -358,6 +358,17 @@ def test_trainer_target_flops_ratio_with_layers_cuts_blocks_and_units_at_step_0(
     assert optimized == {id(p) for p in model.parameters()}
 
 
+def test_flops_budget_refuses_a_structure_the_family_lacks_before_cutting(tmp_path):
+    model = build_tiny("bert")
+    before = copy.deepcopy(model.state_dict())
+    callback = GradientPruningCallback(
+        PruningArguments(target_flops_ratio=0.5, prune_flops_structures="experts")
+    )
+    with pytest.raises(ValueError, match=r"has no prunable structure 'experts'; it has 'heads', 'ffn'"):
+        callback.prune_structures_now(model, [tiny_batch(model)], 0)
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+
+
 def test_pruning_arguments_prune_flops_structures_checks():
     assert PruningArguments(target_flops_ratio=0.5, prune_flops_structures="layers").unit_structures == []
     assert PruningArguments(target_flops_ratio=0.5, prune_flops_structures="ffn, layers").prunes_ffn

@@ -280,6 +280,32 @@ class PruningArguments:
         default=100, metadata={"help": "Steps between two updates of a linear/cubic ramp."}
     )
     importance_batches: int = field(default=8, metadata={"help": "Training batches per importance pass."})
+    # --- recovery: distillation (PruningTrainer) ---
+    distill_alpha: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight in [0, 1] of distillation in PruningTrainer's loss: (1 - alpha) * task + alpha * "
+            "(T^2 * KL(teacher || student) + hidden); 0 turns it off."
+        },
+    )
+    distill_temperature: float = field(
+        default=2.0, metadata={"help": "Softmax temperature T of the distillation KL (> 0)."}
+    )
+    distill_hidden_states: bool = field(
+        default=False,
+        metadata={
+            "help": "Add the mean squared error of every kept layer's output against the teacher's layer it "
+            "was (widths are kept by head and neuron pruning; removed layers are skipped)."
+        },
+    )
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "The teacher, a folder or Hub id that load_pruned reads (default: a frozen copy of the "
+            "model as it was before the first cut, saved once in <output_dir>/distillation_teacher so that "
+            "a resumed run distils from the same)."
+        },
+    )
 
     def __post_init__(self) -> None:
         self.prune_steps = ",".join(str(s) for s in self._parse_steps(self.prune_steps))
@@ -373,6 +399,12 @@ class PruningArguments:
             )
         if self.prune_rounds < 1:
             raise ValueError(f"`--prune_rounds` must be >= 1, got {self.prune_rounds}.")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise ValueError(
+                f"`--distill_alpha` must be in [0, 1] (0: no distillation), got {self.distill_alpha}."
+            )
+        if not self.distill_temperature > 0.0:
+            raise ValueError(f"`--distill_temperature` must be > 0, got {self.distill_temperature}.")
         if self.flops_seq_len < 1:
             raise ValueError(f"`--flops_seq_len` must be >= 1, got {self.flops_seq_len}.")
         if self.mask_tuning and not (self.prunes_heads or self.prunes_ffn):
@@ -438,11 +470,11 @@ class PruningArguments:
 
     def _validate_flops_structures(self) -> None:
         names = self.flops_structures
-        allowed = (HEADS, FFN, LAYERS)
-        if not names or len(set(names)) < len(names) or not set(names) <= set(allowed):
+        if not names or len(set(names)) < len(names) or not all(name.isidentifier() for name in names):
             raise ValueError(
-                f"`--prune_flops_structures` must name some of {', '.join(allowed)} once each, "
-                f"comma-separated, got {self.prune_flops_structures!r}."
+                f"`--prune_flops_structures` must name structures once each, comma-separated ({HEADS}, "
+                f"{FFN}, {LAYERS} or another structure of the model's family), got "
+                f"{self.prune_flops_structures!r}."
             )
         if self.prunes_by_flops and LAYERS in names:
             if self.uniform_per_layer:
@@ -469,6 +501,7 @@ class PruningArguments:
             "`--sparsity_schedule linear` or `cubic`",
             self.sparsity_schedule != "one_shot",
         )
+        distillation = ("distillation", "`--distill_alpha` above 0", self.distills)
         features = {
             "layer_importance": ("layer pruning", "`--prune_layers`", self.prunes_layers),
             "prune_flops_structures": ("a FLOPs budget", "`--target_flops_ratio`", self.prunes_by_flops),
@@ -487,11 +520,14 @@ class PruningArguments:
                 "`--weight_importance gblm`",
                 self.weight_importance == "gblm",
             ),
+            "distill_temperature": distillation,
+            "distill_hidden_states": distillation,
+            "teacher_model_name_or_path": distillation,
             "sparsity_schedule_start": ramp,
             "sparsity_schedule_end": ramp,
             "sparsity_schedule_frequency": ramp,
         }
-        defaults = {f.name: f.default for f in fields(self)}
+        defaults = self.defaults()
         for flag, (feature, switch, on) in features.items():
             value = getattr(self, flag)
             if not on and value != defaults[flag]:
@@ -558,8 +594,11 @@ class PruningArguments:
 
     @property
     def unit_structures(self) -> list[str]:
-        """The structures whose units within layers are to be removed (``"heads"``, ``"ffn"``)."""
-        return [name for name, wanted in ((HEADS, self.prunes_heads), (FFN, self.prunes_ffn)) if wanted]
+        """The structures whose units within layers are to be removed (``"heads"``, ``"ffn"``): those of the
+        FLOPs budget, or those the count and fraction flags name."""
+        if self.prunes_by_flops:
+            return [name for name in self.flops_structures if name != LAYERS]
+        return list(self.unit_targets)
 
     def min_units_per_layer(self, name: str) -> int:
         """Units (groups) of structure ``name`` every layer keeps: ``--prune_min_heads_per_layer`` for heads,
@@ -600,9 +639,19 @@ class PruningArguments:
         return self.prunes_layers or self.prunes_heads or self.prunes_ffn or self._budget_cuts(LAYERS)
 
     @property
+    def distills(self) -> bool:
+        """Whether ``PruningTrainer`` adds a distillation term to its loss."""
+        return self.distill_alpha > 0.0
+
+    @property
     def prunes_weights(self) -> bool:
         """Whether any weight is to be masked."""
         return self.weight_sparsity > 0.0
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every argument's default."""
+        return {f.name: f.default for f in fields(cls)}
 
     def to_dict(self) -> dict[str, Any]:
         """The arguments as a JSON-ready dict (for model cards and logs)."""

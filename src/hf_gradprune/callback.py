@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import itertools
 import json
 import logging
@@ -18,10 +17,10 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .adapters import FFN, HEADS, LAYERS, Structure, find_target_modules, get_adapter, weight_layer_groups
+from .adapters import FFN, HEADS, LAYERS, find_target_modules, get_adapter, weight_layer_groups
 from .arguments import PruningArguments
-from .flops import flops_in_rounds, flops_ratio, measure_speedup, neuron_multiples
-from .importance import normalize_per_layer, prepare_batch
+from .flops import flops_ratio, measure_speedup
+from .importance import prepare_batch
 from .masks import (
     MASKS_FILENAME,
     apply_masks,
@@ -32,8 +31,8 @@ from .masks import (
     save_masks,
 )
 from .oneshot import prune_in_rounds, prune_layers_by_importance, prune_weights
+from .planning import PruningPlan
 from .record import PruningRecord
-from .selection import select_units_to_prune, sparsity_at_step
 
 logger = logging.getLogger(__name__)
 
@@ -61,23 +60,6 @@ def take_batches(dataloader: Iterable, count: int) -> list[Any]:
             stacklevel=2,
         )
     return batches
-
-
-def _unit_counts(model: nn.Module, names: Iterable[str]) -> list[tuple[Structure, int]]:
-    """The structures called ``names`` in ``model``'s family, each with its units (groups) per layer in the
-    unpruned model."""
-    adapter = get_adapter(model)
-    return [
-        (structure, adapter.num_units(structure, model.config) // adapter.group_size(structure, model.config))
-        for structure in adapter.structures
-        if structure.name in names
-    ]
-
-
-def _share(step: int, steps: list[int], target: float) -> int:
-    """The part of ``target`` (spread evenly over ``steps``) that falls on ``step``."""
-    done = steps.index(step)
-    return round(target * (done + 1) / len(steps)) - round(target * done / len(steps))
 
 
 class GradientPruningCallback(TrainerCallback):
@@ -116,6 +98,8 @@ class GradientPruningCallback(TrainerCallback):
         if not isinstance(pruning_args, PruningArguments):
             raise TypeError(f"`pruning_args` must be a PruningArguments, got {type(pruning_args).__name__}.")
         self.pruning_args = pruning_args
+        #: When the cuts fall and how much each takes.
+        self.plan = PruningPlan(pruning_args)
         self.show_progress = show_progress
         self.importance: dict[str, torch.Tensor] = {}
         self.weight_sparsity = 0.0
@@ -128,6 +112,8 @@ class GradientPruningCallback(TrainerCallback):
         self._structures_done_before_training = False
         self._pending_logs: dict[str, float] = {}
         self._writer = None
+        #: Set by ``PruningTrainer``, whose loss holds the distillation term (a callback cannot).
+        self.distillation_in_loss = False
         #: Called right after each cut (structural, or one-shot weights), before more training:
         #: ``PruningTrainer`` evaluates there.
         self.after_cut: Callable[[], None] | None = None
@@ -137,109 +123,17 @@ class GradientPruningCallback(TrainerCallback):
         """Head scores of the last structural cut, ``(num_layers, num_heads)``, or ``None``."""
         return self.importance.get(HEADS)
 
-    # --- schedule -------------------------------------------------------------------------------
-    def _structure_step(self, step: int) -> bool:
-        return self.pruning_args.prunes_structures and step in self.pruning_args.prune_step_list
-
-    def units_to_remove(self, name: str, step: int, units_per_layer: int, num_layers: int = 1) -> int | None:
-        """Units (key/value groups) of structure ``name`` to remove at ``step``, or ``None`` off-schedule or
-        when no flag asks for them.
-
-        The target of :attr:`PruningArguments.unit_targets` (a count per layer, a fraction of the
-        ``units_per_layer`` of the original model in every layer, or a fraction of all of them across
-        ``num_layers``) is spread evenly over the prune steps.
-        """
-        target = self.pruning_args.unit_targets.get(name)
-        if target is None or not self._structure_step(step):
-            return None
-        return _share(step, self.pruning_args.prune_step_list, target.total(units_per_layer, num_layers))
-
-    def flops_ratio_at(self, step: int) -> float | None:
-        """The fraction of the original block FLOPs to keep after ``step``, or ``None`` off-schedule."""
-        args = self.pruning_args
-        if not args.prunes_by_flops or not self._structure_step(step):
-            return None
-        steps = args.prune_step_list
-        return 1.0 - (1.0 - args.target_flops_ratio) * (steps.index(step) + 1) / len(steps)
-
-    def weight_sparsity_at(self, step: int) -> float | None:
-        """The weight sparsity to reach at ``step``, or ``None`` when the weights are not pruned then."""
-        args = self.pruning_args
-        if not args.prunes_weights:
-            return None
-        if args.sparsity_schedule == "one_shot":
-            return args.weight_sparsity if step == args.prune_step_list[0] else None
-        start, end, every = (
-            args.sparsity_schedule_start,
-            args.sparsity_schedule_end,
-            args.sparsity_schedule_frequency,
-        )
-        if step < start or step > end or ((step - start) % every and step != end):
-            return None
-        target = sparsity_at_step(step, args.weight_sparsity, start, end, args.sparsity_schedule, every)
-        return target if target > self.weight_sparsity else None
-
     # --- pruning ----------------------------------------------------------------------------------
-    def _rounds(self, model: nn.Module, step: int) -> int:
-        """Rounds of this step's cut: ``--prune_rounds``, at most the units a layer loses in it."""
-        args = self.pruning_args
-        if args.prunes_by_flops:
-            return args.prune_rounds
-        largest = 1
-        for structure, units in _unit_counts(model, args.unit_targets):
-            largest = max(largest, self.units_to_remove(structure.name, step, units) or 0)
-        return max(1, min(args.prune_rounds, int(largest)))
-
-    def _min_units(self) -> dict[str, int]:
-        """Units (groups) of each structure every layer keeps."""
-        return {
-            name: self.pruning_args.min_units_per_layer(name) for name in self.pruning_args.unit_structures
-        }
-
-    def _structure_plan(
-        self, model: nn.Module, step: int, importance: dict[str, torch.Tensor], index: int, rounds: int
-    ) -> dict[str, dict[int, list[int]]]:
-        """The units to remove in round ``index`` of the ``rounds`` rounds of ``step``'s cut, from the round's
-        ``importance``, by the count and fraction flags (a FLOPs budget chooses through
-        :func:`flops_in_rounds`)."""
-        targets = self.pruning_args.unit_targets
-        num_layers = len(get_adapter(model).blocks(model))
-        plan = {}
-        for structure, units in _unit_counts(model, targets):
-            target = targets[structure.name]
-            amount = self.units_to_remove(structure.name, step, units, num_layers)
-            amount = _share(index, [*range(rounds)], amount) if amount else 0
-            if not amount:
-                continue
-            group = get_adapter(model).group_size(structure, model.config)
-            scores = importance[structure.name]
-            if target.across_layers:
-                scores = normalize_per_layer(scores, target.normalize)
-                # select_units_to_prune removes int(fraction * remaining) units: aim at mid-unit.
-                remaining = int((~scores.isnan()).sum()) // group
-                count = {"fraction": min((amount + 0.5) / remaining, 0.999999)}
-            else:
-                count = {"per_layer": amount}
-            plan[structure.name] = select_units_to_prune(
-                scores,
-                min_units_per_layer=target.minimum,
-                group=group,
-                unit_name=structure.units_label
-                if group == 1
-                else f"key/value groups of {structure.units_label}",
-                **count,
-            )
-        return plan
-
     def prune_structures_now(
         self, model: nn.Module, batches: list, step: int, optimizer: torch.optim.Optimizer | None = None
     ) -> dict[str, float]:
-        """Score heads and FFN neurons on ``batches`` and remove what ``step`` asks for, in ``--prune_rounds``
-        rounds each scored anew; optionally rescale the kept units (mask tuning). Weight masks are kept.
-        Returns the logs of the cut."""
+        """Score whole layers, heads and FFN neurons on ``batches`` and remove what ``step`` asks for (units
+        in ``--prune_rounds`` rounds each scored anew); optionally rescale the kept units (mask tuning).
+        Weight masks are kept. Returns the logs of the cut."""
         args = self.pruning_args
+        self.plan.check_structures(model)
         reference = copy.deepcopy(model) if args.measure_speedup else None
-        layers = _share(step, args.prune_step_list, args.prune_layers) if args.prunes_layers else 0
+        layers = self.plan.layers_to_remove(step)
         if layers:
             self.importance[LAYERS] = prune_layers_by_importance(
                 model, batches, layers, args.layer_importance, optimizer, show_progress=self._progress
@@ -262,15 +156,8 @@ class GradientPruningCallback(TrainerCallback):
         """Remove the units (and, under a FLOPs budget, the whole layers) of ``names`` that ``step`` asks for,
         in ``--prune_rounds`` rounds: the report of :func:`prune_in_rounds`."""
         args = self.pruning_args
-        rounds = self._rounds(model, step)
-        if args.prunes_by_flops:
-            ratio = self.flops_ratio_at(step)
-            multiples = neuron_multiples(model, args.prune_ffn_multiple_of)
-            plan = flops_in_rounds(
-                model, ratio, args.flops_seq_len, self._min_units(), rounds, multiples, args.uniform_per_layer
-            )
-        else:
-            plan = functools.partial(self._structure_plan, model, step, rounds=rounds)
+        rounds = self.plan.rounds(model, step)
+        plan = self.plan.chooser(model, step, rounds)
 
         def choose(importance: dict[str, torch.Tensor], index: int) -> dict[str, dict[int, list[int]]]:
             self.importance.update(importance)
@@ -338,13 +225,13 @@ class GradientPruningCallback(TrainerCallback):
         ``PruningTrainer.train`` calls this; it is what makes step-0 structural pruning work under DDP,
         which cannot follow parameters that change shape once it wraps the model.
         """
-        if not self._structure_step(0):
+        if not self.plan.structure_step(0):
             return
         self._progress = self.show_progress and show_progress
         batches = take_batches(dataloader, self.pruning_args.importance_batches)
         self._pending_logs.update(self.prune_structures_now(model, batches, 0))
         self._structures_done_before_training = True
-        if self.after_cut is not None and self.weight_sparsity_at(0) is None:
+        if self.after_cut is not None and self.plan.weight_sparsity_at(0, self.weight_sparsity) is None:
             self.after_cut()
 
     def _structure_steps_left(self, step: int) -> list[int]:
@@ -397,7 +284,7 @@ class GradientPruningCallback(TrainerCallback):
         ):
             start, every = args.sparsity_schedule_start, args.sparsity_schedule_frequency
             last = start + (max_steps - 1 - start) // every * every  # the ramp's last update in training
-            final = (self.weight_sparsity_at(last) if last >= start else None) or 0.0
+            final = (self.plan.weight_sparsity_at(last) if last >= start else None) or 0.0
             warnings.warn(
                 f"`--sparsity_schedule_end` {args.sparsity_schedule_end} is at or past the end of training "
                 f"(max_steps={max_steps}): the weights end at sparsity {final:.3g}, not the "
@@ -421,6 +308,12 @@ class GradientPruningCallback(TrainerCallback):
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self.refuse_sharded_training(bool(args.fsdp), bool(args.deepspeed))
+        if self.pruning_args.distills and not self.distillation_in_loss:
+            raise ValueError(
+                f"`--distill_alpha {self.pruning_args.distill_alpha}` adds a distillation term to the loss, "
+                "which a callback cannot change: train with PruningTrainer (a Trainer with this callback "
+                "built in), or set `--distill_alpha 0`."
+            )
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         model = kwargs["model"]
@@ -459,7 +352,7 @@ class GradientPruningCallback(TrainerCallback):
         model, optimizer = kwargs["model"], kwargs.get("optimizer")
         step = state.global_step
         cut = step in self._structure_steps_left(step)
-        sparsity = self.weight_sparsity_at(step)
+        sparsity = self.plan.weight_sparsity_at(step, self.weight_sparsity)
         if cut and sparsity is None and self.weight_sparsity > 0:
             sparsity = self.weight_sparsity  # surgery removes masked rows: restore the exact sparsity
         if cut or sparsity is not None:
@@ -546,6 +439,8 @@ class GradientPruningCallback(TrainerCallback):
 
     def _check_resumed_args(self, saved: dict[str, Any], folder: Path) -> None:
         current = self.pruning_args.to_dict()
+        # A flag newer than the checkpoint was at its default then.
+        saved = {**PruningArguments.defaults(), **saved}
         changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         harmful = [k for k in changed if k not in HARMLESS_ON_RESUME]
         if harmful:

@@ -28,7 +28,16 @@ from .adapters import get_adapter
 from .arguments import PruningArguments
 from .callback import PRUNING_METRICS, GradientPruningCallback
 from .cards import create_pruning_model_card, save_head_importance_heatmap
-from .checkpoint import finish_interrupted_save, has_state, load_state, save_state, saving_into
+from .checkpoint import (
+    finish_interrupted_save,
+    has_state,
+    load_pruned,
+    load_state,
+    save_pruned,
+    save_state,
+    saving_into,
+)
+from .distillation import DistillationParts, Distiller, frozen_copy
 from .export import check_exportable, export_vanilla
 from .hub import push_folder_to_hub, resolve_token, staged_copy
 from .lora import mask_lora_updates, masked_lora_layers
@@ -37,6 +46,8 @@ from .record import PruningRecord
 from .surgery import prune_layers, prune_units
 
 TRAINING_ARGS_JSON = "training_args.json"
+#: Where a run saves the copy of the model it distils from (``--distill_alpha`` without a teacher path).
+TEACHER_DIR = "distillation_teacher"
 HEATMAP_FILENAME = "head_importance.png"
 # The arguments of `Trainer.create_model_card`, in its order: what `push_to_hub(**kwargs)` passes on.
 CARD_FIELDS = (
@@ -148,6 +159,7 @@ class PruningTrainer(Trainer):
                 "one. Pass the model itself as `model=`."
             )
         self.pruning_callback = GradientPruningCallback(pruning_args)
+        self.pruning_callback.distillation_in_loss = True
         # Before the user's callbacks, so that they see each step's pruning done.
         kwargs["callbacks"] = [self.pruning_callback, *(kwargs.get("callbacks") or [])]
         super().__init__(*args, **kwargs)
@@ -166,6 +178,12 @@ class PruningTrainer(Trainer):
         self._evaluating_pruned = False
         if evaluate_after_pruning:
             self.pruning_callback.after_cut = self._evaluate_pruned
+        #: The frozen teacher and the loss against it, built at ``train`` (``--distill_alpha`` above 0).
+        self.distiller: Distiller | None = None
+        self._distilled: list[DistillationParts] = []
+        if pruning_args.distills:
+            # The loss is a per-batch mean: the Trainer divides it over gradient accumulation steps.
+            self.loss_is_scaled_for_ga = False
 
     def _mask_lora_updates(self) -> None:
         """A peft model on masked weights trains its LoRA updates masked (:func:`mask_lora_updates`), so
@@ -188,9 +206,62 @@ class PruningTrainer(Trainer):
             self._evaluating_pruned = False
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """``Trainer.log`` with the step's pruning metrics: every ``report_to`` integration sees them."""
+        """``Trainer.log`` with the step's pruning metrics (and, in training logs, the distillation loss's
+        parts since the last log): every ``report_to`` integration sees them."""
         # A new dict: `evaluate` returns the one it logs, and its metrics are not the pruning's.
-        super().log({**logs, **self.pruning_callback.pop_logs()}, *args, **kwargs)
+        extra = self.pruning_callback.pop_logs()
+        if "loss" in logs and self._distilled:
+            parts = self._distilled
+            extra["distill/task"] = sum(p.task for p in parts) / len(parts)
+            extra["distill/kl"] = sum(p.kl for p in parts) / len(parts)
+            if parts[0].hidden is not None:
+                extra["distill/hidden"] = sum(p.hidden or 0.0 for p in parts) / len(parts)
+            self._distilled = []
+        super().log({**logs, **extra}, *args, **kwargs)
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """``Trainer.compute_loss``; in training with ``--distill_alpha`` above 0, the task loss (a per-batch
+        mean) blended with the distillation from the frozen teacher (:class:`Distiller`)."""
+        if self.distiller is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        task, outputs = super().compute_loss(model, self.distiller.inputs(inputs), return_outputs=True)
+        student = self.accelerator.unwrap_model(model)
+        loss, parts = self.distiller.loss(student, task, outputs, inputs)
+        self._distilled.append(parts)
+        return (loss, outputs) if return_outputs else loss
+
+    def _build_distiller(self, resume_from_checkpoint: str | None) -> None:
+        """The teacher of ``--distill_alpha``: ``--teacher_model_name_or_path``, or the model as it is now
+        (before the first cut), saved once in ``<output_dir>/distillation_teacher`` and read back there when
+        resuming."""
+        args = self.pruning_args
+        saved = Path(self.args.output_dir) / TEACHER_DIR
+        path = args.teacher_model_name_or_path or (saved if resume_from_checkpoint else None)
+        if path is None:
+            teacher = frozen_copy(self.model)
+            if self.args.should_save:
+                save_pruned(teacher, saved)
+        else:
+            if not args.teacher_model_name_or_path and not saved.is_dir():
+                raise ValueError(
+                    f"Resuming a run with `--distill_alpha {args.distill_alpha}` needs its teacher, saved at "
+                    f"{saved} when the run began, and it is not there: restore it, or give "
+                    "`--teacher_model_name_or_path`."
+                )
+            config = getattr(self.model, "config", None)
+            plain = None if config is not None else frozen_copy(self.model)  # a weight-pruned nn.Module
+            parameter = next(self.model.parameters())
+            teacher = load_pruned(path, model=plain, apply_weight_masks=False)
+            teacher = frozen_copy(teacher.to(device=parameter.device, dtype=parameter.dtype))
+        self.distiller = Distiller(
+            teacher, args.distill_alpha, args.distill_temperature, args.distill_hidden_states
+        )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         """``Trainer.train``, after replaying the checkpoint's pruning when resuming, or making the step-0
@@ -199,6 +270,8 @@ class PruningTrainer(Trainer):
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
         elif resume_from_checkpoint:
             _check_complete(resume_from_checkpoint)
+        if self.pruning_args.distills and self.distiller is None:
+            self._build_distiller(resume_from_checkpoint)
         if resume_from_checkpoint:
             self._replay_pruning(resume_from_checkpoint)
         elif self.state.global_step == 0:
