@@ -92,3 +92,21 @@ def test_pruning_arguments_warn_when_a_flag_s_feature_is_off(flag, value, switch
         UserWarning, match=rf"`--{flag} .*` shapes .*, which is off: it is ignored \(set `{switch}"
     ):
         PruningArguments(**other, **{flag: value})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (
+            {"weight_sparsity": None, "sparsity_pattern": "3:2"},
+            r"`--weight_sparsity` must be a float, got None",
+        ),
+        ({"prune_heads_per_layer": True}, r"`--prune_heads_per_layer` must be an int or None, got True"),
+        ({"distill_alpha": "0.5"}, r"`--distill_alpha` must be a float, got '0.5'"),
+        ({"prune_target_modules": ["query", 3]}, r"`--prune_target_modules` must be a list of str"),
+        ({"mask_tuning": 1}, r"`--mask_tuning` must be a bool, got 1"),
+    ],
+)
+def test_pruning_arguments_wrong_types_name_the_flag_before_any_comparison(overrides, match):
+    with pytest.raises(TypeError, match=match):
+        PruningArguments(**overrides)

@@ -8,10 +8,19 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
-from hf_gradprune import PruningArguments, PruningTrainer, prune_units
+from hf_gradprune import (
+    PruningArguments,
+    PruningTrainer,
+    compute_head_importance,
+    load_pruned,
+    prune_layers_by_importance,
+    prune_to_flops,
+    prune_units,
+    prune_weights,
+)
 from hf_gradprune.masks import compute_sparsity, get_masks
 
-from .helpers import build_tiny, tiny_dataset
+from .helpers import build_tiny, tiny_batch, tiny_dataset
 
 
 def trainer_for(
@@ -125,3 +134,67 @@ def test_the_hub_token_reaches_no_file_log_or_card(tmp_path, capsys, caplog):
     captured = capsys.readouterr()
     assert secret not in captured.out + captured.err + caplog.text
     assert secret not in repr(trainer.state.log_history)
+
+
+# --- a diverged model, and folders that hold no model ---
+
+
+def _diverged(model_type: str = "bert"):
+    model = build_tiny(model_type)
+    with torch.no_grad():
+        model.get_parameter(DIVERGED)[0, 0] = float("nan")
+    return model
+
+
+DIVERGED = "bert.encoder.layer.1.attention.self.value.weight"
+
+
+@pytest.mark.parametrize(
+    "prune",
+    [
+        lambda model, batch: compute_head_importance(model, [batch], show_progress=False),
+        lambda model, batch: prune_weights(model, [batch], 0.5, method="taylor", show_progress=False),
+        lambda model, batch: prune_weights(model, None, 0.5, method="magnitude", show_progress=False),
+        lambda model, batch: prune_weights(
+            model, [batch], 0.5, method="wanda", sequential=True, show_progress=False
+        ),
+        lambda model, batch: prune_to_flops(model, [batch], 0.5, seq_len=8, rounds=1, show_progress=False),
+        lambda model, batch: prune_layers_by_importance(model, [batch], 1, show_progress=False),
+    ],
+    ids=["head_importance", "taylor", "magnitude", "wanda_blockwise", "flops", "layers"],
+)
+def test_a_diverged_model_is_refused_naming_the_parameter_and_left_as_it_was(prune):
+    model = _diverged()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=rf"Parameter '{DIVERGED}' has 1 of 1024 values that are NaN"):
+        prune(model, tiny_batch(model))
+    after = model.state_dict()
+    assert after.keys() == before.keys() and not get_masks(model)
+    assert all(torch.equal(after[k].nan_to_num(7.0), v.nan_to_num(7.0)) for k, v in before.items())
+
+
+def test_trainer_refuses_to_prune_a_diverged_model_at_its_pruning_step(tmp_path):
+    trainer = PruningTrainer(
+        model=_diverged().train(),
+        args=TrainingArguments(str(tmp_path), max_steps=2, use_cpu=True, report_to=[], disable_tqdm=True),
+        train_dataset=tiny_dataset(),
+        pruning_args=PruningArguments(weight_sparsity=0.5, weight_importance="obd", importance_batches=1),
+    )
+    with pytest.raises(ValueError, match="the model diverged"):
+        trainer.train()
+    assert not get_masks(trainer.model)
+
+
+@pytest.mark.parametrize(
+    ("files", "match"),
+    [
+        ({}, r"holds no saved model: there is no config.json \(it is empty\)"),
+        ({"pruning_masks.safetensors": b""}, r"it holds only weight masks \(pruning_masks.safetensors\)"),
+        ({"notes.txt": b"x", "model.safetensors": b""}, r"it holds \['model.safetensors', 'notes.txt'\]"),
+    ],
+)
+def test_load_pruned_on_a_folder_without_a_model_says_what_it_holds(tmp_path, files, match):
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=r"`path_or_repo_id` .*" + match):
+        load_pruned(tmp_path)

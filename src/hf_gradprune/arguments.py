@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import types
+import typing
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -24,6 +26,8 @@ RECONSTRUCTIONS = ("none", "least_squares", "adam", "least_squares_adam")
 SPARSITY_ALLOCATIONS = ("uniform", "owl")
 SPARSITY_SCOPES = ("per_tensor", "per_row", "per_layer", "global")
 SPARSITY_SCHEDULES = ("one_shot", "linear", "cubic")
+#: What ``X | None`` and ``Optional[X]`` annotations resolve to.
+UNIONS = (types.UnionType, typing.Union)
 PATTERN_FORM = re.compile(r"^(unstructured|(\d+):(\d+))$")
 
 
@@ -324,7 +328,30 @@ class PruningArguments:
             raise ValueError(f"`--prune_steps` needs at least one step, all >= 0, got {value!r}.")
         return steps
 
+    def _check_types(self) -> None:
+        """Every field of the type its annotation says (``None`` only where it allows it): a ``TypeError``
+        naming the flag before any value is compared."""
+        hints = typing.get_type_hints(type(self))
+        for item in fields(self):
+            value = getattr(self, item.name)
+            members = (
+                typing.get_args(hints[item.name]) if typing.get_origin(hints[item.name]) in UNIONS else ()
+            )
+            optional = type(None) in members
+            kind = next((m for m in members if m is not type(None)), hints[item.name])
+            if value is None and optional:
+                continue
+            base = typing.get_origin(kind) or kind
+            accepted = (int, float) if base is float else (base,)
+            entries_ok = base is not list or all(isinstance(entry, str) for entry in value or ())
+            if isinstance(value, bool) != (base is bool) or not isinstance(value, accepted) or not entries_ok:
+                name = "list of str" if base is list else base.__name__
+                allowed = f"{name} or None" if optional else name
+                article = "an" if name == "int" else "a"
+                raise TypeError(f"`--{item.name}` must be {article} {allowed}, got {value!r}.")
+
     def _validate_args(self) -> None:
+        self._check_types()
         choices = {
             "head_importance_normalize": HEAD_NORMALIZATIONS,
             "head_importance_accumulate": HEAD_ACCUMULATIONS,

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .adapters import get_adapter, input_channel_dim, weight_dims
 from .criteria import WEIGHT_CRITERIA
-from .importance import frozen_for_probe, prepare_batch
+from .importance import check_finite, frozen_for_probe, prepare_batch
 from .masks import apply_masks, masks_of
 from .reconstruction import add_to_hessian, least_squares_update, sparsegpt_prune, tune_block
 from .sparsity import masks_keeping, outlier_ratio, owl_sparsities, parse_sparsity_pattern
@@ -308,6 +308,7 @@ def prune_blockwise(
         by_block[owner][name] = module
     if not batches:
         raise ValueError("`batches` is empty: layer-by-layer pruning needs calibration data.")
+    check_finite(model)  # before the first block is pruned
     needs = set() if method == "sparsegpt" else set(WEIGHT_CRITERIA[method].needs)
     if method == "sparsegpt" or reconstruction.startswith("least_squares"):
         needs.add("hessian")

@@ -23,7 +23,7 @@ from torch import nn
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
-from transformers.utils import SAFE_WEIGHTS_NAME
+from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
 
 from .masks import MASKS_FILENAME, apply_masks, get_masks, load_masks, save_masks
 from .record import PruningRecord, strip_record
@@ -118,6 +118,25 @@ def saving_into(folder: str | os.PathLike, owned: Iterable[str] = ()) -> Iterato
     _move_files(pending, folder)
     for name in set(owned) - written:
         (folder / name).unlink(missing_ok=True)
+
+
+def _check_has_model(folder: Path) -> None:
+    """A folder without ``config.json`` holds no saved transformers model: say what it holds instead."""
+    if (folder / CONFIG_NAME).is_file():
+        return
+    held = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    weights = [name for name in held if name.endswith(".safetensors") and name != MASKS_FILENAME]
+    if not held:
+        what = "it is empty"
+    elif MASKS_FILENAME in held and not weights:
+        what = f"it holds only weight masks ({MASKS_FILENAME}), not the model they mask"
+    else:
+        what = f"it holds {held}"
+    raise ValueError(
+        f"`path_or_repo_id` {os.fspath(folder)!r} holds no saved model: there is no {CONFIG_NAME} ({what}). "
+        "Pass the folder given to `save_pretrained` or `save_pruned`, or, for a model that is not a "
+        "transformers model, build it and pass it as `model=`."
+    )
 
 
 def resolve_folder(path_or_repo_id: str | os.PathLike, subfolder: str = "", **hub_kwargs: Any) -> Path:
@@ -387,6 +406,7 @@ def load_pruned(
         if dtype is not None:
             model.to(dtype)
     else:
+        _check_has_model(folder)
         config = AutoConfig.from_pretrained(folder)
         record = PruningRecord.from_config(config)
         _check_architecture(config, model_class)

@@ -35,9 +35,34 @@ from .gates import LayerGates, UnitGates
 from .record import PruningRecord
 
 
+def check_finite(model: nn.Module) -> None:
+    """Refuse a model with a parameter that is NaN or infinite (as after a diverged run): its scores would be
+    noise, and the pruning chosen from them arbitrary. The error names the first such parameter."""
+    for name, parameter in model.named_parameters():
+        bad = ~torch.isfinite(parameter.detach())
+        if bad.any():
+            raise ValueError(
+                f"Parameter {name!r} has {int(bad.sum())} of {parameter.numel()} values that are NaN or "
+                "infinite: the model diverged, and pruning it would rank units and weights by noise. Prune "
+                "a checkpoint from before the divergence."
+            )
+
+
+def finite_loss(loss: torch.Tensor, index: int) -> torch.Tensor:
+    """``loss``, or a ``ValueError`` naming calibration batch ``index`` when it is NaN or infinite."""
+    if not torch.isfinite(loss.detach()):
+        raise ValueError(
+            f"The loss on calibration batch {index} is {float(loss):g} with finite weights: importance needs "
+            "a finite loss (a batch with no labelled token, or an overflow in a low precision dtype?)."
+        )
+    return loss
+
+
 @contextlib.contextmanager
 def frozen_for_probe(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no parameter gradients inside; mode and ``requires_grad`` restored after."""
+    """Eval mode and no parameter gradients inside; mode and ``requires_grad`` restored after. A model with
+    a weight that is not finite is refused first (:func:`check_finite`)."""
+    check_finite(model)
     was_training = model.training
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
@@ -250,7 +275,7 @@ def compute_unit_importance(
     with gate_probe(model, structures) as gates:
         scores = [torch.zeros_like(g.gates) for g in gates]
         for batch in tqdm(batches, total=total, desc="Unit importance", disable=not show_progress):
-            grads = torch.autograd.grad(batch_loss(model, batch), [g.gates for g in gates])
+            grads = torch.autograd.grad(finite_loss(batch_loss(model, batch), seen), [g.gates for g in gates])
             for score, grad in zip(scores, grads, strict=True):
                 if accumulate == "fisher":
                     score.addcmul_(grad, grad)
@@ -396,7 +421,7 @@ def compute_layer_importance(
         with frozen_for_probe(model), LayerGates(model, requires_grad=True) as gates:
             scores = torch.zeros_like(gates.gates)
             for batch in tqdm(batches, total=total, desc="Layer importance", disable=not show_progress):
-                (grad,) = torch.autograd.grad(batch_loss(model, batch), [gates.gates])
+                (grad,) = torch.autograd.grad(finite_loss(batch_loss(model, batch), seen), [gates.gates])
                 scores.addcmul_(grad, grad)
                 seen += 1
     if not seen:
@@ -472,7 +497,7 @@ def _calibration_sums(
                         else:  # a row with no labelled token (all padding) has no loss to learn from
                             skipped += 1
                 elif gradients:
-                    batch_loss(model, batch).backward()
+                    finite_loss(batch_loss(model, batch), seen).backward()
                 else:
                     with torch.no_grad():
                         model(**prepare_batch(model, with_labels(model, batch)))
@@ -596,6 +621,8 @@ def score_modules(
     for name in methods:
         check_choice("method", name, tuple(WEIGHT_CRITERIA))
     needs = set().union(*(WEIGHT_CRITERIA[name].needs for name in methods))
+    if not needs:
+        check_finite(model)  # the calibration pass checks it otherwise
     sums: dict[str, list[torch.Tensor]] = {}
     if needs:
         sums, seen = _calibration_sums(model, dict(modules), batches, needs)
