@@ -47,14 +47,12 @@ class UnitTarget:
         fraction (`bool`): ``amount`` is a fraction of the units.
         across_layers (`bool`): the units are ranked across layers (scores normalised per layer by
             ``normalize``), not layer by layer.
-        minimum (`int`): units (groups) every layer keeps.
         normalize (`str`): per-layer normalisation before ranking across layers.
     """
 
     amount: float
     fraction: bool
     across_layers: bool
-    minimum: int
     normalize: str = "none"
 
     def total(self, units_per_layer: int, num_layers: int) -> float:
@@ -641,23 +639,17 @@ class PruningArguments:
 
         Example:
             >>> PruningArguments(prune_heads_per_layer=2, prune_ffn_fraction=0.5).unit_targets["ffn"]
-            UnitTarget(amount=0.5, fraction=True, across_layers=False, minimum=1, normalize='none')
+            UnitTarget(amount=0.5, fraction=True, across_layers=False, normalize='none')
         """
         targets = {}
         if self.prune_heads_per_layer:
-            targets[HEADS] = UnitTarget(
-                self.prune_heads_per_layer, False, False, self.min_units_per_layer(HEADS)
-            )
+            targets[HEADS] = UnitTarget(self.prune_heads_per_layer, False, False)
         elif self.prune_heads_fraction:
             targets[HEADS] = UnitTarget(
-                self.prune_heads_fraction,
-                True,
-                not self.uniform_per_layer,
-                self.min_units_per_layer(HEADS),
-                self.head_importance_normalize,
+                self.prune_heads_fraction, True, not self.uniform_per_layer, self.head_importance_normalize
             )
         if self.prune_ffn_fraction:
-            targets[FFN] = UnitTarget(self.prune_ffn_fraction, True, False, self.min_units_per_layer(FFN))
+            targets[FFN] = UnitTarget(self.prune_ffn_fraction, True, False)
         return targets
 
     @property

@@ -403,18 +403,21 @@ def _structure_sizes(model: nn.Module) -> dict[str, dict[str, Any]]:
     return sizes
 
 
-def _structure_summary(structure: Structure, adapter: Any, model: nn.Module) -> dict[str, Any]:
-    """One structure's card lines: what the units are called, how many each layer had and kept, and the
-    table cells of each layer (kept, the removed indices when the structure lists them, groups kept)."""
-    config = model.config
-    record = PruningRecord.from_config(config)
-    units, group = adapter.num_units(structure, config), adapter.group_size(structure, config)
-    kept = [record.kept(structure.name, layer, units) for layer in range(len(adapter.blocks(model)))]
+def _capitalized(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _structure_summary(
+    structure: Structure, sizes: Mapping[str, Any], group: int, record: PruningRecord
+) -> dict[str, Any]:
+    """One structure's card lines from its ``sizes`` (:func:`_structure_sizes`): what the units are called,
+    how many each layer had and kept, and the table cells of each layer (kept, the removed indices when the
+    structure lists them, groups kept)."""
+    units, kept = sizes["units"], sizes["kept_units"]
     label = structure.units_label
-    title = label[:1].upper() + label[1:]
-    header, cells, totals = [f"{title} kept"], [[f"{len(k)} / {units}"] for k in kept], []
-    total, kept_total = units * len(kept), sum(map(len, kept))
-    totals.append(f"**{kept_total} / {total}**")
+    header, cells = [f"{_capitalized(label)} kept"], [[f"{len(k)} / {units}"] for k in kept]
+    total, kept_total = units * len(kept), sum(sizes["kept"])
+    totals = [f"**{kept_total} / {total}**"]
     if structure.list_removed:
         header.append(f"Removed {label}")
         for layer, row in enumerate(cells):
@@ -422,7 +425,7 @@ def _structure_summary(structure: Structure, adapter: Any, model: nn.Module) -> 
         totals.append(str(total - kept_total))
     groups = units // group
     if group > 1:
-        header.append(f"{structure.group_label[:1].upper()}{structure.group_label[1:]} kept")
+        header.append(f"{_capitalized(structure.group_label)} kept")
         groups_kept = [len({unit // group for unit in k}) for k in kept]
         for row, count in zip(cells, groups_kept, strict=True):
             row.append(f"{count} / {groups}")
@@ -430,14 +433,14 @@ def _structure_summary(structure: Structure, adapter: Any, model: nn.Module) -> 
     removed = total - kept_total
     return {
         "label": label,
-        "title": title,
+        "title": _capitalized(label),
         "grouped": group > 1,
         "group_label": structure.group_label,
         "before": f"{units} {label}" + (f" sharing {groups} {structure.group_label}" if group > 1 else ""),
         "removed": removed,
         "total": total,
         "removed_pct": f"{removed / total:.2%}" if total else "0.00%",
-        "layers_pruned": sum(1 for k in kept if len(k) < units),
+        "layers_pruned": sum(1 for count in sizes["kept"] if count < units),
         "header": header,
         "cells": cells,
         "totals": totals,
@@ -450,9 +453,12 @@ def _structure_rows(model: nn.Module, seq_len: int) -> dict[str, Any]:
     adapter = find_adapter(model)
     if adapter is None:
         return {"structured": False}
-    structures = [_structure_summary(structure, adapter, model) for structure in adapter.structures]
+    sizes, record = _structure_sizes(model), PruningRecord.from_config(model.config)
+    structures = [
+        _structure_summary(s, sizes[s.name], adapter.group_size(s, model.config), record)
+        for s in adapter.structures
+    ]
     num_layers = len(adapter.blocks(model))
-    record = PruningRecord.from_config(model.config)
     table = {
         "header": ["Layer", *(cell for s in structures for cell in s["header"])],
         "rows": [

@@ -146,7 +146,11 @@ def select_units_for_flops(
     if not 0.0 < target_ratio <= 1.0:
         raise ValueError(f"`target_ratio` must be in (0, 1], got {target_ratio}.")
     adapter = get_adapter(model)
-    current, original = block_flops(model, seq_len), block_flops(model, seq_len, original=True)
+    costs = unit_macs(model, seq_len)
+    per_layer = layer_macs(model, costs)
+    # The block FLOPs as block_flops counts them, from the costs computed once.
+    current = 2 * seq_len * sum(per_layer)
+    original = 2 * seq_len * sum(layer_macs(model, costs, original=True))
     excess = current - target_ratio * original
     if excess <= 0:
         return {}
@@ -154,7 +158,6 @@ def select_units_for_flops(
         current - (target_ratio if final_ratio is None else min(final_ratio, target_ratio)) * original
     )
     groups = {s.name: adapter.group_size(s, model.config) for s in adapter.structures}
-    costs = unit_macs(model, seq_len)
     return select_units_under_budget(
         importance,
         {name: cost for name, cost in costs.items() if name in importance},
@@ -163,7 +166,7 @@ def select_units_for_flops(
         min_units_per_layer=min_units_per_layer,
         multiple_of=multiple_of,
         uniform=uniform,
-        layer_costs=layer_macs(model, costs) if LAYERS in importance else None,
+        layer_costs=per_layer if LAYERS in importance else None,
         layer_budget=final_excess / (2 * seq_len),
     )
 

@@ -173,7 +173,7 @@ class PruningPlan:
                 count = {"per_layer": amount}
             plan[structure.name] = select_units_to_prune(
                 scores,
-                min_units_per_layer=target.minimum,
+                min_units_per_layer=self.args.min_units_per_layer(structure.name),
                 group=group,
                 unit_name=structure.units_label if group == 1 else structure.group_label,
                 **count,

@@ -257,8 +257,9 @@ class PruningTrainer(Trainer):
             config = getattr(self.model, "config", None)
             plain = None if config is not None else frozen_copy(self.model)  # a weight-pruned nn.Module
             parameter = next(self.model.parameters())
+            # A fresh model without masks: the Distiller freezes it, no copy needed.
             teacher = load_pruned(path, model=plain, apply_weight_masks=False)
-            teacher = frozen_copy(teacher.to(device=parameter.device, dtype=parameter.dtype))
+            teacher = teacher.to(device=parameter.device, dtype=parameter.dtype)
         self.distiller = Distiller(
             teacher, args.distill_alpha, args.distill_temperature, args.distill_hidden_states
         )

@@ -8,6 +8,7 @@ selection, surgery, FLOPs, the pruning record and reload loop over structures an
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -143,6 +144,16 @@ class EmptyPart(nn.Module):
         return f"every unit removed; output: {self.output_path}"
 
 
+def head_width(config: PretrainedConfig, heads: str = "num_attention_heads") -> int:
+    """The width of one attention head: the config's ``head_dim``, else ``hidden_size`` (DistilBERT: ``dim``)
+    over the ``heads`` key."""
+    explicit = getattr(config, "head_dim", None)
+    if explicit:
+        return int(explicit)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None)
+    return int(hidden) // int(getattr(config, heads))
+
+
 def attention_heads(
     output: str,
     query: str = "",
@@ -165,12 +176,7 @@ def attention_heads(
     token of context (scores and weighted values).
     """
     if width is None:
-        heads = units
-
-        def width(config: PretrainedConfig) -> int:
-            explicit = getattr(config, "head_dim", None)
-            hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None)
-            return int(explicit) if explicit else int(hidden) // int(getattr(config, heads))
+        width = functools.partial(head_width, heads=units)
 
     if qkv:
         rows = (Rows(qkv, (UNIT, GROUP, GROUP)),)

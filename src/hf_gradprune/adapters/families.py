@@ -6,7 +6,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from .base import ArchitectureAdapter, attention_heads, ffn_neurons
+from .base import ArchitectureAdapter, attention_heads, ffn_neurons, head_width
 from .registry import register_adapter
 
 # BERT and RoBERTa share one layout: encoder.layer[i].attention.{self,output}, intermediate, output.
@@ -84,8 +84,7 @@ register_adapter(
 def _grouped_heads(config: PretrainedConfig, kept: int) -> dict[str, Any]:
     """``kept`` query heads in every layer, with the key/value groups and the head size they had."""
     group = config.num_attention_heads // config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return {"num_attention_heads": kept, "num_key_value_heads": kept // group, "head_dim": head_dim}
+    return {"num_attention_heads": kept, "num_key_value_heads": kept // group, "head_dim": head_width(config)}
 
 
 # Grouped-query decoders: heads leave by whole key/value groups, so num_key_value_groups stays.
