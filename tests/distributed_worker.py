@@ -3,7 +3,9 @@
 Usage: ``torchrun --nproc_per_node 2 tests/distributed_worker.py OUT_DIR MODE`` with MODE one of
 ``one_shot`` (weight sparsity 0.5 at step 0), ``linear`` (0 -> 0.5 over steps 0..6, every 2 steps),
 ``heads0`` (PruningTrainer: one head per layer cut before training, then weight sparsity 0.5), ``flops0``
-(PruningTrainer: heads and FFN neurons to half the FLOPs with mask tuning, before training) or ``heads``
+(PruningTrainer: heads and FFN neurons to half the FLOPs with mask tuning, before training), ``distill``
+(PruningTrainer: the same cut, then training with distillation from the model before the cut, hidden
+states included) or ``heads``
 (a head cut at step 3, mid-training, which the callback refuses in multi-process training) or ``fsdp``
 (weight pruning under FSDP 2 ``full_shard``, which the callback refuses when the Trainer is built).
 
@@ -57,6 +59,8 @@ PRUNING = {
     "flops0": {"target_flops_ratio": 0.5, "flops_seq_len": LENGTH, "mask_tuning": True, "prune_steps": "0"},
     "fsdp": {"weight_sparsity": 0.5},
 }
+PRUNING["distill"] = {**PRUNING["flops0"], "distill_alpha": 0.5, "distill_hidden_states": True}
+STEP0_CUTS = ("heads0", "flops0", "distill")  # PruningTrainer cuts them before DDP wraps the model
 
 
 def random_dataset() -> Dataset:
@@ -122,7 +126,7 @@ def main() -> None:
         except ValueError as error:
             (out / f"error_rank{rank}.txt").write_text(str(error))
             raise
-    if mode in ("heads0", "flops0"):  # PruningTrainer cuts step-0 structures before DDP wraps the model
+    if mode in STEP0_CUTS:
         trainer = PruningTrainer(**common, pruning_args=pruning_args, callbacks=[Recorder(out, rank)])
         trainer.pruning_callback.show_progress = False
     else:

@@ -1,11 +1,12 @@
 """Worker of tests/test_faults.py: a pruning schedule in a process of its own, so that it can die for real.
 
-Usage: ``python tests/fault_worker.py OUT_DIR MODE`` with MODE one of ``full`` (the whole run), ``killed``
-(the same run, killed with SIGKILL while it writes checkpoint-8: model and optimizer written, trainer state
-not yet) or ``resume`` (``train(resume_from_checkpoint=True)`` in OUT_DIR). ``full`` and ``resume`` save the
-final model with ``save_pruned`` into ``OUT_DIR/final``.
+Usage: ``python tests/fault_worker.py OUT_DIR MODE [distill]`` with MODE one of ``full`` (the whole run),
+``killed`` (the same run, killed with SIGKILL while it writes checkpoint-8: model and optimizer written,
+trainer state not yet) or ``resume`` (``train(resume_from_checkpoint=True)`` in OUT_DIR). ``full`` and
+``resume`` save the final model with ``save_pruned`` into ``OUT_DIR/final``.
 
-The schedule is ``tests.helpers.RAMP_PRUNING``, with checkpoints every 4 of 12 steps.
+The schedule is ``tests.helpers.RAMP_PRUNING``, with checkpoints every 4 of 12 steps; with ``distill``, the
+loss also distils from the model before the first cut (``DISTILLATION``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from hf_gradprune import PruningArguments, PruningTrainer, save_pruned
 from tests.helpers import RAMP_PRUNING, build_tiny, tiny_dataset
 
 KILL_AT_STEP = 8
+DISTILLATION = {"distill_alpha": 0.5, "distill_hidden_states": True}
 
 
 class DyingTrainer(PruningTrainer):
@@ -35,8 +37,8 @@ class DyingTrainer(PruningTrainer):
         super()._save_rng_state(output_dir)
 
 
-def main(out_dir: str, mode: str) -> None:
-    pruning = PruningArguments(**RAMP_PRUNING)
+def main(out_dir: str, mode: str, loss: str = "task") -> None:
+    pruning = PruningArguments(**RAMP_PRUNING, **(DISTILLATION if loss == "distill" else {}))
     args = TrainingArguments(
         output_dir=str(Path(out_dir) / "out"),
         max_steps=12,

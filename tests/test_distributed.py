@@ -175,6 +175,21 @@ def test_distributed_flops_budget_cuts_the_same_heads_and_neurons_on_every_rank(
     assert control.returncode != 0
 
 
+def test_distributed_distillation_trains_the_same_model_on_every_rank(tmp_path):
+    out = trained(tmp_path / "distill", "distill")
+    first, second = (json.loads((out / f"record_rank{rank}.json").read_text()) for rank in (0, 1))
+    assert first == second and first["pruned_ffn"] and first["pruned_heads"]
+    weights = [load_file(out / f"weights_rank{rank}.safetensors") for rank in (0, 1)]
+    assert different_tensors(*weights) == []
+    # One teacher, the model before the cut, saved once by the main process.
+    teacher = load_file(out / "trainer" / "distillation_teacher" / "model.safetensors")
+    dense = build_tiny("bert").state_dict()
+    assert all(torch.equal(teacher[k], dense[k]) for k in teacher) and teacher.keys() <= dense.keys()
+    # The control: the same cut trained without distillation ends elsewhere.
+    plain = trained(tmp_path / "plain", "flops0")
+    assert different_tensors(weights[0], load_file(plain / "weights_rank0.safetensors"))
+
+
 def test_distributed_fsdp_is_refused_with_the_reason(tmp_path):
     out = tmp_path / "fsdp"
     result = torchrun(out, "fsdp")

@@ -19,23 +19,26 @@ from hf_gradprune.masks import get_masks
 WORKER = Path(__file__).with_name("fault_worker.py")
 
 
-def run_worker(out_dir: Path, mode: str) -> subprocess.CompletedProcess:
+def run_worker(out_dir: Path, mode: str, loss: str = "task") -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(WORKER), str(out_dir), mode], capture_output=True, text=True, timeout=600
+        [sys.executable, str(WORKER), str(out_dir), mode, loss], capture_output=True, text=True, timeout=600
     )
 
 
-def test_run_killed_mid_schedule_while_checkpointing_resumes_to_the_same_model(tmp_path):
-    full = run_worker(tmp_path / "full", "full")
+@pytest.mark.parametrize("loss", ["task", "distill"])
+def test_run_killed_mid_schedule_while_checkpointing_resumes_to_the_same_model(tmp_path, loss):
+    full = run_worker(tmp_path / "full", "full", loss)
     assert full.returncode == 0, full.stderr[-4000:]
-    killed = run_worker(tmp_path / "run", "killed")
+    killed = run_worker(tmp_path / "run", "killed", loss)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
     checkpoints = tmp_path / "run" / "out"
     assert (checkpoints / "checkpoint-8" / "model.safetensors").is_file()  # written, but cut short:
     assert not (checkpoints / "checkpoint-8" / "trainer_state.json").exists()
-    resumed = run_worker(tmp_path / "run", "resume")
+    resumed = run_worker(tmp_path / "run", "resume", loss)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "Skipping" in resumed.stderr and "checkpoint-8" in resumed.stderr  # resumed from checkpoint-4
+    # With distillation the teacher was saved once, when the run began, and read back on resuming.
+    assert (tmp_path / "run" / "out" / "distillation_teacher").is_dir() == (loss == "distill")
 
     expected, again = load_pruned(tmp_path / "full" / "final"), load_pruned(tmp_path / "run" / "final")
     heads = PruningRecord.from_config(expected.config).pruned_heads
