@@ -20,6 +20,8 @@ recovery fine-tune with the masks kept.
    (distillation from the unpruned model).
 5. Recovery: the 50% per-row model of ``--finetune_criterion`` trained ``--finetune_steps`` steps with
    ``PruningTrainer``, masks kept; perplexity after, and a check that every pruned weight is still zero.
+   ``--distill_alpha 0.5`` blends the loss with distillation from the model before the cut (KL over the
+   teacher's top tokens at ``--distill_temperature``; ``benchmarks/recovery.py`` measures what it gives).
 """
 
 from __future__ import annotations
@@ -156,6 +158,8 @@ def main() -> None:
     parser.add_argument("--flops_ratio", type=float, default=0.75)
     parser.add_argument("--finetune_criterion", default="obd", choices=CRITERIA)
     parser.add_argument("--finetune_steps", type=int, default=30)
+    parser.add_argument("--distill_alpha", type=float, default=0.0, help="PruningArguments.distill_alpha")
+    parser.add_argument("--distill_temperature", type=float, default=1.0)
     options = parser.parse_args()
     torch.manual_seed(0)
 
@@ -220,6 +224,8 @@ def recover(model, tokenizer, reviews, calibration, held_out, options) -> dict:
         weight_importance=options.finetune_criterion,
         sparsity_scope="per_row",
         importance_batches=options.calibration_batches,
+        distill_alpha=options.distill_alpha,
+        distill_temperature=options.distill_temperature,
     )
     train = [
         {"input_ids": row}
@@ -243,7 +249,7 @@ def recover(model, tokenizer, reviews, calibration, held_out, options) -> dict:
             report_to=[],
             save_strategy="no",
             use_cpu=True,
-            logging_steps=10,
+            logging_steps=min(10, options.finetune_steps),
             disable_tqdm=False,
         ),
         train_dataset=train,
@@ -256,6 +262,8 @@ def recover(model, tokenizer, reviews, calibration, held_out, options) -> dict:
     return {
         "criterion": options.finetune_criterion,
         "steps": options.finetune_steps,
+        "distill_alpha": options.distill_alpha,
+        "distill_kl": [e["distill/kl"] for e in trainer.state.log_history if "distill/kl" in e],
         "perplexity": perplexity(model, held_out),
         "sparsity": compute_sparsity(model)["overall"],
         "revived_weights": revived,
