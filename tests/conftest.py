@@ -23,6 +23,22 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """How many cases the property-based tests generated (``tests/test_properties.py``)."""
+    cases = {
+        report.nodeid: value
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if getattr(report, "when", None) == "teardown"
+        for key, value in getattr(report, "user_properties", ())
+        if key == "generated_cases"
+    }
+    if cases:
+        terminalreporter.write_line(
+            f"property-based tests: {sum(cases.values())} generated cases in {len(cases)} tests"
+        )
+
+
 @pytest.fixture(params=supported_model_types())
 def model_type(request: pytest.FixtureRequest) -> str:
     """Every registered model type (a family without a tiny builder fails here)."""

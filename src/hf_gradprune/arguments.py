@@ -341,7 +341,9 @@ class PruningArguments:
                 continue
             base = typing.get_origin(kind) or kind
             accepted = (int, float) if base is float else (base,)
-            entries_ok = base is not list or all(isinstance(entry, str) for entry in value or ())
+            entries_ok = base is not list or (
+                isinstance(value, list) and all(isinstance(entry, str) for entry in value)
+            )
             if isinstance(value, bool) != (base is bool) or not isinstance(value, accepted) or not entries_ok:
                 name = "list of str" if base is list else base.__name__
                 allowed = f"{name} or None" if optional else name

@@ -23,15 +23,17 @@ from .arguments import (
     MASK_TUNING_METHODS,
     RECONSTRUCTIONS,
     SPARSITY_ALLOCATIONS,
+    WEIGHT_SOLVERS,
     check_choice,
 )
 from .blockwise import prune_blockwise
+from .criteria import WEIGHT_CRITERIA
 from .flops import flops_in_rounds, neuron_multiples
 from .importance import compute_layer_importance, compute_unit_importance, score_modules
 from .mask_tuning import capture_targets, capture_teacher, distill_unit_scales, rescale_units
 from .masks import apply_masks, masks_of
 from .record import PruningRecord
-from .sparsity import masks_keeping
+from .sparsity import check_mask_arguments, masks_keeping
 from .surgery import prune_layers, prune_units
 
 #: What mask tuning keeps of the unpruned model, and what fits the scales to it, by method.
@@ -311,6 +313,7 @@ def prune_weights(
         >>> list(masks), int(masks["0.weight"].sum())
         (['0.weight'], 32)
     """
+    check_choice("method", method, (*WEIGHT_CRITERIA, *WEIGHT_SOLVERS))
     check_choice("reconstruction", reconstruction, RECONSTRUCTIONS)
     check_choice("allocation", allocation, SPARSITY_ALLOCATIONS)
     if allocation == "owl" and pattern != "unstructured":
@@ -333,6 +336,10 @@ def prune_weights(
     if method == "sparsegpt" and scope not in ("per_row", "per_tensor"):
         raise ValueError(f"method='sparsegpt' takes scope 'per_row' or 'per_tensor', got {scope!r}.")
     modules = find_target_modules(model, target_modules)
+    layer_of = weight_layer_groups(model, target_modules)
+    dims = weight_input_dims(model, target_modules)
+    weights = {f"{name}.weight": module.weight for name, module in modules.items()}
+    check_mask_arguments(weights, sparsity, scope, pattern, layer_of, dims)
     if find_adapter(model) is not None and (by_blocks or (sequential and method != "magnitude")):
         return prune_blockwise(
             model,
@@ -347,8 +354,6 @@ def prune_weights(
             allocation=allocation,
             show_progress=show_progress,
         )
-    layer_of = weight_layer_groups(model, target_modules)
-    dims = weight_input_dims(model, target_modules)
     layers: dict[str, dict[str, nn.Module]] = {}
     for name, module in modules.items():
         layers.setdefault(layer_of[f"{name}.weight"] if sequential else "all", {})[name] = module

@@ -238,6 +238,33 @@ def compute_weight_masks(
     return {name: masks[name] for name in scores}
 
 
+def check_mask_arguments(
+    weights: Mapping[str, torch.Tensor],
+    sparsity: float | None,
+    scope: str = "per_tensor",
+    pattern: str = "unstructured",
+    groups: Mapping[str, str] | None = None,
+    input_dims: Mapping[str, int | Sequence[int]] | None = None,
+) -> None:
+    """Raise, before anything is scored or changed, the error :func:`compute_weight_masks` would raise for
+    ``weights`` (names to tensors, only their shapes are read): a bad ``sparsity``, ``scope`` or
+    ``pattern``, or a weight whose inputs are not a multiple of M. It masks stand-ins with one output row
+    each (the real inputs), so it costs little memory."""
+    dims = input_dims or {}
+    probes = {}
+    for name, weight in weights.items():
+        axes = _input_axes(name, weight, dims.get(name, -1))
+        probes[name] = torch.zeros([size if d in axes else 1 for d, size in enumerate(weight.shape)])
+    layout: dict[str, Any] = {}
+    if scope == "per_layer" and pattern == "unstructured":
+        layout["groups"] = groups
+    if scope == "per_row" or pattern != "unstructured":
+        layout["input_dims"] = input_dims
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the real call warns once
+        compute_weight_masks(probes, sparsity, scope=scope, pattern=pattern, **layout)
+
+
 def masks_keeping(
     scores: Mapping[str, torch.Tensor],
     sparsity: float | None,
