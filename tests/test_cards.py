@@ -242,3 +242,21 @@ def test_create_pruning_model_card_rejects_an_absolute_heatmap_path(tmp_path: Pa
     model, _ = pruned_bert()
     with pytest.raises(ValueError, match="`heatmap_filename` must be a relative file name"):
         create_pruning_model_card(model, heatmap_filename=str(tmp_path / "head_importance.png"))
+
+
+def test_card_says_how_training_distilled_and_hides_a_local_teacher_path(tmp_path: Path) -> None:
+    model, before = pruned_bert()
+    teacher = str(tmp_path / "teacher")
+    args = PruningArguments(prune_heads_per_layer=1, distill_alpha=0.3, distill_hidden_states=True)
+    text = create_pruning_model_card(model, pruning_args=args.to_dict(), params_before=before).text
+    assert "distilled from the model as it was before the first cut" in text
+    assert "0.7 x the task loss + 0.3 x the distillation" in text and "at temperature 2.0" in text
+    assert "hidden states" in text
+    args = PruningArguments(prune_heads_per_layer=1, distill_alpha=0.5, teacher_model_name_or_path=teacher)
+    text = create_pruning_model_card(model, pruning_args=args.to_dict(), params_before=before).text
+    assert "distilled from a local checkpoint" in text and teacher not in text and "hidden states" not in text
+    args = PruningArguments(distill_alpha=0.5, weight_sparsity=0.5, teacher_model_name_or_path="org/teacher")
+    text = create_pruning_model_card(model, pruning_args=args.to_dict()).text
+    assert "distilled from [`org/teacher`](https://huggingface.co/org/teacher)" in text
+    plain = create_pruning_model_card(model, pruning_args={"prune_heads_per_layer": 1}).text
+    assert "distilled" not in plain

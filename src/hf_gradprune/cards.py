@@ -223,6 +223,27 @@ def _argument_rows(pruning_args: Mapping[str, Any] | None) -> list[tuple[str, st
     return rows
 
 
+def _distillation_text(pruning_args: Mapping[str, Any] | None) -> str | None:
+    """How the training distilled (``--distill_alpha`` above 0), for the method section."""
+    args = pruning_args or {}
+    alpha = args.get("distill_alpha")
+    if not _real(alpha) or alpha <= 0:
+        return None
+    teacher = args.get("teacher_model_name_or_path")
+    hub_teacher = _hub_id(teacher)
+    if hub_teacher:
+        source = f"[`{hub_teacher}`](https://huggingface.co/{hub_teacher})"
+    else:
+        source = "a local checkpoint" if teacher else "the model as it was before the first cut"
+    parts = f"the teacher's outputs at temperature {args.get('distill_temperature', 2.0)}"
+    if args.get("distill_hidden_states"):
+        parts += " and each kept layer's hidden states"
+    return (
+        f"Training after the cut distilled from {source}: the loss was {1 - alpha:g} x the task loss + "
+        f"{alpha:g} x the distillation from {parts}."
+    )
+
+
 def _real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
@@ -716,6 +737,7 @@ def create_pruning_model_card(
         framework_versions=_framework_versions(),
         pruning_args=_argument_rows(pruning_args),
         weight_importance=weight_importance,
+        distillation=_distillation_text(pruning_args),
         params_after=f"{params_after:,}",
         params_before=f"{params_before:,}" if params_before else None,
         params_reduction=f"{(params_before - params_after) / params_before:.2%}" if params_before else None,
