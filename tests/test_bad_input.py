@@ -198,3 +198,26 @@ def test_load_pruned_on_a_folder_without_a_model_says_what_it_holds(tmp_path, fi
         (tmp_path / name).write_bytes(content)
     with pytest.raises(ValueError, match=r"`path_or_repo_id` .*" + match):
         load_pruned(tmp_path)
+
+
+# Found by tests/test_properties.py with more examples than make test runs.
+
+
+def test_a_list_flag_given_a_bool_names_the_flag():
+    with pytest.raises(TypeError, match="`--prune_target_modules` must be a list of str or None, got True"):
+        PruningArguments(prune_target_modules=True)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_an_n_m_pattern_that_does_not_divide_a_layer_is_refused_before_any_block_changes(method):
+    model = build_tiny("llama")  # FFN of 37 neurons: down_proj has 37 inputs
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"`model\.layers\.0\.mlp\.down_proj\.weight` has 37 inputs.*M=4"):
+        prune_weights(model, [tiny_batch(model)], None, method, pattern="2:4", sequential=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items()) and not get_masks(model)
+
+
+def test_an_unknown_weight_method_is_refused_by_name():
+    model = build_tiny("bert")
+    with pytest.raises(ValueError, match=r"`method` must be one of .*'obd'.*'sparsegpt', got 'bogus'"):
+        prune_weights(model, [tiny_batch(model)], 0.5, "bogus")
