@@ -10,6 +10,7 @@ from transformers import TrainingArguments
 
 from hf_gradprune import (
     PruningArguments,
+    PruningRecord,
     PruningTrainer,
     compute_head_importance,
     load_pruned,
@@ -221,3 +222,36 @@ def test_an_unknown_weight_method_is_refused_by_name():
     model = build_tiny("bert")
     with pytest.raises(ValueError, match=r"`method` must be one of .*'obd'.*'sparsegpt', got 'bogus'"):
         prune_weights(model, [tiny_batch(model)], 0.5, "bogus")
+
+
+def test_an_unreachable_flops_target_is_refused_before_any_round_cuts():
+    model = build_tiny("bert")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"`target_ratio` 0\.01 cannot be reached: Cannot remove"):
+        prune_to_flops(
+            model,
+            [tiny_batch(model)],
+            0.01,
+            seq_len=8,
+            min_heads_per_layer=2,
+            layers=True,
+            show_progress=False,
+        )
+    assert model.state_dict().keys() == before.keys()  # no layer removed by a first round
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_no_heads_kept_needs_allow_empty():
+    model = build_tiny("bert")
+    with pytest.raises(
+        ValueError, match=r"`min_heads_per_layer` must be >= 1 \(>= 0 with `allow_empty=True`\)"
+    ):
+        prune_to_flops(model, [tiny_batch(model)], 0.5, seq_len=8, min_heads_per_layer=0, show_progress=False)
+
+
+def test_an_unreachable_flops_flag_is_refused_at_the_first_cut(tmp_path):
+    pruning = PruningArguments(target_flops_ratio=0.01, flops_seq_len=8, prune_flops_structures="heads,ffn")
+    trainer = trainer_for(tmp_path, pruning)
+    with pytest.raises(ValueError, match=r"`--target_flops_ratio` 0\.01 cannot be reached"):
+        trainer.train()
+    assert PruningRecord.from_config(trainer.model.config).is_empty()

@@ -171,6 +171,39 @@ def select_units_for_flops(
     )
 
 
+def check_flops_target(
+    model: nn.Module,
+    target_ratio: float,
+    seq_len: int,
+    min_units_per_layer: int | Mapping[str, int],
+    multiple_of: Mapping[str, int] | None = None,
+    uniform: bool = False,
+    layers: bool = False,
+    argument: str = "target_ratio",
+) -> None:
+    """Raise a ``ValueError`` naming ``target_ratio`` (as ``argument``), before anything is cut, when no
+    choice of units (and of whole layers with ``layers``) under the constraints reaches it; what can go
+    does not depend on the scores, so the check selects on equal ones."""
+    adapter = get_adapter(model)
+    record = PruningRecord.from_config(model.config)
+    num_layers = len(adapter.blocks(model))
+    importance = {}
+    for structure in adapter.structures:
+        num_units = adapter.num_units(structure, model.config)
+        scores = torch.full((num_layers, num_units), float("nan"))
+        for layer in range(num_layers):
+            scores[layer, record.kept(structure.name, layer, num_units)] = 1.0
+        importance[structure.name] = scores
+    if layers:
+        importance[LAYERS] = torch.ones(num_layers)
+    try:
+        select_units_for_flops(
+            model, importance, target_ratio, seq_len, min_units_per_layer, multiple_of, uniform
+        )
+    except ValueError as error:
+        raise ValueError(f"`{argument}` {target_ratio} cannot be reached: {error}") from None
+
+
 def layer_macs(model: nn.Module, costs: Mapping[str, int], original: bool = False) -> list[int]:
     """Multiply-adds per token of every layer as it stands (``original``: of every layer of the unpruned
     model, removed ones included): its units of each structure at ``costs`` (:func:`unit_macs`) per unit."""

@@ -28,7 +28,7 @@ from .arguments import (
 )
 from .blockwise import prune_blockwise
 from .criteria import WEIGHT_CRITERIA
-from .flops import flops_in_rounds, neuron_multiples
+from .flops import check_flops_target, flops_in_rounds, neuron_multiples
 from .importance import compute_layer_importance, compute_unit_importance, score_modules
 from .mask_tuning import capture_targets, capture_teacher, distill_unit_scales, rescale_units
 from .masks import apply_masks, masks_of
@@ -188,17 +188,23 @@ def prune_to_flops(
     """
     if not 0.0 < target_ratio < 1.0:
         raise ValueError(f"`target_ratio` must be in (0, 1), got {target_ratio}.")
+    if isinstance(min_heads_per_layer, bool) or not isinstance(min_heads_per_layer, int):
+        raise TypeError(f"`min_heads_per_layer` must be an int, got {min_heads_per_layer!r}.")
+    if min_heads_per_layer < (0 if allow_empty else 1):
+        raise ValueError(
+            f"`min_heads_per_layer` must be >= 1 (>= 0 with `allow_empty=True`), got {min_heads_per_layer}."
+        )
     adapter = get_adapter(model)
     names = [structure.name for structure in adapter.structures]
     minimum = {name: 0 if allow_empty else 1 for name in names}
     minimum["heads"] = 0 if allow_empty else min_heads_per_layer
+    multiples = neuron_multiples(model, ffn_multiple_of)
+    check_flops_target(model, target_ratio, seq_len, minimum, multiples, uniform, layers)
     return prune_in_rounds(
         model,
         batches,
         [*names, LAYERS] if layers else names,
-        flops_in_rounds(
-            model, target_ratio, seq_len, minimum, rounds, neuron_multiples(model, ffn_multiple_of), uniform
-        ),
+        flops_in_rounds(model, target_ratio, seq_len, minimum, rounds, multiples, uniform),
         rounds=rounds,
         mask_tuning=mask_tuning,
         accumulate=accumulate,

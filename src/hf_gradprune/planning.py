@@ -11,7 +11,7 @@ from torch import nn
 
 from .adapters import LAYERS, Structure, get_adapter
 from .arguments import PruningArguments
-from .flops import flops_in_rounds, neuron_multiples
+from .flops import check_flops_target, flops_in_rounds, neuron_multiples
 from .importance import normalize_per_layer
 from .selection import select_units_to_prune
 from .sparsity import sparsity_at_step
@@ -136,6 +136,16 @@ class PruningPlan:
         args = self.args
         if args.prunes_by_flops:
             multiples = neuron_multiples(model, args.prune_ffn_multiple_of)
+            check_flops_target(
+                model,
+                args.target_flops_ratio,
+                args.flops_seq_len,
+                self.min_units(),
+                multiples,
+                args.uniform_per_layer,
+                LAYERS in args.flops_structures,
+                argument="--target_flops_ratio",
+            )
             return flops_in_rounds(
                 model,
                 self.flops_ratio_at(step),
