@@ -255,14 +255,9 @@ def check_mask_arguments(
     for name, weight in weights.items():
         axes = _input_axes(name, weight, dims.get(name, -1))
         probes[name] = torch.zeros([size if d in axes else 1 for d, size in enumerate(weight.shape)])
-    layout: dict[str, Any] = {}
-    if scope == "per_layer" and pattern == "unstructured":
-        layout["groups"] = groups
-    if scope == "per_row" or pattern != "unstructured":
-        layout["input_dims"] = input_dims
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the real call warns once
-        compute_weight_masks(probes, sparsity, scope=scope, pattern=pattern, **layout)
+        masks_keeping(probes, sparsity, {}, scope, pattern, groups, input_dims)
 
 
 def masks_keeping(
