@@ -297,6 +297,7 @@ def smollm2(args: argparse.Namespace, results: dict[str, Any]) -> None:
         "half FLOPs": (half, time.perf_counter() - start),
     }
     for name, (cut, seconds) in cuts.items():
+        right_after = example.perplexity(cut, held_out)  # once per cut, not per recovery run
         for distil in (False, True) if name != "dense" else (False,):
             label = name + (" + distillation" if distil else "")
             model = copy.deepcopy(cut).train()
@@ -323,7 +324,7 @@ def smollm2(args: argparse.Namespace, results: dict[str, Any]) -> None:
                 "name": label,
                 "prune_seconds": round(seconds, 1),
                 "flops_ratio": flops_ratio(cut, SEQ_LEN),
-                "perplexity_right_after": example.perplexity(cut, held_out),
+                "perplexity_right_after": right_after,
                 "perplexity": example.perplexity(model, held_out),
                 "train_seconds": round(train_seconds, 1),
             }
