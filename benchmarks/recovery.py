@@ -76,6 +76,7 @@ NAME = "recovery"
 SEQ_LEN = 128
 MINILM_DISTILL = {"distill_alpha": 0.5, "distill_temperature": 2.0, "distill_hidden_states": True}
 SMOLLM2_DISTILL = {"distill_alpha": 0.5, "distill_temperature": 1.0}
+SMOLLM2_CUTS = ("dense", "2:4", "half FLOPs")
 
 
 def parse_args() -> argparse.Namespace:
@@ -91,6 +92,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--smollm2_steps", type=int, default=64, help="Recovery steps of 4 x 128 tokens.")
     parser.add_argument("--smollm2_calibration", type=int, default=8, help="Batches of 4 x 128 tokens.")
     parser.add_argument("--smollm2_eval_batches", type=int, default=16, help="Held-out batches of 4 x 128.")
+    parser.add_argument(
+        "--smollm2_cuts",
+        nargs="+",
+        choices=SMOLLM2_CUTS,
+        default=list(SMOLLM2_CUTS),
+        help="SmolLM2 cuts to run; the others' rows stay in the results if their settings were the same.",
+    )
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
@@ -263,39 +271,47 @@ def causal_training(output: Path, steps: int) -> transformers.TrainingArguments:
     )
 
 
+def smollm2_cut(name: str, dense: torch.nn.Module, calibration: list[dict]) -> torch.nn.Module:
+    """A copy of ``dense`` cut as ``name`` says (``dense``: the model itself)."""
+    if name == "dense":
+        return dense
+    cut = copy.deepcopy(dense)
+    if name == "2:4":
+        prune_weights(
+            cut,
+            calibration,
+            0.5,
+            method="wanda",
+            pattern="2:4",
+            sequential=True,
+            reconstruction="least_squares_adam",
+            show_progress=False,
+        )
+    else:
+        prune_to_flops(cut, calibration, 0.5, seq_len=SEQ_LEN, mask_tuning=True, show_progress=False)
+    return cut
+
+
 def smollm2(args: argparse.Namespace, results: dict[str, Any]) -> None:
     example, dense, _, calibration, held_out, recovery = smollm2_data(args)
     teacher_path = CACHE / "smollm2-dense"
     if not (teacher_path / "config.json").is_file():
         dense.save_pretrained(teacher_path)
-    part = results["smollm2"] = {
+    part = {
         "recovery_steps": args.smollm2_steps,
         "recovery_tokens": args.smollm2_steps * 4 * SEQ_LEN,
         "held_out_tokens": args.smollm2_eval_batches * 4 * SEQ_LEN,
         "dense": example.perplexity(dense, held_out),
         "rows": [],
     }
-    start = time.perf_counter()
-    two_four = copy.deepcopy(dense)
-    prune_weights(
-        two_four,
-        calibration,
-        0.5,
-        method="wanda",
-        pattern="2:4",
-        sequential=True,
-        reconstruction="least_squares_adam",
-        show_progress=False,
-    )
-    two_four_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    half = copy.deepcopy(dense)
-    prune_to_flops(half, calibration, 0.5, seq_len=SEQ_LEN, mask_tuning=True, show_progress=False)
-    cuts = {
-        "dense": (dense, 0.0),
-        "2:4": (two_four, two_four_seconds),
-        "half FLOPs": (half, time.perf_counter() - start),
-    }
+    earlier = results.get("smollm2", {})
+    if all(earlier.get(key) == part[key] for key in ("recovery_steps", "held_out_tokens", "dense")):
+        part["rows"] = [r for r in earlier["rows"] if r["name"].split(" + ")[0] not in args.smollm2_cuts]
+    results["smollm2"] = part
+    cuts = {}
+    for name in args.smollm2_cuts:
+        start = time.perf_counter()
+        cuts[name] = (smollm2_cut(name, dense, calibration), time.perf_counter() - start)
     for name, (cut, seconds) in cuts.items():
         right_after = example.perplexity(cut, held_out)  # once per cut, not per recovery run
         for distil in (False, True) if name != "dense" else (False,):
