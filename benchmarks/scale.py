@@ -53,15 +53,18 @@ from common import (
 # overstates what a pass needs; MALLOC_MMAP_THRESHOLD_=65536 fixes the threshold (the run is named after it).
 NAME = "scale" + ("_mmap_threshold" if os.environ.get("MALLOC_MMAP_THRESHOLD_") else "")
 #: The passes measured each in a fresh process that loads the model from safetensors: (criterion,
-#: reconstruction, block by block), the rows of ``benchmarks/llm_blockwise.py`` and block-by-block ``obd``.
+#: reconstruction, block by block, scoring passes), the rows of ``benchmarks/llm_blockwise.py``, and ``obd``
+#: one shot in one pass and in bounded memory (8 passes, checkpointed) and block by block.
 FRESH_PASSES = (
-    ("wanda", "none", False),
-    ("wanda", "none", True),
-    ("sparsegpt", "none", True),
-    ("wanda", "least_squares", True),
-    ("wanda", "least_squares_adam", True),
-    ("gblm", "least_squares_adam", True),
-    ("obd", "none", True),
+    ("wanda", "none", False, 1),
+    ("wanda", "none", True, 1),
+    ("sparsegpt", "none", True, 1),
+    ("wanda", "least_squares", True, 1),
+    ("wanda", "least_squares_adam", True, 1),
+    ("gblm", "least_squares_adam", True, 1),
+    ("obd", "none", False, 1),
+    ("obd", "none", False, 8),
+    ("obd", "none", True, 1),
 )
 
 
@@ -96,6 +99,7 @@ from common import PeakMemory, load_causal_lm_example, resident_bytes
 from hf_gradprune import prune_weights
 from hf_gradprune.testing import load_rotten_tomatoes
 folder, method, reconstruction, sequential = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1"
+passes = int(sys.argv[7])
 tokenizer = AutoTokenizer.from_pretrained(folder)
 texts = load_rotten_tomatoes()["train"]["text"]
 batches = load_causal_lm_example().text_batches(tokenizer, texts, int(sys.argv[6]), 4, 128)
@@ -104,28 +108,33 @@ model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 start = time.perf_counter()
 with PeakMemory() as memory:
     prune_weights(model, batches, 0.5, method=method, scope="per_row", sequential=sequential,
-                  reconstruction=reconstruction, show_progress=False)
+                  reconstruction=reconstruction, scoring_passes=passes, show_progress=False)
 seconds = time.perf_counter() - start
 print(json.dumps({"baseline": baseline, "start": memory.start, "peak": memory.peak, "seconds": seconds}))
 """
 
 
-def fresh_pass(folder: str, run: tuple[str, str, bool], batches: int, model_bytes: int) -> dict:
+def fresh_pass(folder: str, run: tuple[str, str, bool, int], batches: int, model_bytes: int) -> dict:
     """``prune_weights`` at 50% per row in a fresh process that loads the dense model from ``folder``
     (safetensors, memory-mapped as ``from_pretrained`` maps it): its peak with the model, and above what the
     process held when the pass began."""
-    method, reconstruction, sequential = run
+    method, reconstruction, sequential, passes = run
     args = [str(Path(__file__).resolve().parent), folder, method, reconstruction, str(int(sequential))]
     out = subprocess.run(
-        [sys.executable, "-c", FRESH_PASS, *args, str(batches)], capture_output=True, text=True, check=True
+        [sys.executable, "-c", FRESH_PASS, *args, str(batches), str(passes)],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     memory = json.loads(out.splitlines()[-1])
     suffix = "" if reconstruction == "none" else f" + {reconstruction}"
+    suffix += "" if passes == 1 else f", {passes} passes"
     return {
         "stage": f"{'block by block' if sequential else 'one shot'}, {method}{suffix} (fresh process)",
         "method": method,
         "reconstruction": reconstruction,
         "sequential": sequential,
+        "scoring_passes": passes,
         "seconds": round(memory["seconds"], 2),
         "peak_total": (memory["peak"] - memory["baseline"]) / model_bytes,
         "peak_extra": (memory["peak"] - memory["start"]) / model_bytes,

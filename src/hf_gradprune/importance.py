@@ -5,6 +5,7 @@ gradients, magnitudes or inputs. Works on any model the ``Trainer`` can train; s
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import inspect
 import warnings
@@ -14,11 +15,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .adapters import (
     HEADS,
     LAYERS,
+    find_adapter,
     find_target_modules,
     get_adapter,
     input_channel_dim,
@@ -429,7 +432,50 @@ def compute_layer_importance(
     return all_reduce_sum(scores).float().cpu()
 
 
+#: True while a checkpointed block recomputes its forward in backward: hooks that gather forward statistics
+#: skip it (they saw that forward already).
+_RECOMPUTING = contextvars.ContextVar("recomputing", default=False)
+
+
+@contextlib.contextmanager
+def _recomputing() -> Iterator[None]:
+    token = _RECOMPUTING.set(True)
+    try:
+        yield
+    finally:
+        _RECOMPUTING.reset(token)
+
+
+def _recompute_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    return contextlib.nullcontext(), _recomputing()
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Inside, each block of a model of a registered family runs under activation checkpointing
+    (non-reentrant): backward keeps each block's input instead of its activations and recomputes one block
+    at a time, so a gradient pass holds one block's activations. Other models, or ``enabled=False``, run as
+    they are."""
+    adapter = find_adapter(model) if enabled else None
+    blocks = list(adapter.blocks(model)) if adapter is not None else []
+    own = [block.__dict__.get("forward") for block in blocks]  # an instance forward (accelerate hooks)
+    for block in blocks:
+        block.forward = functools.partial(
+            checkpoint, block.forward, use_reentrant=False, context_fn=_recompute_contexts
+        )
+    try:
+        yield
+    finally:
+        for block, forward in zip(blocks, own, strict=True):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
+
+
 def _add_square_sum(total: torch.Tensor, channel_dim: int, _module: nn.Module, args: tuple) -> None:
+    if _RECOMPUTING.get():
+        return
     inputs = args[0].detach().float().movedim(channel_dim, -1)
     total.add_(inputs.square().reshape(-1, inputs.shape[-1]).sum(dim=0))
 
@@ -446,7 +492,11 @@ def _add_gradient(
 
 
 def _calibration_sums(
-    model: nn.Module, modules: dict[str, nn.Module], batches: Iterable, needs: set[str]
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    batches: Iterable,
+    needs: set[str],
+    checkpointed: bool = False,
 ) -> tuple[dict[str, list[torch.Tensor]], int]:
     """One pass over ``batches`` gathering what ``needs`` asks for, per target weight: ``"sum"`` (the float32
     sum over batches of dL/dW), ``"square"`` (the sum over single examples of its square: each batch is then
@@ -455,7 +505,8 @@ def _calibration_sums(
 
     Gradients are folded into their accumulators as soon as backward produces them and then freed, so the
     pass holds the model, the accumulators and only the gradients in flight. The model's own ``.grad`` are
-    put back afterwards.
+    put back afterwards. ``checkpointed``: the blocks' activations are recomputed in backward
+    (:func:`checkpointed_blocks`).
     """
     weights = [m.weight for m in modules.values()]
     sums = {
@@ -481,7 +532,7 @@ def _calibration_sums(
     saved_grads = [w.grad for w in weights]
     seen = skipped = 0
     try:
-        with frozen_for_probe(model):
+        with frozen_for_probe(model), checkpointed_blocks(model, checkpointed and gradients):
             if gradients:
                 for index, weight in enumerate(weights):
                     weight.grad = None
@@ -613,10 +664,12 @@ def score_modules(
     batches: Iterable | None,
     method: str | Sequence[str],
     gblm_alpha: float = 100.0,
+    checkpointed: bool = False,
 ) -> dict[str, torch.Tensor] | dict[str, dict[str, torch.Tensor]]:
     """The scores of :func:`compute_weight_importance` for the weights of ``modules`` (qualified name to
     module), in one pass over ``batches`` whatever the number of methods: one method gives parameter name
-    to score, a sequence of methods gives method to that mapping."""
+    to score, a sequence of methods gives method to that mapping. ``checkpointed``: the gradient pass
+    recomputes block activations (:func:`checkpointed_blocks`)."""
     methods = [method] if isinstance(method, str) else list(method)
     for name in methods:
         check_choice("method", name, tuple(WEIGHT_CRITERIA))
@@ -625,7 +678,7 @@ def score_modules(
         check_finite(model)  # the calibration pass checks it otherwise
     sums: dict[str, list[torch.Tensor]] = {}
     if needs:
-        sums, seen = _calibration_sums(model, dict(modules), batches, needs)
+        sums, seen = _calibration_sums(model, dict(modules), batches, needs, checkpointed)
         if seen == 0:
             raise ValueError("`dataloader` yielded no batches: weight importance needs at least one.")
     scores: dict[str, dict[str, torch.Tensor]] = {name: {} for name in methods}

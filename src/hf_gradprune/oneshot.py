@@ -259,6 +259,21 @@ def prune_layers_by_importance(
     return {"layers": layers, "importance": importance}
 
 
+def _in_passes(layers: list[dict[str, nn.Module]], passes: int) -> list[dict[str, nn.Module]]:
+    """``layers`` (in order) joined into at most ``passes`` groups of consecutive layers with about the same
+    number of weights each."""
+    sizes = [sum(m.weight.numel() for m in layer.values()) for layer in layers]
+    share = sum(sizes) / min(passes, len(layers))
+    groups: list[dict[str, nn.Module]] = [{}]
+    done = 0
+    for layer, size in zip(layers, sizes, strict=True):
+        if groups[-1] and done + size / 2 > share * len(groups):
+            groups.append({})
+        groups[-1].update(layer)
+        done += size
+    return groups
+
+
 def prune_weights(
     model: nn.Module,
     batches: Sequence[Mapping[str, Any]] | None,
@@ -272,6 +287,7 @@ def prune_weights(
     show_progress: bool = True,
     reconstruction: str = "none",
     allocation: str = "uniform",
+    scoring_passes: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Score the target weights on ``batches`` and mask them to ``sparsity``; weights masked already stay
     masked (a new mask is the old one ANDed with the new choice).
@@ -306,6 +322,12 @@ def prune_weights(
             against the dense model, Wanda++'s regional optimization) or ``"least_squares_adam"``.
         allocation (`str`, *optional*, defaults to `"uniform"`): ``"uniform"`` or ``"owl"`` (a sparsity per
             block from the outliers of its Wanda scores, the same total; block by block, unstructured).
+        scoring_passes (`int`, *optional*, defaults to 1): one shot, score the target weights in this many
+            groups of consecutive layers (at most one per layer), each in its own pass over ``batches``
+            holding only its group's float32 accumulators and scores; with more than one pass the gradient
+            pass of a registered family also recomputes each block's activations in backward
+            (checkpointing) instead of keeping them. The same masks as one pass, applied once all are
+            chosen, for about ``scoring_passes`` times the compute; not with ``scope="global"``.
 
     Returns:
         `dict[str, torch.Tensor]`: the masks applied, parameter name to bool mask (the model's own masks,
@@ -339,6 +361,15 @@ def prune_weights(
             "(`hf_gradprune.supported_model_types()`); otherwise prune with a weight importance, "
             "reconstruction='none' and allocation='uniform'."
         )
+    if isinstance(scoring_passes, bool) or not isinstance(scoring_passes, int) or scoring_passes < 1:
+        raise ValueError(f"`scoring_passes` must be an int >= 1, got {scoring_passes!r}.")
+    if scoring_passes > 1 and (sequential or by_blocks or scope == "global"):
+        raise ValueError(
+            f"`scoring_passes`={scoring_passes} splits one-shot scoring (sequential=False, method not "
+            "'sparsegpt', reconstruction='none', allocation='uniform') over groups of layers, and a 'global' "
+            "scope compares every layer at once: use scoring_passes=1 here (block by block already holds one "
+            "block's statistics at a time)."
+        )
     if method == "sparsegpt" and scope not in ("per_row", "per_tensor"):
         raise ValueError(f"method='sparsegpt' takes scope 'per_row' or 'per_tensor', got {scope!r}.")
     modules = find_target_modules(model, target_modules)
@@ -362,19 +393,22 @@ def prune_weights(
         )
     layers: dict[str, dict[str, nn.Module]] = {}
     for name, module in modules.items():
-        layers.setdefault(layer_of[f"{name}.weight"] if sequential else "all", {})[name] = module
+        layers.setdefault(layer_of[f"{name}.weight"], {})[name] = module
+    groups = list(layers.values()) if sequential else _in_passes(list(layers.values()), scoring_passes)
     if method != "magnitude":
-        batches = list(batches)  # read once per layer
+        batches = list(batches)  # read once per group
     applied: dict[str, torch.Tensor] = {}
     with_data = method != "magnitude"
     steps = tqdm(
-        layers.values(), desc=f"Layer by layer ({method})", disable=not (show_progress and sequential)
+        groups,
+        desc=f"{'Layer by layer' if sequential else 'Scoring passes'} ({method})",
+        disable=not (show_progress and len(groups) > 1),
     )
     for group in steps:
         data = batches
-        if with_data and show_progress and not sequential:
+        if with_data and show_progress and len(groups) == 1:
             data = tqdm(batches, desc=f"Weight importance ({method})")
-        scores = score_modules(model, group, data, method, gblm_alpha)
+        scores = score_modules(model, group, data, method, gblm_alpha, checkpointed=scoring_passes > 1)
         masks = masks_keeping(
             scores,
             sparsity,
@@ -384,6 +418,10 @@ def prune_weights(
             groups={name: layer_of[name] for name in scores},
             input_dims={name: dims[name] for name in scores},
         )
-        apply_masks(model, masks, copy=False)  # the masks returned are the model's: one copy
+        del scores
+        if sequential:  # the next layer is scored on this one pruned
+            apply_masks(model, masks, copy=False)
         applied.update(masks)
+    if not sequential:  # one shot: every group scored on the model as it came
+        apply_masks(model, applied, copy=False)  # the masks returned are the model's: one copy
     return applied
