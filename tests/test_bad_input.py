@@ -110,7 +110,7 @@ def test_deepspeed_is_refused_with_the_reason():
     callback = GradientPruningCallback(PruningArguments(weight_sparsity=0.5))
     callback.refuse_sharded_training(fsdp=False, deepspeed=False)
     with pytest.raises(
-        ValueError, match=r"does not support DeepSpeed training yet: .* shards across processes"
+        ValueError, match=r"does not support DeepSpeed training: .* partitions across processes"
     ):
         callback.refuse_sharded_training(fsdp=False, deepspeed=True)
 

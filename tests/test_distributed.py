@@ -45,11 +45,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun(out: Path, mode: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run the worker on two CPU processes; the result, whatever the exit code."""
+def torchrun(
+    out: Path, mode: str, env: dict[str, str] | None = None, worker: Path = WORKER
+) -> subprocess.CompletedProcess:
+    """Run ``worker`` on two CPU processes; the result, whatever the exit code."""
     out.mkdir(parents=True)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    command += ["--master_port", str(free_port()), str(WORKER), str(out), mode]
+    command += ["--master_port", str(free_port()), str(worker), str(out), mode]
     return subprocess.run(
         command,
         capture_output=True,
@@ -196,5 +198,6 @@ def test_distributed_fsdp_is_refused_with_the_reason(tmp_path):
     assert result.returncode != 0
     for rank in (0, 1):
         message = (out / f"error_rank{rank}.txt").read_text()
-        assert message.startswith("hf_gradprune does not support FSDP training yet"), message
+        assert message.startswith("hf_gradprune does not support FSDP through the Trainer yet"), message
         assert "shards across processes" in message and "docs/scaling.md" in message
+        assert "on CPU it trains with DDP" in message and "`fully_shard`" in message

@@ -1,6 +1,7 @@
 """Persistent weight masks: zeros that survive training, unchanged keys, masks files."""
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -292,3 +293,34 @@ def test_masks_two_four_on_conv1d_along_inputs():
     weight = model.transformer.h[0].mlp.c_fc.weight  # Conv1D: (in, out)
     groups = (weight != 0).reshape(8, 4, weight.shape[1]).sum(dim=1)
     assert (groups == 2).all()
+
+
+def test_mask_hook_zeroes_an_expanded_gradient():
+    """``weight.sum()`` hands backward a gradient with one element for every entry (stride 0): it cannot be
+    zeroed in place, and is not left unmasked either."""
+    layer = torch.nn.Linear(4, 2)
+    mask = torch.tensor([[True, False] * 2] * 2)
+    apply_masks(layer, {"weight": mask})
+    layer.weight.sum().backward()
+    assert torch.equal(layer.weight.grad, mask.float())
+
+
+def test_reapply_hooks_a_parameter_replaced_since_its_mask_was_applied():
+    """A wrapper that swaps in new parameters (``fully_shard`` does) or a pickled copy leaves a mask without
+    a gradient hook; ``reapply_masks`` zeroes the new parameter and hooks it, so the masked gradient is zero
+    from the next backward on. The control: before ``reapply_masks``, the new parameter's gradient is not."""
+    layer = torch.nn.Linear(4, 2)
+    mask = torch.tensor([[True, False] * 2] * 2)
+    apply_masks(layer, {"weight": mask})
+    layer.weight = torch.nn.Parameter(torch.ones(2, 4))
+    (layer.weight * 2).sum().backward()
+    assert torch.equal(layer.weight.grad, torch.full((2, 4), 2.0))
+    layer.weight.grad = None
+    reapply_masks(layer)
+    assert torch.equal(layer.weight.detach(), mask.float())
+    (layer.weight * 2).sum().backward()
+    assert torch.equal(layer.weight.grad, 2 * mask.float())
+    restored = pickle.loads(pickle.dumps(layer))
+    reapply_masks(restored)
+    (restored.weight * 3).sum().backward()
+    assert torch.equal(restored.weight.grad, 3 * mask.float())

@@ -296,14 +296,22 @@ class GradientPruningCallback(TrainerCallback):
         """FSDP and DeepSpeed shard the parameters that masks and surgery need whole: a clear error."""
         if not (fsdp or deepspeed):
             return
-        name = "FSDP" if fsdp else "DeepSpeed"
+        if fsdp:
+            raise ValueError(
+                "hf_gradprune does not support FSDP through the Trainer yet: its importance, selection and "
+                "surgery read whole parameters, which FSDP shards across processes, and the Trainer's FSDP "
+                "path cannot be tested here (accelerate runs FSDP only on GPUs; on CPU it trains with DDP). "
+                "Weight masks do hold on a model you shard yourself with `fully_shard` (`apply_masks` after "
+                "sharding, `reapply_masks` after each step). Train with DDP (tested), or score and prune in "
+                "one process first (`prune_weights(..., scoring_passes=8)` or `sequential=True` bound the "
+                "memory) and fine-tune the pruned model with its masks under DDP. See docs/scaling.md."
+            )
         raise ValueError(
-            f"hf_gradprune does not support {name} training yet: its weight masks and gradient hooks, "
-            f"importance and head/neuron surgery work on whole parameters, which {name} shards across "
-            "processes (the masks would not match the shards and the optimizer could not be remapped). "
-            "Train with DDP (tested), or score and prune in one process first (`prune_weights(..., "
-            "sequential=True)` holds one block's activations at a time) and fine-tune the pruned model with "
-            "its masks under DDP. See docs/scaling.md."
+            "hf_gradprune does not support DeepSpeed training: its weight masks and gradient hooks, "
+            "importance and head/neuron surgery work on whole parameters, which DeepSpeed partitions across "
+            "processes (the masks would not match the partitions and the optimizer could not be remapped). "
+            "Train with DDP (tested), or score and prune in one process first and fine-tune the pruned model "
+            "with its masks under DDP. See docs/scaling.md."
         )
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):

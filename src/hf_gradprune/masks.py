@@ -24,6 +24,11 @@ again resume training from zero). Masks are saved in a safetensors file of their
 
 Under DDP the mask buffers, like every module buffer, are broadcast from rank 0 before each forward: masks
 must agree across ranks, which the pruning callback ensures by all-reducing importance before selection.
+Under FSDP2 (``fully_shard``) a sharded parameter is masked on its local shard: the buffer keeps the whole
+mask, the gradient is zeroed after FSDP's reduce-scatter (a post-accumulate-grad hook: tensor hooks never
+fire on a sharded parameter) and :func:`reapply_masks` zeroes the shard. ``fully_shard`` replaces the
+parameters: apply masks after it; a parameter replaced since its mask was applied gets its hook again at
+the next :func:`reapply_masks`.
 
 ``copy.deepcopy`` and pickling keep the mask buffers but, like every tensor hook, not the gradient hooks:
 give a copy its hooks back with ``apply_masks(copy, get_masks(copy))``.
@@ -41,6 +46,7 @@ Example:
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -48,13 +54,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import PretrainedConfig
 
 from .record import CONFIG_KEY, PruningRecord
 
 MASKS_FILENAME = "pruning_masks.safetensors"
 _METADATA = {"format": "pt", "hf_gradprune": "weight_masks"}
-# Attribute of a masked module: parameter short name -> handle of its gradient hook.
+# Attribute of a masked module: parameter short name -> its _Hook.
 _HOOKS = "_hf_gradprune_mask_hooks"
 
 
@@ -69,10 +76,63 @@ def _masked(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
             yield (f"{prefix}.{attr}" if prefix else attr), module, attr
 
 
+def _local_mask(param: nn.Parameter, mask: torch.Tensor) -> torch.Tensor | None:
+    """For a parameter sharded as a ``DTensor`` (``fully_shard``), the part of ``mask`` its local shard
+    holds (no communication: every rank has the whole mask); ``None`` for a plain parameter."""
+    if not isinstance(param, DTensor):
+        return None
+    return distribute_tensor(mask, param.device_mesh, param.placements, src_data_rank=None).to_local()
+
+
+class _ShardGradientMask:
+    """Post-accumulate-grad hook of a sharded parameter: its tensor hooks never see a gradient (FSDP2 runs
+    the unsharded copy in autograd and hands the reduced shard to ``.grad``), so the shard's gradient is
+    zeroed where it lands, before clipping and the optimizer step."""
+
+    def __init__(self, local: torch.Tensor):
+        self.local = local
+
+    def __call__(self, param: nn.Parameter) -> None:
+        param.grad.to_local().mul_(self.local)
+
+
+class _Hook:
+    """What :func:`apply_masks` registered on one parameter: the gradient hook's handle, the parameter
+    (weakly: one replaced by a wrapper must not be kept alive) and, sharded, its local mask."""
+
+    def __init__(self, module: nn.Module, attr: str):
+        param = getattr(module, attr)
+        self.param = weakref.ref(param)
+        self.local = _local_mask(param, getattr(module, _buffer_name(attr)))
+        if self.local is None:
+            self.handle = param.register_hook(_GradientMask(module, attr))
+        else:
+            self.handle = param.register_post_accumulate_grad_hook(_ShardGradientMask(self.local))
+
+    def hooks(self, param: nn.Parameter) -> bool:
+        """Whether the hook sits on ``param`` (not on a parameter it replaced, nor lost with a pickle)."""
+        return self.param is not None and self.param() is param
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+    def __getstate__(self) -> dict:
+        return {**vars(self), "param": None}  # a weak reference does not pickle; nor do hooks
+
+
 def _zero_masked(module: nn.Module, attr: str) -> None:
-    # In place, no temporary: this runs after every optimizer step.
+    """Zero the masked entries in place (no temporary: this runs after every optimizer step). A parameter
+    replaced since its mask was applied (``fully_shard`` swaps in sharded ones) gets its hook again."""
+    hooks = vars(module)[_HOOKS]
+    if not hooks[attr].hooks(getattr(module, attr)):
+        hooks[attr].remove()
+        hooks[attr] = _Hook(module, attr)
+    param, local = getattr(module, attr), hooks[attr].local
     with torch.no_grad():
-        getattr(module, attr).mul_(getattr(module, _buffer_name(attr)))
+        if local is None:
+            param.mul_(getattr(module, _buffer_name(attr)))
+        else:
+            param.to_local().mul_(local)
 
 
 def note_masks(model: nn.Module) -> None:
@@ -117,7 +177,8 @@ class _GradientMask:
         self.buffer = _buffer_name(attr)
 
     def __call__(self, grad: torch.Tensor) -> torch.Tensor:
-        return grad.mul_(getattr(self.module, self.buffer))
+        mask = getattr(self.module, self.buffer)
+        return grad.mul_(mask) if grad.is_contiguous() else grad * mask  # an expanded gradient: a copy
 
 
 def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], copy: bool = True) -> None:
@@ -181,8 +242,8 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], copy: bool 
         module.register_buffer(
             _buffer_name(attr), mask.detach().to(param.device, copy=copy), persistent=False
         )
+        hooks[attr] = _Hook(module, attr)
         _zero_masked(module, attr)
-        hooks[attr] = param.register_hook(_GradientMask(module, attr))
     note_masks(model)
 
 
