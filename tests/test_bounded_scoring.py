@@ -7,10 +7,11 @@ import copy
 import pytest
 import torch
 
-from hf_gradprune import prune_weights
+from hf_gradprune import PruningArguments, PruningTrainer, prune_weights
 from hf_gradprune.adapters import get_adapter
+from hf_gradprune.masks import get_masks
 
-from .helpers import build_tiny, tiny_batch
+from .helpers import build_tiny, quiet_cpu_args, tiny_batch, tiny_dataset
 
 METHODS = ("magnitude", "taylor", "obd", "wanda", "gblm")
 
@@ -124,6 +125,29 @@ def test_scoring_passes_refused_by_name(passes, options):
     with pytest.raises(ValueError, match="`scoring_passes`"):
         prune(model, data, passes, **options)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_scoring_passes_flag_prunes_in_training_as_one_pass(tmp_path):
+    """``--scoring_passes 3`` through ``PruningTrainer``: the masks and weights of ``--scoring_passes 1``,
+    from more forwards of the first block (the control that the flag reaches the scoring)."""
+    models, calls = [], {}
+    for passes in (1, 3):
+        model = build_tiny("llama")
+        calls[passes] = []
+        linear = get_adapter(model).blocks(model)[0].mlp.up_proj
+        linear.register_forward_hook(lambda *_, count=calls[passes]: count.append(1))
+        options = {"weight_sparsity": 0.5, "weight_importance": "obd", "importance_batches": 2}
+        trainer = PruningTrainer(
+            model=model,
+            args=quiet_cpu_args(tmp_path / str(passes), max_steps=2, seed=0),
+            train_dataset=tiny_dataset(causal=True),
+            pruning_args=PruningArguments(**options, scoring_passes=passes),
+        )
+        trainer.train()
+        models.append(model)
+    assert_same_pruning(*models, get_masks(models[0]), get_masks(models[1]))
+    assert len(get_masks(models[1])) == 21
+    assert len(calls[3]) > len(calls[1])
 
 
 @pytest.mark.real

@@ -224,6 +224,15 @@ class PruningArguments:
             "criteria on the block-local loss ||block(x)||; any other model module by module, on its loss."
         },
     )
+    scoring_passes: int = field(
+        default=1,
+        metadata={
+            "help": "Score the weights one shot in this many groups of consecutive layers, each its own pass "
+            "over the calibration batches holding only its accumulators, block activations recomputed in "
+            "backward: the same masks in bounded memory, for about this many times the compute. Not with "
+            "layer-by-layer pruning or a global scope."
+        },
+    )
     weight_reconstruction: str = field(
         default="none",
         metadata={
@@ -453,6 +462,15 @@ class PruningArguments:
             )
             if on
         ]
+        if self.scoring_passes < 1:
+            raise ValueError(f"`--scoring_passes` must be >= 1, got {self.scoring_passes}.")
+        if self.scoring_passes > 1 and (layer_by_layer or self.sparsity_scope == "global"):
+            reason = f"`{layer_by_layer[0]}`" if layer_by_layer else "`--sparsity_scope global`"
+            raise ValueError(
+                f"`--scoring_passes {self.scoring_passes}` splits one-shot scoring over groups of layers; "
+                f"{reason} cannot be split that way (block by block already holds one block's statistics "
+                "at a time): leave `--scoring_passes` at 1."
+            )
         if layer_by_layer and self.sparsity_scope == "global":
             raise ValueError(
                 f"`{layer_by_layer[0]}` scores each layer on a different model: use `--sparsity_scope` "
@@ -541,6 +559,7 @@ class PruningArguments:
             "weight_reconstruction": weights,
             "weight_sparsity_allocation": weights,
             "sequential_calibration": weights,
+            "scoring_passes": weights,
             "prune_target_modules": weights,
             "gblm_alpha": (
                 "the gblm criterion",

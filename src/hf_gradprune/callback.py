@@ -212,6 +212,7 @@ class GradientPruningCallback(TrainerCallback):
             show_progress=self._progress,
             reconstruction=args.weight_reconstruction,
             allocation=args.weight_sparsity_allocation,
+            scoring_passes=args.scoring_passes,
         )
         if optimizer is not None:
             zero_pruned_optimizer_state(optimizer, model, masks)
