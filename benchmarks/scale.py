@@ -167,9 +167,18 @@ def main() -> None:
     parser.add_argument("--calibration_batches", type=int, default=8)
     parser.add_argument("--output_dir", type=Path, default=RESULTS)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--fresh_only",
+        nargs="+",
+        metavar="METHOD",
+        help="Run only the fresh-process passes of these methods, their rows replaced in the results.",
+    )
     args = parser.parse_args()
     if args.quick:
         args.calibration_batches = 1
+    if args.fresh_only:
+        fresh_only(args)
+        return
     example = load_causal_lm_example()
     started = time.perf_counter()
     baseline = resident_bytes()
@@ -232,6 +241,35 @@ def main() -> None:
     for s in stages[1:]:
         print(f"| {s['stage']} | {s['seconds']:.1f} | {s['peak_total']:.2f} | {s['peak_extra']:.2f} |")
     print(f"\nmodel {model_bytes / 2**20:.0f} MiB; every row exactly half zero after reload: {rows_exact}")
+
+
+def fresh_only(args: argparse.Namespace) -> None:
+    """The passes of ``FRESH_PASSES`` whose method is in ``args.fresh_only``, into the existing results."""
+    previous = args.output_dir / f"{NAME}.json"
+    if not previous.is_file():
+        raise SystemExit(f"--fresh_only updates {previous}: run the whole benchmark first.")
+    results = json.loads(previous.read_text())
+    model_bytes = results["model_bytes"]
+    started = time.perf_counter()
+    header = results_header(NAME, args)
+    with tempfile.TemporaryDirectory() as dense:
+        here = str(Path(__file__).resolve().parent)
+        subprocess.run([sys.executable, "-c", SAVE_DENSE, here, dense], capture_output=True, check=True)
+        for run in (run for run in FRESH_PASSES if run[0] in args.fresh_only):
+            row = fresh_pass(dense, run, args.calibration_batches, model_bytes)
+            print(json.dumps(row), flush=True)
+            stages = results["stages"]
+            names = [stage["stage"] for stage in stages]
+            if row["stage"] in names:
+                stages[names.index(row["stage"])] = row
+            else:
+                stages.append(row)
+    results["peak_total"] = max(s.get("peak_total", 0.0) for s in results["stages"])
+    key = "_".join(args.fresh_only)
+    results[f"date_fresh_only_{key}"] = header["date"]
+    results[f"machine_fresh_only_{key}"] = header["machine"]
+    results[f"runtime_s_fresh_only_{key}"] = round(time.perf_counter() - started, 1)
+    write_results(results, args, plot)
 
 
 def plot(results: dict, path: Path) -> None:
