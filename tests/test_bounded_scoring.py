@@ -29,8 +29,7 @@ def assert_same_pruning(first, second, masks_first, masks_second):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_scoring_passes_choose_the_masks_of_one_pass(model_type, method):
+def assert_passes_choose_the_masks_of_one_pass(model_type, method):
     model = build_tiny(model_type)
     data = [tiny_batch(model, seed=seed) for seed in range(2)]
     one, three = copy.deepcopy(model), copy.deepcopy(model)
@@ -38,6 +37,16 @@ def test_scoring_passes_choose_the_masks_of_one_pass(model_type, method):
     masks_three = prune(three, data, 3, method)
     assert_same_pruning(one, three, masks_one, masks_three)
     assert all(0.4 < mask.float().mean() <= 0.6 for mask in masks_three.values())
+
+
+def test_scoring_passes_choose_the_masks_of_one_pass_on_every_family(model_type):
+    assert_passes_choose_the_masks_of_one_pass(model_type, "obd")
+
+
+@pytest.mark.parametrize("method", [method for method in METHODS if method != "obd"])
+def test_scoring_passes_choose_the_masks_of_one_pass_with_every_criterion(method):
+    """gblm gathers forward statistics too: the recomputed forwards must not count them again."""
+    assert_passes_choose_the_masks_of_one_pass("llama", method)
 
 
 @pytest.mark.parametrize(("scope", "pattern"), [("per_layer", "unstructured"), ("per_tensor", "2:4")])
