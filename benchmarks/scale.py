@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -141,6 +142,21 @@ def fresh_pass(folder: str, run: tuple[str, str, bool, int], batches: int, model
     }
 
 
+def fresh_passes(
+    runs: Sequence[tuple[str, str, bool, int]], args: argparse.Namespace, model_bytes: int
+) -> list:
+    """:func:`fresh_pass` for each of ``runs``, from one safetensors copy of the dense model; each row printed
+    as it comes."""
+    rows = []
+    with tempfile.TemporaryDirectory() as dense:
+        here = str(Path(__file__).resolve().parent)
+        subprocess.run([sys.executable, "-c", SAVE_DENSE, here, dense], capture_output=True, check=True)
+        for run in runs:
+            rows.append(fresh_pass(dense, run, args.calibration_batches, model_bytes))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def fresh_load(folder: str, model_bytes: int) -> dict:
     """``load_pruned`` in a fresh process: its peak above the process's imports."""
     start = time.perf_counter()
@@ -214,12 +230,7 @@ def main() -> None:
         stages.append(fresh_load(folder, model_bytes))
         print(json.dumps(stages[-1]), flush=True)
         again = load_pruned(folder)
-    with tempfile.TemporaryDirectory() as dense:
-        here = str(Path(__file__).resolve().parent)
-        subprocess.run([sys.executable, "-c", SAVE_DENSE, here, dense], capture_output=True, check=True)
-        for run in FRESH_PASSES[:1] if args.quick else FRESH_PASSES:
-            stages.append(fresh_pass(dense, run, args.calibration_batches, model_bytes))
-            print(json.dumps(stages[-1]), flush=True)
+    stages += fresh_passes(FRESH_PASSES[:1] if args.quick else FRESH_PASSES, args, model_bytes)
     sparsity = compute_sparsity(again)
     rows_exact = all(
         bool((mask.sum(dim=1) == mask.shape[1] // 2).all()) for mask in get_masks(again).values()
@@ -252,18 +263,13 @@ def fresh_only(args: argparse.Namespace) -> None:
     model_bytes = results["model_bytes"]
     started = time.perf_counter()
     header = results_header(NAME, args)
-    with tempfile.TemporaryDirectory() as dense:
-        here = str(Path(__file__).resolve().parent)
-        subprocess.run([sys.executable, "-c", SAVE_DENSE, here, dense], capture_output=True, check=True)
-        for run in (run for run in FRESH_PASSES if run[0] in args.fresh_only):
-            row = fresh_pass(dense, run, args.calibration_batches, model_bytes)
-            print(json.dumps(row), flush=True)
-            stages = results["stages"]
-            names = [stage["stage"] for stage in stages]
-            if row["stage"] in names:
-                stages[names.index(row["stage"])] = row
-            else:
-                stages.append(row)
+    runs = [run for run in FRESH_PASSES if run[0] in args.fresh_only]
+    for row in fresh_passes(runs, args, model_bytes):
+        names = [stage["stage"] for stage in results["stages"]]
+        if row["stage"] in names:
+            results["stages"][names.index(row["stage"])] = row
+        else:
+            results["stages"].append(row)
     results["peak_total"] = max(s.get("peak_total", 0.0) for s in results["stages"])
     key = "_".join(args.fresh_only)
     results[f"date_fresh_only_{key}"] = header["date"]
