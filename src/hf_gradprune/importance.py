@@ -36,6 +36,7 @@ from .arguments import (
 from .criteria import WEIGHT_CRITERIA
 from .gates import LayerGates, UnitGates
 from .record import PruningRecord
+from .sharding import is_sharded, replicate_like, reshard, shard_like, sum_into_shard
 
 
 def check_finite(model: nn.Module) -> None:
@@ -71,12 +72,14 @@ def frozen_for_probe(model: nn.Module) -> Iterator[None]:
     for p, _ in flags:
         p.requires_grad_(False)
     model.eval()
+    reshard(model)  # FSDP2: parameters gathered before now would keep their old `requires_grad`
     try:
         yield
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(was_training)
+        reshard(model)  # and those gathered inside, the probe's
 
 
 def _forward_parameters(model: nn.Module) -> Mapping[str, inspect.Parameter]:
@@ -491,6 +494,42 @@ def _add_gradient(
     param.grad = None
 
 
+def _add_sharded_gradient(
+    sums: list[torch.Tensor],
+    squares: list[torch.Tensor],
+    index: int,
+    sharded: nn.Parameter,
+    param: nn.Parameter,
+) -> None:
+    """:func:`_add_gradient` for a parameter FSDP2 shards: ``param`` is its unsharded copy, whose gradient is
+    this rank's alone; what is added to each accumulator (this rank's shard) is summed over ranks first
+    (a reduce-scatter of the gradient, or of its square). FSDP's own reduction is skipped (``.grad`` is
+    freed before it runs)."""
+    grad = param.grad.float()
+    if sums:
+        sums[index].add_(sum_into_shard(grad, sharded))
+    if squares:
+        squares[index].add_(sum_into_shard(grad.square(), sharded))
+    param.grad = None
+
+
+def _hook_unsharded(
+    sums: list[torch.Tensor],
+    squares: list[torch.Tensor],
+    index: int,
+    sharded: nn.Parameter,
+    handles: dict[int, Any],
+    module: nn.Module,
+    _args: tuple,
+) -> None:
+    """Forward pre-hook of a module whose weight FSDP2 shards: FSDP has just put the unsharded weight in
+    its place, the tensor autograd differentiates; hook it once."""
+    param = module.weight
+    if not is_sharded(param) and id(param) not in handles:
+        hook = functools.partial(_add_sharded_gradient, sums, squares, index, sharded)
+        handles[id(param)] = param.register_post_accumulate_grad_hook(hook)
+
+
 def _calibration_sums(
     model: nn.Module,
     modules: dict[str, nn.Module],
@@ -509,8 +548,8 @@ def _calibration_sums(
     (:func:`checkpointed_blocks`).
     """
     weights = [m.weight for m in modules.values()]
-    sums = {
-        need: [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    sums = {  # FSDP2: the accumulators are sharded like their weight (this rank's shard)
+        need: [torch.zeros_like(w.to_local() if is_sharded(w) else w, dtype=torch.float32) for w in weights]
         for need in ("sum", "square")
         if need in needs
     }
@@ -530,15 +569,21 @@ def _calibration_sums(
         ]
     gradients = bool({"sum", "square"} & needs)
     saved_grads = [w.grad for w in weights]
+    unsharded: dict[int, Any] = {}
     seen = skipped = 0
     try:
         with frozen_for_probe(model), checkpointed_blocks(model, checkpointed and gradients):
             if gradients:
-                for index, weight in enumerate(weights):
+                for index, (module, weight) in enumerate(zip(modules.values(), weights, strict=True)):
                     weight.grad = None
                     weight.requires_grad_(True)
-                    hook = functools.partial(_add_gradient, sums.get("sum"), sums.get("square"), index)
-                    handles.append(weight.register_post_accumulate_grad_hook(hook))
+                    accumulators = sums.get("sum"), sums.get("square"), index
+                    if is_sharded(weight):
+                        hook = functools.partial(_hook_unsharded, *accumulators, weight, unsharded)
+                        handles.append(module.register_forward_pre_hook(hook))
+                    else:
+                        hook = functools.partial(_add_gradient, *accumulators)
+                        handles.append(weight.register_post_accumulate_grad_hook(hook))
             for batch in batches:
                 if "square" in needs:  # the empirical Fisher sums squares over examples, not batches
                     for row in split_examples(batch):
@@ -554,7 +599,7 @@ def _calibration_sums(
                         model(**prepare_batch(model, with_labels(model, batch)))
                 seen += 1
     finally:
-        for handle in handles:
+        for handle in [*handles, *unsharded.values()]:
             handle.remove()
         for weight, grad in zip(weights, saved_grads, strict=True):
             weight.grad = grad
@@ -658,6 +703,17 @@ def compute_weight_importance(
     return score_modules(model, modules, batches, method, gblm_alpha)
 
 
+def _reduced(weight: torch.Tensor, need: str, total: torch.Tensor) -> torch.Tensor:
+    """One accumulator summed over processes. Under FSDP2 the gradient sums are this rank's shard, summed
+    already, and become ``DTensor`` s sharded like ``weight`` (so are the scores then); the input sums are
+    all-reduced and replicated."""
+    if not is_sharded(weight):
+        return all_reduce_sum(total)
+    if need == "inputs":
+        return replicate_like(all_reduce_sum(total), weight)
+    return shard_like(total, weight)
+
+
 def score_modules(
     model: nn.Module,
     modules: Mapping[str, nn.Module],
@@ -683,7 +739,7 @@ def score_modules(
             raise ValueError("`dataloader` yielded no batches: weight importance needs at least one.")
     scores: dict[str, dict[str, torch.Tensor]] = {name: {} for name in methods}
     for index, (name, module) in enumerate(modules.items()):
-        reduced = {need: all_reduce_sum(values[index]) for need, values in sums.items()}
+        reduced = {need: _reduced(module.weight, need, values[index]) for need, values in sums.items()}
         for method_name in methods:
             scores[method_name][f"{name}.weight"] = WEIGHT_CRITERIA[method_name].score(
                 module, reduced, gblm_alpha

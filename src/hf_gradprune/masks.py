@@ -54,10 +54,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import PretrainedConfig
 
 from .record import CONFIG_KEY, PruningRecord
+from .sharding import is_sharded, local_part, whole
 
 MASKS_FILENAME = "pruning_masks.safetensors"
 _METADATA = {"format": "pt", "hf_gradprune": "weight_masks"}
@@ -79,9 +79,7 @@ def _masked(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
 def _local_mask(param: nn.Parameter, mask: torch.Tensor) -> torch.Tensor | None:
     """For a parameter sharded as a ``DTensor`` (``fully_shard``), the part of ``mask`` its local shard
     holds (no communication: every rank has the whole mask); ``None`` for a plain parameter."""
-    if not isinstance(param, DTensor):
-        return None
-    return distribute_tensor(mask, param.device_mesh, param.placements, src_data_rank=None).to_local()
+    return local_part(mask, param) if is_sharded(param) else None
 
 
 class _ShardGradientMask:
@@ -212,6 +210,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], copy: bool 
         (True, True)
     """
     params = _parameters(model, masks)
+    masks = {name: whole(mask) for name, mask in masks.items()}  # sharded masks (FSDP2) are kept whole
     owners: dict[str, tuple[nn.Module, str]] = {}
     for name, mask in masks.items():
         _check_mask(name, mask)
@@ -375,7 +374,7 @@ def grouped_sparsity(model: nn.Module, groups: Mapping[str, str]) -> dict[str, t
         total = totals.setdefault(groups[name], [0, 0, 0])
         total[0] += 1
         total[1] += param.numel()
-        total[2] += int((param == 0).sum())
+        total[2] += int(whole((param == 0).sum()))
     return {group: (tensors, entries, zeros) for group, (tensors, entries, zeros) in totals.items()}
 
 

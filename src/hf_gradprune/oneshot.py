@@ -33,6 +33,7 @@ from .importance import compute_layer_importance, compute_unit_importance, score
 from .mask_tuning import capture_targets, capture_teacher, distill_unit_scales, rescale_units
 from .masks import apply_masks, masks_of
 from .record import PruningRecord
+from .sharding import whole
 from .sparsity import check_mask_arguments, masks_keeping
 from .surgery import prune_layers, prune_units
 
@@ -421,7 +422,7 @@ def prune_weights(
         del scores
         if sequential:  # the next layer is scored on this one pruned
             apply_masks(model, masks, copy=False)
-        applied.update(masks)
+        applied.update({name: whole(mask) for name, mask in masks.items()})  # FSDP2: every rank all
     if not sequential:  # one shot: every group scored on the model as it came
         apply_masks(model, applied, copy=False)  # the masks returned are the model's: one copy
     return applied

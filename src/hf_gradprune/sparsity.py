@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .arguments import SPARSITY_SCHEDULES, SPARSITY_SCOPES, check_choice
+from .sharding import is_sharded, local_part, lowest_across_shards, row_shard_group, shard_like
 
 
 def parse_sparsity_pattern(pattern: str) -> tuple[int, int] | None:
@@ -90,13 +91,45 @@ def _unstructured_masks(
     scores: Mapping[str, torch.Tensor], names: list[str], sparsity: float
 ) -> dict[str, torch.Tensor]:
     """Keep-masks of ``names`` pruning ``round(sparsity * n)`` of their ``n`` entries together."""
+    count = round(sparsity * sum(scores[name].numel() for name in names))
+    group = _row_shard_group([scores[name] for name in names])
+    if group is not None:  # FSDP2: the same masks from each rank's shards, never gathered
+        shards = [_comparable(scores[name].to_local()) for name in names]
+        lowest = lowest_across_shards(shards, count, group)
+        return {
+            name: shard_like(low.logical_not(), scores[name]) for name, low in zip(names, lowest, strict=True)
+        }
     device = scores[names[0]].device
     flat = torch.cat([_comparable(scores[name]).flatten().to(device) for name in names])
-    parts = _lowest(flat, round(sparsity * flat.numel())).split([scores[name].numel() for name in names])
+    parts = _lowest(flat, count).split([scores[name].numel() for name in names])
     return {
         name: part.logical_not().view(scores[name].shape).to(scores[name].device)
         for name, part in zip(names, parts, strict=True)
     }
+
+
+def _row_shard_group(scores: Sequence[torch.Tensor]) -> Any:
+    """The process group splitting every one of ``scores`` by rows (FSDP2), ``None`` when none is sharded;
+    sharded scores of any other layout are refused."""
+    if not any(is_sharded(score) for score in scores):
+        return None
+    groups = {row_shard_group(score) if is_sharded(score) else None for score in scores}
+    if len(groups) != 1 or None in groups:
+        raise ValueError(
+            "Sharded scores must all be split by rows over one process group (FSDP2's `fully_shard`), "
+            "with no whole tensor among them."
+        )
+    return groups.pop()
+
+
+def _rowwise(name: str, score: torch.Tensor, dims: int | Sequence[int], mask_of: Any) -> torch.Tensor:
+    """``mask_of(score)`` for a per-row or N:M mask; a score sharded by rows is masked shard by shard when
+    its rows hold whole inputs (no communication), gathered otherwise."""
+    if not is_sharded(score):
+        return mask_of(score)
+    if row_shard_group(score) is not None and 0 not in _input_axes(name, score, dims):
+        return shard_like(mask_of(score.to_local()), score)
+    return shard_like(local_part(mask_of(score.full_tensor()), score), score)
 
 
 def _input_axes(name: str, score: torch.Tensor, dims: int | Sequence[int]) -> list[int]:
@@ -225,13 +258,29 @@ def compute_weight_masks(
                 f"`sparsity` must be None or {1 - n / m:g} (1 - {n}/{m}) with sparsity pattern {pattern!r}, "
                 f"got {sparsity}."
             )
-        return {name: _n_m_mask(name, s, n, m, dims.get(name, -1), pattern) for name, s in scores.items()}
+        return {
+            name: _rowwise(
+                name,
+                s,
+                dims.get(name, -1),
+                lambda t, name=name: _n_m_mask(name, t, n, m, dims.get(name, -1), pattern),
+            )
+            for name, s in scores.items()
+        }
     if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
         raise TypeError(f"`sparsity` must be a float in [0, 1) when unstructured, got {sparsity!r}.")
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"`sparsity` must be in [0, 1), got {sparsity}.")
     if scope == "per_row":
-        return {name: _per_row_mask(name, s, sparsity, dims.get(name, -1)) for name, s in scores.items()}
+        return {
+            name: _rowwise(
+                name,
+                s,
+                dims.get(name, -1),
+                lambda t, name=name: _per_row_mask(name, t, sparsity, dims.get(name, -1)),
+            )
+            for name, s in scores.items()
+        }
     masks: dict[str, torch.Tensor] = {}
     for names in _buckets(scores, scope, groups):
         masks.update(_unstructured_masks(scores, names, sparsity))
@@ -274,7 +323,10 @@ def masks_keeping(
     scores = dict(scores)
     for name, mask in existing.items():
         if name in scores:
-            scores[name] = scores[name].masked_fill(~mask.to(scores[name].device), float("-inf"))
+            score = scores[name]
+            if is_sharded(score) and not is_sharded(mask):
+                mask = shard_like(local_part(mask.to(score.device), score), score)
+            scores[name] = score.masked_fill(~mask.to(score.device), float("-inf"))
     layout: dict[str, Any] = {}
     if scope == "per_layer" and pattern == "unstructured":
         layout["groups"] = groups
