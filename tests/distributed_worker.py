@@ -7,7 +7,8 @@ Usage: ``torchrun --nproc_per_node 2 tests/distributed_worker.py OUT_DIR MODE`` 
 (PruningTrainer: the same cut, then training with distillation from the model before the cut, hidden
 states included) or ``heads``
 (a head cut at step 3, mid-training, which the callback refuses in multi-process training) or ``fsdp``
-(weight pruning under FSDP 2 ``full_shard``, which the callback refuses when the Trainer is built).
+(weight pruning with two scoring passes under FSDP2 ``full_shard``, which the callback refuses when the
+Trainer is built: FSDP2 runs one-shot weight pruning only, tested in ``fsdp_trainer_worker.py``).
 
 Each rank writes into OUT_DIR:
 
@@ -57,7 +58,7 @@ PRUNING = {
     "heads0": {"prune_heads_per_layer": 1, "prune_steps": "0", "weight_sparsity": 0.5},
     "heads": {"prune_heads_per_layer": 1, "prune_steps": "3"},
     "flops0": {"target_flops_ratio": 0.5, "flops_seq_len": LENGTH, "mask_tuning": True, "prune_steps": "0"},
-    "fsdp": {"weight_sparsity": 0.5},
+    "fsdp": {"weight_sparsity": 0.5, "scoring_passes": 2},
 }
 PRUNING["distill"] = {**PRUNING["flops0"], "distill_alpha": 0.5, "distill_hidden_states": True}
 STEP0_CUTS = ("heads0", "flops0", "distill")  # PruningTrainer cuts them before DDP wraps the model

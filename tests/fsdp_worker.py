@@ -106,6 +106,7 @@ def main() -> None:
         save_masks(get_masks(model), out / "masks.safetensors")
         (out / "result.json").write_text(json.dumps(result))
     if sharded:
+        dist.barrier()  # rank 0 has written its files before either process tears the group down
         dist.destroy_process_group()
 
 

@@ -55,11 +55,11 @@ TINY_MODELS: dict[str, tuple[str, str, dict]] = {
 }
 
 
-def build_tiny(model_type: str, seed: int = 0) -> PreTrainedModel:
-    """A tiny random model of ``model_type`` in eval mode."""
+def build_tiny(model_type: str, seed: int = 0, **overrides) -> PreTrainedModel:
+    """A tiny random model of ``model_type`` in eval mode; ``overrides`` change its config."""
     model_name, config_name, kwargs = TINY_MODELS[model_type]
     torch.manual_seed(seed)
-    config = getattr(transformers, config_name)(**kwargs)
+    config = getattr(transformers, config_name)(**{**kwargs, **overrides})
     return getattr(transformers, model_name)(config).eval()
 
 

@@ -108,11 +108,38 @@ def test_deepspeed_is_refused_with_the_reason():
     from hf_gradprune import GradientPruningCallback
 
     callback = GradientPruningCallback(PruningArguments(weight_sparsity=0.5))
-    callback.refuse_sharded_training(fsdp=False, deepspeed=False)
+    callback.refuse_sharded_training(None, deepspeed=False)
+    callback.refuse_sharded_training(2, deepspeed=False)
     with pytest.raises(
-        ValueError, match=r"does not support DeepSpeed training: .* partitions across processes"
+        ValueError, match=r"does not support DeepSpeed training: .* Train with FSDP2 .* or DDP"
     ):
-        callback.refuse_sharded_training(fsdp=False, deepspeed=True)
+        callback.refuse_sharded_training(None, deepspeed=True)
+    with pytest.raises(ValueError, match=r"supports FSDP2 only, got fsdp_version=1: .*'fsdp_version': 2"):
+        callback.refuse_sharded_training(1, deepspeed=False)
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        ({"weight_sparsity": 0.5, "scoring_passes": 3}, "--scoring_passes 3"),
+        ({"prune_heads_per_layer": 1, "prune_steps": "0,4"}, "heads, FFN neurons or layers after step 0"),
+        ({"weight_sparsity": 0.5, "export_vanilla": True}, "--export_vanilla"),
+        ({"weight_sparsity": 0.5, "distill_alpha": 0.5}, "--distill_alpha"),
+        ({"weight_sparsity": 0.5, "weight_importance": "sparsegpt"}, "--weight_importance sparsegpt"),
+        ({"weight_sparsity": 0.5, "weight_reconstruction": "adam"}, "--weight_reconstruction adam"),
+    ],
+)
+def test_fsdp2_refuses_what_reads_whole_parameters_naming_the_flag(flags, named):
+    from hf_gradprune import GradientPruningCallback
+
+    callback = GradientPruningCallback(PruningArguments(**flags))
+    callback.refuse_sharded_training(None, deepspeed=False)
+    # PruningTrainer cuts structures at step 0 before the model is sharded: allowed, mask tuning too.
+    step0 = PruningArguments(target_flops_ratio=0.5, mask_tuning=True, weight_sparsity=0.5, prune_steps="0")
+    GradientPruningCallback(step0).refuse_sharded_training(2, deepspeed=False)
+    with pytest.raises(ValueError, match=r"Under FSDP2 hf_gradprune prunes weights in one shot") as error:
+        callback.refuse_sharded_training(2, deepspeed=False)
+    assert f"not yet {named}" in str(error.value) and "docs/scaling.md" in str(error.value)
 
 
 def test_the_hub_token_reaches_no_file_log_or_card(tmp_path, capsys, caplog):

@@ -449,19 +449,7 @@ class PruningArguments:
                 "`--prune_heads_per_layer`, `--prune_heads_fraction`, `--prune_ffn_fraction` or "
                 "`--target_flops_ratio`."
             )
-        layer_by_layer = [
-            flag
-            for flag, on in (
-                ("--sequential_calibration", self.sequential_calibration),
-                ("--weight_importance sparsegpt", self.weight_importance == "sparsegpt"),
-                (
-                    f"--weight_reconstruction {self.weight_reconstruction}",
-                    self.weight_reconstruction != "none",
-                ),
-                ("--weight_sparsity_allocation owl", self.weight_sparsity_allocation == "owl"),
-            )
-            if on
-        ]
+        layer_by_layer = self.layer_by_layer_flags
         if self.scoring_passes < 1:
             raise ValueError(f"`--scoring_passes` must be >= 1, got {self.scoring_passes}.")
         if self.scoring_passes > 1 and (layer_by_layer or self.sparsity_scope == "global"):
@@ -677,6 +665,23 @@ class PruningArguments:
     def prunes_structures(self) -> bool:
         """Whether any structural unit (layer, head, FFN neuron) is to be removed."""
         return self.prunes_layers or self.prunes_heads or self.prunes_ffn or self._budget_cuts(LAYERS)
+
+    @property
+    def layer_by_layer_flags(self) -> list[str]:
+        """The flags set that prune weights layer by layer (block by block) instead of in one shot."""
+        return [
+            flag
+            for flag, on in (
+                ("--sequential_calibration", self.sequential_calibration),
+                ("--weight_importance sparsegpt", self.weight_importance == "sparsegpt"),
+                (
+                    f"--weight_reconstruction {self.weight_reconstruction}",
+                    self.weight_reconstruction != "none",
+                ),
+                ("--weight_sparsity_allocation owl", self.weight_sparsity_allocation == "owl"),
+            )
+            if on
+        ]
 
     @property
     def distills(self) -> bool:

@@ -33,6 +33,7 @@ from .masks import (
 from .oneshot import prune_in_rounds, prune_layers_by_importance, prune_weights
 from .planning import PruningPlan
 from .record import PruningRecord
+from .sharding import is_sharded, local_part
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,12 @@ PRUNING_METRICS = "prune/"
 #: Pruning arguments that may change between a checkpoint and its resumed run: they do not decide what is
 #: pruned, only how well it is estimated.
 HARMLESS_ON_RESUME = frozenset({"importance_batches", "measure_speedup"})
+
+
+def fsdp_version(args: TrainingArguments) -> int | None:
+    """The FSDP version ``args`` ask for (``fsdp_config["fsdp_version"]``, default 1); ``None``: no FSDP."""
+    config = args.fsdp_config or {}  # TrainingArguments strips the "fsdp_" of its keys
+    return int(config.get("version", config.get("fsdp_version", 1))) if args.fsdp else None
 
 
 def take_batches(dataloader: Iterable, count: int) -> list[Any]:
@@ -293,30 +300,46 @@ class GradientPruningCallback(TrainerCallback):
                 stacklevel=3,
             )
 
-    def refuse_sharded_training(self, fsdp: bool, deepspeed: bool) -> None:
-        """FSDP and DeepSpeed shard the parameters that masks and surgery need whole: a clear error."""
-        if not (fsdp or deepspeed):
-            return
-        if fsdp:
+    def refuse_sharded_training(self, fsdp_version: int | None, deepspeed: bool) -> None:
+        """What does not run sharded is refused with the reason: DeepSpeed, FSDP 1, and under FSDP2 what
+        reads whole parameters or copies the model (``fsdp_version``: ``None`` without FSDP)."""
+        if deepspeed:
             raise ValueError(
-                "hf_gradprune does not support FSDP through the Trainer yet: its importance, selection and "
-                "surgery read whole parameters, which FSDP shards across processes, and the Trainer's FSDP "
-                "path cannot be tested here (accelerate runs FSDP only on GPUs; on CPU it trains with DDP). "
-                "Weight masks do hold on a model you shard yourself with `fully_shard` (`apply_masks` after "
-                "sharding, `reapply_masks` after each step). Train with DDP (tested), or score and prune in "
-                "one process first (`prune_weights(..., scoring_passes=8)` or `sequential=True` bound the "
-                "memory) and fine-tune the pruned model with its masks under DDP. See docs/scaling.md."
+                "hf_gradprune does not support DeepSpeed training: its weight masks and gradient hooks, "
+                "importance and head/neuron surgery work on whole parameters or on FSDP2's shards, which "
+                "DeepSpeed partitions otherwise (the masks would not match the partitions). Train with FSDP2 "
+                "(`--fsdp full_shard --fsdp_config '{\"fsdp_version\": 2}'`) or DDP. See docs/scaling.md."
             )
-        raise ValueError(
-            "hf_gradprune does not support DeepSpeed training: its weight masks and gradient hooks, "
-            "importance and head/neuron surgery work on whole parameters, which DeepSpeed partitions across "
-            "processes (the masks would not match the partitions and the optimizer could not be remapped). "
-            "Train with DDP (tested), or score and prune in one process first and fine-tune the pruned model "
-            "with its masks under DDP. See docs/scaling.md."
-        )
+        if fsdp_version is None:
+            return
+        if fsdp_version != 2:
+            raise ValueError(
+                f"hf_gradprune supports FSDP2 only, got fsdp_version={fsdp_version}: FSDP 1 flattens the "
+                "parameters that masks and importance address by name. Set `fsdp_config={'fsdp_version': 2}` "
+                "(`--fsdp_config '{\"fsdp_version\": 2}'`). See docs/scaling.md."
+            )
+        args = self.pruning_args
+        later = args.prunes_structures and any(step > 0 for step in args.prune_step_list)
+        structures = f"heads, FFN neurons or layers after step 0 (`--prune_steps {args.prune_steps}`)"
+        unsupported = [
+            *(["--distill_alpha"] if args.distills else []),
+            *args.layer_by_layer_flags,
+            *([f"--scoring_passes {args.scoring_passes}"] if args.scoring_passes > 1 else []),
+            *(["--export_vanilla"] if args.export_vanilla else []),
+            *([structures] if later else []),
+        ]
+        if unsupported:
+            raise ValueError(
+                "Under FSDP2 hf_gradprune prunes weights in one shot (every `--weight_importance` but "
+                "sparsegpt, every scope and N:M pattern) and cuts heads, FFN neurons and layers at step 0 "
+                f"with PruningTrainer (before the model is sharded), not yet {', '.join(unsupported)}: they "
+                "read whole parameters, change shapes after sharding or copy the model on every rank. Train "
+                "with DDP, or prune in one process first and fine-tune the pruned model with its masks under "
+                "FSDP2. See docs/scaling.md."
+            )
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        self.refuse_sharded_training(bool(args.fsdp), bool(args.deepspeed))
+        self.refuse_sharded_training(fsdp_version(args), bool(args.deepspeed))
         if self.pruning_args.distills and not self.distillation_in_loss:
             raise ValueError(
                 f"`--distill_alpha {self.pruning_args.distill_alpha}` adds a distillation term to the loss, "
@@ -529,4 +552,5 @@ def zero_pruned_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Modu
         state = inner.state.get(params[name])
         for value in (state or {}).values():
             if torch.is_tensor(value) and value.shape == mask.shape:
-                value.mul_(mask.to(device=value.device, dtype=value.dtype))
+                local = local_part(mask, value) if is_sharded(value) else mask  # FSDP2: the shard's part
+                (value.to_local() if is_sharded(value) else value).mul_(local.to(value.device, value.dtype))

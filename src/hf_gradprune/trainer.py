@@ -18,6 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 from huggingface_hub import CommitInfo, HfApi
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from transformers import AutoConfig, Trainer
 from transformers.modelcard import extract_hyperparameters_from_trainer, parse_log_history
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
@@ -33,6 +40,7 @@ from .checkpoint import (
     has_state,
     load_pruned,
     load_state,
+    read_state_dict,
     save_pruned,
     save_state,
     saving_into,
@@ -163,7 +171,16 @@ class PruningTrainer(Trainer):
         # Before the user's callbacks, so that they see each step's pruning done.
         kwargs["callbacks"] = [self.pruning_callback, *(kwargs.get("callbacks") or [])]
         super().__init__(*args, **kwargs)
-        self.pruning_callback.refuse_sharded_training(self.is_fsdp_enabled, self.is_deepspeed_enabled)
+        self.pruning_callback.refuse_sharded_training(
+            self.accelerator.state.fsdp_plugin.fsdp_version if self.is_fsdp_enabled else None,
+            self.is_deepspeed_enabled,
+        )
+        if self.is_fsdp_enabled and self.args.push_to_hub and self.args.hub_strategy != HubStrategy.END:
+            raise ValueError(
+                f"`--hub_strategy {self.args.hub_strategy}` pushes checkpoints from the first process while "
+                "the others train on, and the model card of a sharded model takes every process: under FSDP2 "
+                "push at the end (`--hub_strategy end`, the default) or with `trainer.push_to_hub()`."
+            )
         self._mask_lora_updates()
         if pruning_args.export_vanilla:
             check_exportable(self.model, pruning_args.unit_structures)
@@ -329,16 +346,36 @@ class PruningTrainer(Trainer):
 
     # --- training state without pickle ----------------------------------------------------------------
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if self.is_fsdp_enabled:  # every rank gives its shards, the first writes them whole (by name)
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            optimizer = get_optimizer_state_dict(self.model, self.optimizer.optimizer, options=options)
+        else:
+            optimizer = self.optimizer.state_dict()
         if self.args.should_save:
-            save_state(self.optimizer.state_dict(), output_dir, "optimizer")
+            save_state(optimizer, output_dir, "optimizer")
             save_state(self.lr_scheduler.state_dict(), output_dir, "scheduler")
         return None
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is None or not has_state(checkpoint, "optimizer"):
             return super()._load_optimizer_and_scheduler(checkpoint)
-        self.optimizer.load_state_dict(load_state(checkpoint, "optimizer"))
+        if self.is_fsdp_enabled:  # every rank reads the whole state and keeps its shards
+            options = StateDictOptions(full_state_dict=True)
+            state = load_state(checkpoint, "optimizer")
+            set_optimizer_state_dict(self.model, self.optimizer.optimizer, state, options=options)
+        else:
+            self.optimizer.load_state_dict(load_state(checkpoint, "optimizer"))
         self.lr_scheduler.load_state_dict(load_state(checkpoint, "scheduler"))
+        return None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """``Trainer._load_from_checkpoint``; under FSDP2, every rank reads its shards from the whole
+        safetensors weights that :meth:`save_model` wrote (no pickle, no sharded checkpoint format)."""
+        if not self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        options = StateDictOptions(full_state_dict=True)
+        weights = read_state_dict(Path(resume_from_checkpoint))
+        set_model_state_dict(model or self.model, weights, options=options)
         return None
 
     def _rng_stem(self) -> str:
@@ -498,22 +535,26 @@ class PruningTrainer(Trainer):
     def _write_model_card(
         self, output_dir: str | os.PathLike | None = None, repo_id: str | None = None
     ) -> None:
-        """Write ``README.md`` (and ``head_importance.png`` when heads were scored) into ``output_dir``."""
-        if not self.is_world_process_zero():
+        """Write ``README.md`` (and ``head_importance.png`` when heads were scored) into ``output_dir``. Under
+        FSDP2 every rank builds the card (counting the zeros of sharded weights takes them all) and the first
+        writes it."""
+        if not (self.is_world_process_zero() or self.is_fsdp_enabled):
             return
         folder = Path(output_dir if output_dir is not None else self.args.output_dir)
         card = create_pruning_model_card(
             self.model, vanilla=self.pruning_args.export_vanilla, **self._card_arguments(folder, repo_id)
         )
-        card.save(folder / "README.md")
+        if self.is_world_process_zero():
+            card.save(folder / "README.md")
 
     def _card_arguments(self, folder: Path, repo_id: str | None) -> dict[str, Any]:
         """What the trainer knows for the model card, with the ``Trainer``'s card fields given to
         :meth:`create_model_card` or :meth:`push_to_hub`; writes the heatmap into ``folder`` when heads were
         scored."""
-        folder.mkdir(parents=True, exist_ok=True)
         heatmap = None
-        if self.pruning_callback.head_importance is not None:
+        if self.is_world_process_zero():
+            folder.mkdir(parents=True, exist_ok=True)
+        if self.pruning_callback.head_importance is not None and self.is_world_process_zero():
             shown = (
                 self.pruning_callback.head_importance.clone()
             )  # scores at the last cut; removed heads grey
