@@ -10,8 +10,9 @@ the same run in one process.
   checkpoint) or ``resume`` (two processes, resumed from that checkpoint);
 - ``FAMILY``: a tiny model of ``tests.helpers``, without dropout so that runs compare; ``CRITERION``:
   ``--weight_importance``; ``PATTERN``: ``per_tensor`` (``--weight_sparsity 0.5``), ``2:4``
-  (``--sparsity_pattern 2:4``) or ``flops`` (heads and FFN neurons to half the FLOPs with mask tuning, cut by
-  ``PruningTrainer`` at step 0 before the model is sharded, then ``--weight_sparsity 0.5``);
+  (``--sparsity_pattern 2:4``), ``linear`` (a linear schedule to 0.5 at step 4, every 2 steps, scored and
+  masked on the shards mid-training) or ``flops`` (heads and FFN neurons to half the FLOPs with mask
+  tuning, cut by ``PruningTrainer`` at step 0 before the model is sharded, then ``--weight_sparsity 0.5``);
 - ``TRAINER``: ``pruning`` (``PruningTrainer``, the default) or ``callback`` (a ``Trainer`` with
   ``GradientPruningCallback``).
 
@@ -121,6 +122,12 @@ def main() -> None:
     model = build_tiny(family, intermediate_size=44 if pattern == "2:4" else 37, **dropout).train()
     sparsity = {
         "per_tensor": {"weight_sparsity": 0.5},
+        "linear": {
+            "weight_sparsity": 0.5,
+            "sparsity_schedule": "linear",
+            "sparsity_schedule_end": 4,
+            "sparsity_schedule_frequency": 2,
+        },
         "flops": {
             "weight_sparsity": 0.5,
             "target_flops_ratio": 0.5,

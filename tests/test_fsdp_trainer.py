@@ -24,12 +24,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("distributed")]
 
 WORKER = Path(__file__).with_name("fsdp_trainer_worker.py")
 # (family, criterion, pattern, trainer): both families, a gradient and an activation criterion, per tensor
-# (rows split unevenly: 37 FFN neurons) and 2:4, PruningTrainer and a plain Trainer with the callback.
+# (rows split unevenly: 37 FFN neurons) and 2:4, PruningTrainer and a plain Trainer with the callback, and a
+# linear schedule whose later steps score and re-mask the sharded model mid-training.
 CASES = [
     ("llama", "obd", "per_tensor", "pruning"),
     ("llama", "wanda", "2:4", "pruning"),
     ("bert", "wanda", "per_tensor", "pruning"),
     ("bert", "obd", "2:4", "callback"),
+    ("llama", "obd", "linear", "pruning"),
 ]
 
 
