@@ -1,5 +1,9 @@
 """Importance scores: structures (heads, FFN neurons) from the gradient of their gates, weights from
 gradients, magnitudes or inputs. Works on any model the ``Trainer`` can train; structures need an adapter.
+
+In multi-process training every sum over calibration batches covers every rank's batches: under DDP it is
+all-reduced; under FSDP2 a weight's gradient sums are sharded like the weight (each rank's gradient
+reduce-scattered into its shard) and its scores are ``DTensor`` s that :mod:`.sparsity` selects from.
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ Under FSDP2 (``fully_shard``) a sharded parameter is masked on its local shard: 
 mask, the gradient is zeroed after FSDP's reduce-scatter (a post-accumulate-grad hook: tensor hooks never
 fire on a sharded parameter) and :func:`reapply_masks` zeroes the shard. ``fully_shard`` replaces the
 parameters: apply masks after it; a parameter replaced since its mask was applied gets its hook again at
-the next :func:`reapply_masks`.
+the next :func:`reapply_masks`. Masks chosen on the shards (``DTensor`` s) are gathered into whole masks
+first: every rank holds every mask, one byte per weight.
 
 ``copy.deepcopy`` and pickling keep the mask buffers but, like every tensor hook, not the gradient hooks:
 give a copy its hooks back with ``apply_masks(copy, get_masks(copy))``.
@@ -188,7 +189,8 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], copy: bool 
     Args:
         model (`nn.Module`): the model to prune.
         masks (`Mapping[str, torch.Tensor]`): parameter name (as in ``model.named_parameters()``) to a bool
-            mask of the parameter's shape, ``True`` keeps; on any device.
+            mask of the parameter's shape, ``True`` keeps; on any device; a ``DTensor`` (chosen on FSDP2
+            shards) is gathered whole.
         copy (`bool`, *optional*, defaults to `True`): keep copies of the masks; ``False`` keeps the given
             tensors where they already sit on the parameter's device (no second copy of every mask: the
             caller then owns the model's masks and must not change them).
