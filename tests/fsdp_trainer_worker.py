@@ -2,7 +2,7 @@
 (``fsdp=True``, ``fsdp_config={"fsdp_version": 2}``), under ``torchrun --nproc_per_node 2`` (gloo, CPU), or
 the same run in one process.
 
-``python fsdp_trainer_worker.py OUT RUN,FAMILY,CRITERION,PATTERN[,TRAINER]``:
+``python fsdp_trainer_worker.py OUT RUN,FAMILY,CRITERION,PATTERN[,TRAINER[,bf16]]``:
 
 - ``RUN``: ``fsdp`` (two processes, sharded by accelerate), ``single`` (one process, the two ranks'
   batches as one), ``control`` (two processes, each rank's importance left unsummed across ranks: the
@@ -14,7 +14,8 @@ the same run in one process.
   masked on the shards mid-training) or ``flops`` (heads and FFN neurons to half the FLOPs with mask
   tuning, cut by ``PruningTrainer`` at step 0 before the model is sharded, then ``--weight_sparsity 0.5``);
 - ``TRAINER``: ``pruning`` (``PruningTrainer``, the default) or ``callback`` (a ``Trainer`` with
-  ``GradientPruningCallback``).
+  ``GradientPruningCallback``), optionally followed by ``,bf16`` (``bf16=True``: under FSDP2, accelerate's
+  mixed precision, bf16 parameters in forward and backward, float32 shards; in one process, autocast).
 
 accelerate takes its FSDP path only when the processes sit on accelerators; on CPU it would train with DDP.
 The worker tells accelerate that the two CPU processes are such a group (one line before the ``Trainer`` is
@@ -88,7 +89,7 @@ class ZeroCheck(TrainerCallback):
 def main() -> None:
     out, mode = Path(sys.argv[1]), sys.argv[2]
     run, family, criterion, pattern, *rest = mode.split(",")
-    trainer_kind = rest[0] if rest else "pruning"
+    trainer_kind, *precision = rest or ["pruning"]
     sharded = run != "single"
     if run == "control":  # each rank scores on its own examples only
         hf_gradprune.importance.sum_into_shard = local_part
@@ -113,6 +114,7 @@ def main() -> None:
         disable_tqdm=True,
         # BERT's classification loss is a mean over its examples: not scaled by the number of processes
         average_tokens_across_devices=False,
+        bf16=precision == ["bf16"],  # FSDP2: bf16 parameters in forward and backward, float32 shards
         seed=0,
         data_seed=0,
     )

@@ -145,3 +145,23 @@ def test_fsdp_trainer_cuts_structures_at_step_0_before_sharding(tmp_path):
     saved = load_file(out / "saved/model.safetensors")
     for name, weight in model.state_dict().items():
         torch.testing.assert_close(weight, saved[name], rtol=0, atol=0)
+
+
+def test_fsdp_trainer_trains_bf16_mixed_precision_after_scoring(tmp_path):
+    """``bf16=True`` under FSDP2: accelerate's mixed precision computes with bf16 copies of float32 shards.
+    Scoring runs the model's first forward with every parameter frozen, where FSDP2 sets up its precision; it
+    is refreshed after, so training stores float32 gradients (else: a bf16 gradient for a float32 shard)."""
+    out = run(tmp_path / "fsdp", "fsdp,llama,obd,per_tensor,pruning,bf16")
+    assert [(r["zero"], r["sharded"], r["steps"]) for r in results(out)] == [(True, True, 6)] * 2
+    masks = load_masks(out / "masks_rank0.safetensors")
+    assert differing(masks, load_masks(out / "masks_rank1.safetensors")) == 0
+    # One process with bf16 autocast rounds elsewhere: within 2% (without the cross-rank sum: 10% differ).
+    single = load_masks(
+        run(tmp_path / "single", "single,llama,obd,per_tensor,pruning,bf16") / "masks_rank0.safetensors"
+    )
+    assert differing(masks, single) < 0.02 * sum(mask.numel() for mask in masks.values())
+    saved = load_file(out / "saved/model.safetensors")
+    assert {tensor.dtype for tensor in saved.values()} == {torch.float32}
+    model = load_pruned(out / "saved")
+    for name, mask in masks.items():
+        assert torch.count_nonzero(model.get_parameter(name)[~mask]) == 0

@@ -83,7 +83,7 @@ def frozen_for_probe(model: nn.Module) -> Iterator[None]:
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(was_training)
-        reshard(model)  # and those gathered inside, the probe's
+        reshard(model, refresh=True)  # and those gathered inside; FSDP2 sees the parameters trainable again
 
 
 def _forward_parameters(model: nn.Module) -> Mapping[str, inspect.Parameter]:

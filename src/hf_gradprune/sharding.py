@@ -29,11 +29,19 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if is_sharded(tensor) else tensor
 
 
-def reshard(model: nn.Module) -> None:
+def reshard(model: nn.Module, refresh: bool = False) -> None:
     """Free the unsharded parameters FSDP2 keeps after a forward without backward (the root module's, by
-    default): the next forward gathers them again, with the ``requires_grad`` and values of the shards."""
+    default): the next forward gathers them again, with the ``requires_grad`` and values of the shards.
+
+    ``refresh``: gather each module's parameters once first, which makes FSDP2 read their ``requires_grad``
+    and dtypes again. It reads them at the model's first forward to set up mixed precision; when that forward
+    ran with every parameter frozen (a pruning probe), a module's gradients would otherwise stay in the
+    compute dtype (bf16) and training would fail to store them in its float32 parameters.
+    """
     for module in model.modules():
         if isinstance(module, FSDPModule):
+            if refresh:
+                module.unshard()
             module.reshard()
 
 
