@@ -7,7 +7,9 @@ the same run in one process.
 - ``RUN``: ``fsdp`` (two processes, sharded by accelerate), ``single`` (one process, the two ranks'
   batches as one), ``control`` (two processes, each rank's importance left unsummed across ranks: the
   control that shows the comparison can fail), ``kill`` (two processes, SIGKILL of both after the step-4
-  checkpoint) or ``resume`` (two processes, resumed from that checkpoint);
+  checkpoint), ``resume`` (two processes, resumed from that checkpoint) or ``push`` (two processes, a
+  checkpoint every 3 steps pushed to ``test-user/fsdp-pruned`` on the Hub of ``HF_ENDPOINT``, the Trainer's
+  default ``hub_strategy`` ``every_save``, with token ``HUB_TOKEN``, then ``save_model`` and ``push_to_hub``);
 - ``FAMILY``: a tiny model of ``tests.helpers``, without dropout so that runs compare; ``CRITERION``:
   ``--weight_importance``; ``PATTERN``: ``per_tensor`` (``--weight_sparsity 0.5``), ``2:4``
   (``--sparsity_pattern 2:4``), ``linear`` (a linear schedule to 0.5 at step 4, every 2 steps, scored and
@@ -54,6 +56,7 @@ from hf_gradprune.sharding import local_part
 from tests.helpers import VOCAB, build_tiny
 
 NUM_ROWS, LENGTH, MAX_STEPS, KILL_STEP = 64, 12, 6, 4
+HUB_REPO, HUB_TOKEN = "test-user/fsdp-pruned", "hf_fsdp_test_token"
 
 
 def dataset(causal: bool) -> Dataset:
@@ -109,8 +112,9 @@ def main() -> None:
         weight_decay=0.1,
         use_cpu=True,
         report_to=[],
-        save_strategy="steps" if run in ("kill", "resume") or trainer_kind == "callback" else "no",
-        save_steps=KILL_STEP if run in ("kill", "resume") else MAX_STEPS,
+        save_strategy="steps" if run in ("kill", "resume", "push") or trainer_kind == "callback" else "no",
+        save_steps={"kill": KILL_STEP, "resume": KILL_STEP, "push": 3}.get(run, MAX_STEPS),
+        **({"push_to_hub": True, "hub_model_id": HUB_REPO, "hub_token": HUB_TOKEN} if run == "push" else {}),
         disable_tqdm=True,
         # BERT's classification loss is a mean over its examples: not scaled by the number of processes
         average_tokens_across_devices=False,
@@ -161,6 +165,8 @@ def main() -> None:
     (out / f"result_rank{rank}.json").write_text(json.dumps(result))
     if trainer_kind == "pruning":
         trainer.save_model(str(out / "saved"))
+    if run == "push":
+        trainer.push_to_hub()
     if sharded:
         dist.barrier()
         dist.destroy_process_group()

@@ -17,7 +17,9 @@ from safetensors.torch import load_file
 
 from hf_gradprune import PruningRecord, load_pruned
 from hf_gradprune.masks import get_masks, load_masks
+from hf_gradprune.testing import LocalHub
 
+from .fsdp_trainer_worker import HUB_REPO, HUB_TOKEN
 from .test_distributed import torchrun
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("distributed")]
@@ -165,3 +167,36 @@ def test_fsdp_trainer_trains_bf16_mixed_precision_after_scoring(tmp_path):
     model = load_pruned(out / "saved")
     for name, mask in masks.items():
         assert torch.count_nonzero(model.get_parameter(name)[~mask]) == 0
+
+
+DOWNLOAD = """
+import json, sys
+from huggingface_hub import HfApi, snapshot_download
+token, repo, folder = sys.argv[1:]
+print(json.dumps([commit.title for commit in HfApi(token=token).list_repo_commits(repo)]))
+snapshot_download(repo, token=token, local_dir=folder)
+"""
+
+
+def test_fsdp_trainer_pushes_checkpoints_and_the_model_to_the_hub(tmp_path):
+    """The Trainer's default ``hub_strategy`` (``every_save``) under FSDP2: every rank takes part in each
+    checkpoint's card (its zeros are counted on the shards), the first pushes; then ``save_model``, which
+    pushes too, and ``push_to_hub``. What lands on the Hub is the saved model, with its masks and a card that counts them."""
+    with LocalHub(tmp_path / "hub", token=HUB_TOKEN) as hub:
+        out = tmp_path / "push"
+        env = hub.client_env(tmp_path / "hf_home")
+        result = torchrun(out, "push,llama,obd,per_tensor", env=env, worker=WORKER)
+        assert result.returncode == 0, result.stderr[-4000:]
+        command = [sys.executable, "-c", DOWNLOAD, HUB_TOKEN, HUB_REPO, str(tmp_path / "download")]
+        client = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert client.returncode == 0, client.stderr
+    titles = json.loads(client.stdout.splitlines()[-1])
+    # The newest first; the pushes of save_model and push_to_hub commit only what changed since step 6's.
+    assert titles[-1] == "Training in progress, step 3", titles
+    download = tmp_path / "download"
+    assert "Zero weights in the pruned layers:** 50.00%" in (download / "README.md").read_text()
+    masks = load_masks(out / "saved/pruning_masks.safetensors")
+    assert differing(load_masks(download / "pruning_masks.safetensors"), masks) == 0
+    model, saved = load_pruned(download), load_file(out / "saved/model.safetensors")
+    for name, weight in model.state_dict().items():
+        torch.testing.assert_close(weight, saved[name], rtol=0, atol=0)

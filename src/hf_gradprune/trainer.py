@@ -175,12 +175,6 @@ class PruningTrainer(Trainer):
             self.accelerator.state.fsdp_plugin.fsdp_version if self.is_fsdp_enabled else None,
             self.is_deepspeed_enabled,
         )
-        if self.is_fsdp_enabled and self.args.push_to_hub and self.args.hub_strategy != HubStrategy.END:
-            raise ValueError(
-                f"`--hub_strategy {self.args.hub_strategy}` pushes checkpoints from the first process while "
-                "the others train on, and the model card of a sharded model takes every process: under FSDP2 "
-                "push at the end (`--hub_strategy end`, the default) or with `trainer.push_to_hub()`."
-            )
         self._mask_lora_updates()
         if pruning_args.export_vanilla:
             check_exportable(self.model, pruning_args.unit_structures)
@@ -533,28 +527,33 @@ class PruningTrainer(Trainer):
         self.card_fields.update({k: v for k, v in fields.items() if v is not None})
 
     def _write_model_card(
-        self, output_dir: str | os.PathLike | None = None, repo_id: str | None = None
+        self, output_dir: str | os.PathLike | None = None, repo_id: str | None = None, write: bool = True
     ) -> None:
         """Write ``README.md`` (and ``head_importance.png`` when heads were scored) into ``output_dir``. Under
         FSDP2 every rank builds the card (counting the zeros of sharded weights takes them all) and the first
-        writes it."""
+        writes it, unless ``write`` is false (it then only takes part)."""
         if not (self.is_world_process_zero() or self.is_fsdp_enabled):
             return
+        write = write and self.is_world_process_zero()
         folder = Path(output_dir if output_dir is not None else self.args.output_dir)
         card = create_pruning_model_card(
-            self.model, vanilla=self.pruning_args.export_vanilla, **self._card_arguments(folder, repo_id)
+            self.model,
+            vanilla=self.pruning_args.export_vanilla,
+            **self._card_arguments(folder if write else None, repo_id),
         )
-        if self.is_world_process_zero():
+        if write:
             card.save(folder / "README.md")
 
-    def _card_arguments(self, folder: Path, repo_id: str | None) -> dict[str, Any]:
+    def _card_arguments(self, folder: Path | None, repo_id: str | None) -> dict[str, Any]:
         """What the trainer knows for the model card, with the ``Trainer``'s card fields given to
-        :meth:`create_model_card` or :meth:`push_to_hub`; writes the heatmap into ``folder`` when heads were
-        scored."""
+        :meth:`create_model_card` or :meth:`push_to_hub`; writes the heatmap into ``folder`` (on the first
+        process, unless ``None``) when heads were scored."""
         heatmap = None
-        if self.is_world_process_zero():
+        if folder is not None and not self.is_world_process_zero():
+            folder = None
+        if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
-        if self.pruning_callback.head_importance is not None and self.is_world_process_zero():
+        if self.pruning_callback.head_importance is not None and folder is not None:
             shown = (
                 self.pruning_callback.head_importance.clone()
             )  # scores at the last cut; removed heads grey
@@ -655,11 +654,14 @@ class PruningTrainer(Trainer):
         background from a snapshot of the checkpoint (hard links), so training, saves and checkpoint
         rotation go on without changing what is being sent; ``output_dir`` itself is left to
         :meth:`save_model`. As in the ``Trainer``, a save while an upload is running pushes nothing unless
-        ``args.hub_always_push``."""
-        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+        ``args.hub_always_push``. Under FSDP2 every rank takes part in the card; the first pushes."""
+        if self.args.hub_strategy == HubStrategy.END:
             return
-        busy = self.push_in_progress is not None and not self.push_in_progress.is_done()
-        if busy and not self.args.hub_always_push:
+        first = self.is_world_process_zero()  # the only one that pushes, and knows its push in progress
+        busy = first and self.push_in_progress is not None and not self.push_in_progress.is_done()
+        if not first or (busy and not self.args.hub_always_push):
+            if self.is_fsdp_enabled:  # counting the zeros of sharded weights for the card takes every rank
+                self._write_model_card(repo_id=self.hub_model_id, write=False)
             return
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         output_dir = Path(self.args.output_dir)
