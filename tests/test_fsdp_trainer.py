@@ -113,12 +113,15 @@ def test_fsdp_trainer_control_without_the_cross_rank_sum_disagrees(tmp_path):
     assert differing(masks, load_masks(control / "masks_rank0.safetensors")) > 100
 
 
-def test_fsdp_trainer_resumes_after_sigkill_as_if_never_stopped(tmp_path):
-    whole = run(tmp_path / "whole", "fsdp,llama,obd,per_tensor")
+@pytest.mark.parametrize("pattern", ["per_tensor", "flops"])
+def test_fsdp_trainer_resumes_after_sigkill_as_if_never_stopped(tmp_path, pattern):
+    """Weights pruned on the shards, or heads and FFN neurons cut at step 0 too (replayed from the checkpoint
+    before the model is sharded again): the resumed run ends where the uninterrupted one does, bit for bit."""
+    whole = run(tmp_path / "whole", f"fsdp,llama,obd,{pattern}")
     killed = tmp_path / "killed"
-    assert torchrun(killed, "kill,llama,obd,per_tensor", worker=WORKER).returncode != 0
+    assert torchrun(killed, f"kill,llama,obd,{pattern}", worker=WORKER).returncode != 0
     assert (killed / "trainer/checkpoint-4/optimizer.safetensors").is_file()
-    run_resumed = torchrun(killed, "resume,llama,obd,per_tensor", worker=WORKER)
+    run_resumed = torchrun(killed, f"resume,llama,obd,{pattern}", worker=WORKER)
     assert run_resumed.returncode == 0, run_resumed.stderr[-4000:]
     assert [r["steps"] for r in results(killed)] == [2, 2]  # steps 5 and 6 only
     assert [r["zero"] for r in results(killed)] == [True, True]
@@ -181,7 +184,8 @@ snapshot_download(repo, token=token, local_dir=folder)
 def test_fsdp_trainer_pushes_checkpoints_and_the_model_to_the_hub(tmp_path):
     """The Trainer's default ``hub_strategy`` (``every_save``) under FSDP2: every rank takes part in each
     checkpoint's card (its zeros are counted on the shards), the first pushes; then ``save_model``, which
-    pushes too, and ``push_to_hub``. What lands on the Hub is the saved model, with its masks and a card that counts them."""
+    pushes too, and ``push_to_hub``. What lands on the Hub is the saved model, with its masks and a card
+    that counts them."""
     with LocalHub(tmp_path / "hub", token=HUB_TOKEN) as hub:
         out = tmp_path / "push"
         env = hub.client_env(tmp_path / "hf_home")
