@@ -42,7 +42,7 @@ import hf_gradprune.importance
 from hf_gradprune import GradientPruningCallback, PruningArguments, PruningRecord, PruningTrainer
 from hf_gradprune.callback import take_batches
 from hf_gradprune.masks import get_masks, save_masks
-from tests.helpers import VOCAB, build_tiny
+from tests.helpers import VOCAB, build_tiny, leave_process_group
 
 NUM_ROWS, LENGTH, IMPORTANCE_BATCHES, MAX_STEPS = 64, 16, 2, 8
 PRUNING = {
@@ -147,8 +147,7 @@ def main() -> None:
     (out / f"record_rank{rank}.json").write_text(json.dumps(record.to_dict()))
     weights = {name: p.detach().contiguous() for name, p in model.named_parameters()}
     save_file(weights, out / f"weights_rank{rank}.safetensors")
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ import hf_gradprune.importance
 from hf_gradprune import GradientPruningCallback, PruningArguments, PruningTrainer
 from hf_gradprune.masks import get_masks, save_masks
 from hf_gradprune.sharding import local_part
-from tests.helpers import VOCAB, build_tiny
+from tests.helpers import VOCAB, build_tiny, leave_process_group
 
 NUM_ROWS, LENGTH, MAX_STEPS, KILL_STEP = 64, 12, 6, 4
 HUB_REPO, HUB_TOKEN = "test-user/fsdp-pruned", "hf_fsdp_test_token"
@@ -168,8 +168,7 @@ def main() -> None:
     if run == "push":
         trainer.push_to_hub()
     if sharded:
-        dist.barrier()
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hf_gradprune import compute_weight_importance, compute_weight_masks
 from hf_gradprune.masks import apply_masks, get_masks, reapply_masks, save_masks
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `tests.helpers`
+
+from tests.helpers import leave_process_group
+
 STEPS = 4
 
 
@@ -106,8 +110,7 @@ def main() -> None:
         save_masks(get_masks(model), out / "masks.safetensors")
         (out / "result.json").write_text(json.dumps(result))
     if sharded:
-        dist.barrier()  # rank 0 has written its files before either process tears the group down
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 if __name__ == "__main__":
