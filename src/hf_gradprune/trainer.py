@@ -126,10 +126,11 @@ class PruningTrainer(Trainer):
     Differences from ``Trainer``: the pruning callback is added; ``train(resume_from_checkpoint=...)``
     first replays the checkpoint's structural pruning and restores its masks; saves write the weight masks
     and the schedule position next to the safetensors weights, and the training arguments, optimizer,
-    scheduler and RNG states as JSON and safetensors (no pickle; FSDP and DeepSpeed are refused: see
-    ``docs/scaling.md``); ``save_model``, ``create_model_card`` and ``push_to_hub`` write the pruning model
-    card (``README.md``, with the ``Trainer``'s card arguments, hyperparameters and training results merged
-    in) and the head-importance heatmap; ``push_to_hub`` uploads the output folder in one commit, and every
+    scheduler and RNG states as JSON and safetensors (no pickle; under FSDP2 the whole model and optimizer
+    state, gathered; FSDP 1 and DeepSpeed are refused: see ``docs/scaling.md``); ``save_model``,
+    ``create_model_card`` and ``push_to_hub`` write the pruning model card (``README.md``, with the
+    ``Trainer``'s card arguments, hyperparameters and training results merged in) and the head-importance
+    heatmap; ``push_to_hub`` uploads the output folder in one commit, and every
     ``hub_strategy`` pushes snapshots whose weights, record, masks and card agree; ``model_init`` and
     ``hyperparameter_search`` are refused (the ``Trainer`` would re-create the pruned model); the pruning
     metrics go through ``log`` to every ``report_to`` integration. With an ``eval_dataset``, the model is
