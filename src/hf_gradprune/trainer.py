@@ -547,11 +547,9 @@ class PruningTrainer(Trainer):
 
     def _card_arguments(self, folder: Path | None, repo_id: str | None) -> dict[str, Any]:
         """What the trainer knows for the model card, with the ``Trainer``'s card fields given to
-        :meth:`create_model_card` or :meth:`push_to_hub`; writes the heatmap into ``folder`` (on the first
-        process, unless ``None``) when heads were scored."""
+        :meth:`create_model_card` or :meth:`push_to_hub`; writes the heatmap into ``folder`` when heads were
+        scored (``None``: the card is built but not written, as on every process but the first)."""
         heatmap = None
-        if folder is not None and not self.is_world_process_zero():
-            folder = None
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
         if self.pruning_callback.head_importance is not None and folder is not None:
