@@ -131,9 +131,37 @@ def test_resume_from_a_checkpoint_cut_short_is_refused_or_passed_over(tmp_path, 
         pruning_args=PruningArguments(weight_sparsity=0.5),
     )
     target = True if bad == "resume_from_checkpoint" else str(out / "checkpoint-4")
-    message = "No complete checkpoint found" if target is True else "has no trainer_state.json"
+    message = (
+        r"No valid checkpoint found in output directory \(.*out\) \(1 cut short, skipped\)"
+        if target is True
+        else "has no trainer_state.json.*cut short"
+    )
     with pytest.raises(ValueError, match=message):
         trainer.train(resume_from_checkpoint=target)
+
+
+@pytest.mark.parametrize("target", ["missing", True])
+def test_resume_from_nothing_says_what_is_missing_as_the_trainer_does(tmp_path, target):
+    from transformers import TrainingArguments
+
+    from hf_gradprune import PruningArguments, PruningTrainer
+
+    from .helpers import build_tiny, tiny_dataset
+
+    trainer = PruningTrainer(
+        model=build_tiny("bert").train(),
+        args=TrainingArguments(str(tmp_path / "out"), max_steps=2, use_cpu=True, report_to=[]),
+        train_dataset=tiny_dataset(),
+        pruning_args=PruningArguments(weight_sparsity=0.5),
+    )
+    if target is True:
+        message = r"^No valid checkpoint found in output directory \(.*out\)\.$"
+    else:
+        target = str(tmp_path / "out" / "checkpoint-9")
+        message = r"^Can't find a valid checkpoint at .*checkpoint-9: there is no such folder"
+    with pytest.raises(ValueError, match=message):
+        trainer.train(resume_from_checkpoint=target)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 # --- damaged and foreign files: a clear error at load, never a re-initialised or unmasked model -------------
@@ -181,9 +209,37 @@ def test_load_of_a_truncated_weights_file_is_an_error(tmp_path):
         load_pruned(folder)
 
 
-def test_load_without_the_masks_file_the_config_promises_is_an_error(tmp_path):
+def test_load_without_the_masks_file_has_them_back_exactly_from_the_zeros(tmp_path):
+    folder, model = pruned_masked_folder(tmp_path)
+    (folder / "pruning_masks.safetensors").unlink()
+    masks, again = get_masks(model), get_masks(load_pruned(folder))
+    assert masks.keys() == again.keys() and all(torch.equal(masks[k], again[k]) for k in masks)
+
+
+def test_load_without_the_masks_file_and_other_zeros_is_an_error_naming_the_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
     folder, _ = pruned_masked_folder(tmp_path)
     (folder / "pruning_masks.safetensors").unlink()
+    name = "bert.encoder.layer.0.intermediate.dense.weight"
+    weights = load_file(folder / "model.safetensors")
+    kept = (weights[name] != 0).nonzero()[0]
+    weights[name][tuple(kept)] = 0.0  # a kept weight that is exactly zero: the zeros say one more
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        ValueError, match=rf"{name}' has \d+ zeros where \d+ entries were masked.*save_pruned"
+    ):
+        load_pruned(folder)
+
+
+def test_load_without_the_masks_file_of_a_record_without_counts_is_an_error(tmp_path):
+    import json
+
+    folder, _ = pruned_masked_folder(tmp_path)
+    (folder / "pruning_masks.safetensors").unlink()
+    config = json.loads((folder / "config.json").read_text())
+    del config["hf_gradprune"]["masked_entries"]  # as hf_gradprune 0.2 wrote it
+    (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(
         FileNotFoundError, match=r"says 1 weight tensors are masked.*apply_weight_masks=False"
     ):

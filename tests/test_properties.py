@@ -326,7 +326,8 @@ def test_load_pruned_gives_the_model_back_or_says_what_is_missing(saved, tmp_pat
     if truncate in keep:
         data = (folder / truncate).read_bytes()
         (folder / truncate).write_bytes(data[: len(data) // 2])
-    complete = keep == {"config.json", "model.safetensors", MASKS_FILENAME} and truncate is None
+    # Without its masks file, a folder gives its masks back from the weights' zeros (the record counts them).
+    complete = {"config.json", "model.safetensors"} <= keep and truncate not in keep
     try:
         loaded = load_pruned(folder)
     except (ValueError, OSError) as error:
@@ -337,4 +338,5 @@ def test_load_pruned_gives_the_model_back_or_says_what_is_missing(saved, tmp_pat
         return
     assert complete, f"loaded from {sorted(keep)} with {truncate} cut short"
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
-    assert get_masks(loaded).keys() == get_masks(model).keys()
+    masks, loaded_masks = get_masks(model), get_masks(loaded)
+    assert masks.keys() == loaded_masks.keys() and all(torch.equal(masks[k], loaded_masks[k]) for k in masks)

@@ -116,8 +116,10 @@ def test_evaluate_right_after_a_cut_returns_its_own_metrics_while_the_log_has_th
     trainer = trainer_for(tmp_path, prune_steps="1")
     trainer.train()
     assert trainer.eval_pruned is not None and not any(k.startswith("prune/") for k in trainer.eval_pruned)
-    logged = next(entry for entry in trainer.state.log_history if "eval_loss" in entry)
+    before, logged = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert not any(k.startswith("prune/") for k in before)  # evaluated before the cut, then right after
     assert logged["prune/heads_layer_0"] == 3
+    assert trainer.eval_before["eval_loss"] == before["eval_loss"]
 
 
 def test_model_init_and_hyperparameter_search_are_refused_with_the_reason(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import json
 import logging
@@ -19,6 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .adapters import FFN, HEADS, LAYERS, find_target_modules, get_adapter, weight_layer_groups
 from .arguments import PruningArguments
+from .checkpoint import fit_to_checkpoint
 from .flops import flops_ratio, measure_speedup
 from .importance import prepare_batch
 from .masks import (
@@ -34,6 +36,7 @@ from .oneshot import prune_in_rounds, prune_layers_by_importance, prune_weights
 from .planning import PruningPlan
 from .record import PruningRecord
 from .sharding import is_sharded, local_part
+from .surgery import prune_to_record
 
 logger = logging.getLogger(__name__)
 
@@ -115,15 +118,19 @@ class GradientPruningCallback(TrainerCallback):
         self._progress = show_progress
         self._restored_masks: dict[str, torch.Tensor] | None = None
         self._resumed = False
+        self._load_hook: torch.utils.hooks.RemovableHandle | None = None
         self._noted_pruned = False
         self._structures_done_before_training = False
         self._pending_logs: dict[str, float] = {}
         self._writer = None
         #: Set by ``PruningTrainer``, whose loss holds the distillation term (a callback cannot).
         self.distillation_in_loss = False
-        #: Called right after each cut (structural, or one-shot weights), before more training:
-        #: ``PruningTrainer`` evaluates there.
-        self.after_cut: Callable[[], None] | None = None
+        #: Called with ``"before"`` right before each cut (structural, or one-shot weights) and ``"after"``
+        #: right after it, before more training: ``PruningTrainer`` evaluates there.
+        self.around_cut: Callable[[str], None] | None = None
+        #: Metrics kept for the model card (``"before"`` pruning, ``"pruned"`` right after a cut, ``"after"``
+        #: training on), saved with the pruning state so that a resumed run has them.
+        self.evaluations: dict[str, dict[str, float]] = {}
 
     @property
     def head_importance(self) -> torch.Tensor | None:
@@ -237,10 +244,15 @@ class GradientPruningCallback(TrainerCallback):
             return
         self._progress = self.show_progress and show_progress
         batches = take_batches(dataloader, self.pruning_args.importance_batches)
+        self._around_cut("before")
         self._pending_logs.update(self.prune_structures_now(model, batches, 0))
         self._structures_done_before_training = True
-        if self.after_cut is not None and self.plan.weight_sparsity_at(0, self.weight_sparsity) is None:
-            self.after_cut()
+        if self.plan.weight_sparsity_at(0, self.weight_sparsity) is None:
+            self._around_cut("after")
+
+    def _around_cut(self, moment: str) -> None:
+        if self.around_cut is not None:
+            self.around_cut(moment)
 
     def _structure_steps_left(self, step: int) -> list[int]:
         if not self.pruning_args.prunes_structures:
@@ -340,6 +352,10 @@ class GradientPruningCallback(TrainerCallback):
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self.refuse_sharded_training(fsdp_version(args), bool(args.deepspeed))
+        if kwargs.get("model") is not None and self._load_hook is None:
+            # A plain Trainer loads a checkpoint's weights before `on_train_begin`: shapes first.
+            hook = functools.partial(fit_to_checkpoint, args.output_dir)
+            self._load_hook = kwargs["model"].register_load_state_dict_pre_hook(hook)
         if self.pruning_args.distills and not self.distillation_in_loss:
             raise ValueError(
                 f"`--distill_alpha {self.pruning_args.distill_alpha}` adds a distillation term to the loss, "
@@ -349,6 +365,9 @@ class GradientPruningCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         model = kwargs["model"]
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
         self._progress = self.show_progress and not args.disable_tqdm and state.is_local_process_zero
         if state.global_step == 0:
             self.note_already_pruned(model)
@@ -389,13 +408,14 @@ class GradientPruningCallback(TrainerCallback):
             sparsity = self.weight_sparsity  # surgery removes masked rows: restore the exact sparsity
         if cut or sparsity is not None:
             batches = take_batches(kwargs["train_dataloader"], self.pruning_args.importance_batches)
+            self._around_cut("before")
             if cut:
                 self._pending_logs.update(self.prune_structures_now(model, batches, step, optimizer))
             if sparsity is not None:
                 self.prune_weights_now(model, batches, sparsity, optimizer=optimizer)
                 self._pending_logs.update(self.sparsity_logs(model))
-            if self.after_cut is not None and (cut or self.pruning_args.sparsity_schedule == "one_shot"):
-                self.after_cut()
+            if cut or self.pruning_args.sparsity_schedule == "one_shot":
+                self._around_cut("after")
         if self._pending_logs:
             self._write_figures(args, state, model)
 
@@ -441,22 +461,28 @@ class GradientPruningCallback(TrainerCallback):
         masks = get_masks(model)
         if masks:
             save_masks(masks, folder / MASKS_FILENAME)
+        heads = self.head_importance
         state = {
             "weight_sparsity": self.weight_sparsity,
             "speedup": self.speedup,
             "pruning_args": self.pruning_args.to_dict(),
+            "evaluations": self.evaluations,
+            "head_importance": None if heads is None else heads.tolist(),
         }
         partial = folder / f".{STATE_FILENAME}.tmp"
         partial.write_text(json.dumps(state, indent=2, sort_keys=True))
         os.replace(partial, folder / STATE_FILENAME)
 
-    def resume_from(self, checkpoint: str | os.PathLike) -> None:
-        """Read the masks and schedule position of ``checkpoint``; the masks are applied at train begin.
+    def resume_from(self, checkpoint: str | os.PathLike, model: nn.Module | None = None) -> None:
+        """Read the masks, schedule position and card facts of ``checkpoint``; the masks are applied at train
+        begin. Given the ``model``, cut it first to the checkpoint's recorded shapes (heads, neurons, layers;
+        nothing for a model whose checkpoint removed none, of any family).
 
         The checkpoint's pruning arguments must prune what the current ones do: an argument that changes
         what is pruned is a ``ValueError`` naming it; one that does not (``importance_batches``) a warning.
-        ``PruningTrainer`` calls this itself; a plain ``Trainer`` resuming from ``output_dir`` finds the
-        checkpoint on its own; for a checkpoint elsewhere call this before
+        ``PruningTrainer`` calls this itself; a plain ``Trainer`` resuming from a checkpoint of its
+        ``output_dir`` finds it on its own; for a checkpoint elsewhere call
+        ``callback.resume_from(checkpoint, model)`` before
         ``trainer.train(resume_from_checkpoint=checkpoint)``.
         """
         folder = Path(checkpoint)
@@ -465,6 +491,11 @@ class GradientPruningCallback(TrainerCallback):
             self._check_resumed_args(saved.get("pruning_args", {}), folder)
             self.weight_sparsity = saved["weight_sparsity"]
             self.speedup = saved.get("speedup")
+            self.evaluations = saved.get("evaluations", {})
+            if saved.get("head_importance") is not None:
+                self.importance[HEADS] = torch.tensor(saved["head_importance"])
+        if model is not None:
+            prune_to_record(model, PruningRecord.from_folder(folder))
         if (folder / MASKS_FILENAME).is_file():
             self._restored_masks = load_masks(folder / MASKS_FILENAME)
         self._resumed = True

@@ -9,7 +9,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,11 +23,12 @@ from torch import nn
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
 
-from .masks import MASKS_FILENAME, apply_masks, get_masks, load_masks, save_masks
+from .masks import MASKS_FILENAME, apply_masks, get_masks, load_masks, masks_from_zeros, save_masks
 from .record import PruningRecord, strip_record
-from .surgery import prune_units
+from .surgery import prune_to_record, prune_units
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -247,6 +248,22 @@ def _build(config: PretrainedConfig, model_class: type | None) -> PreTrainedMode
         return model_class._from_config(config, dtype=dtype)
 
 
+def _read_config(folder: Path, model_class: type | None) -> PretrainedConfig:
+    """``config.json`` of ``folder`` as ``model_class``'s config class, or through ``AutoConfig``: a config
+    of no registered ``model_type`` needs the model's own class, and the error says so."""
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except ValueError as error:
+        config_class = getattr(model_class, "config_class", None)
+        if isinstance(config_class, type) and issubclass(config_class, PretrainedConfig):
+            return config_class.from_pretrained(folder)
+        raise ValueError(
+            f"transformers does not know the model_type of {os.fspath(folder)!r} ({error}). Pass the model's "
+            "own class as `model_class=` (a PreTrainedModel subclass), or build the model and pass it as "
+            "`model=`."
+        ) from error
+
+
 def _check_architecture(config: PretrainedConfig, model_class: type | None) -> None:
     """A ``PreTrainedModel`` class must be of the checkpoint's family."""
     expected = getattr(model_class, "config_class", None)
@@ -260,15 +277,17 @@ def _check_architecture(config: PretrainedConfig, model_class: type | None) -> N
 
 
 def _check_masks_file(folder: Path, record: PruningRecord) -> dict[str, torch.Tensor] | None:
-    """The saved weight masks, checked against the record; ``None`` when there are none."""
+    """The saved weight masks, checked against the record; ``None`` when there is no masks file (the
+    record's ``masked_entries`` then give them back from the weights, :func:`masks_from_zeros`)."""
     path = folder / MASKS_FILENAME
     if not path.is_file():
-        if record.weight_masks:
+        if record.weight_masks and len(record.masked_entries) != record.weight_masks:
             raise FileNotFoundError(
                 f"config.json of {folder.name!r} says {record.weight_masks} weight tensors are masked, but "
-                f"{MASKS_FILENAME} is missing: the folder was saved without it or the file was lost, and "
-                "the pruned weights would not stay zero in training. Save with `save_pruned` or "
-                "`trainer.save_model()`, or pass `apply_weight_masks=False` for inference only."
+                f"{MASKS_FILENAME} is missing and the record (hf_gradprune {record.version}) does not count "
+                "each tensor's masked entries, so the masks cannot be read from the weights' zeros: the "
+                "pruned weights would not stay zero in training. Save with `save_pruned` or "
+                "`PruningTrainer.save_model()`, or pass `apply_weight_masks=False` for inference only."
             )
         return None
     masks = _readable(path, load_masks)
@@ -330,6 +349,46 @@ def replay_record(model: nn.Module, record: PruningRecord) -> None:
     """Cut ``model`` (built unpruned) to the shapes of ``record``, and store the record in its config."""
     prune_units(model, record.pruned, allow_empty=True)
     record.save_to_config(model.config)
+
+
+def stored_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of ``folder``'s safetensors weights, read from the headers alone."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in _weight_files(folder, allow_pickle=False):
+        with safe_open(path, framework="pt") as weights:
+            shapes.update({key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()})  # noqa: SIM118
+    return shapes
+
+
+def fit_to_checkpoint(
+    output_dir: str | os.PathLike, model: nn.Module, state_dict: Mapping[str, torch.Tensor], *_: Any
+) -> None:
+    """Load-state-dict pre-hook (``functools.partial(fit_to_checkpoint, output_dir)``): weights shaped by a
+    structural cut ``model`` has not made are those of a checkpoint in ``output_dir`` (the ``Trainer`` loads
+    them before any callback event); ``model`` is cut to that checkpoint's record first. Weights of no such
+    checkpoint are a ``ValueError`` saying what to call."""
+    own = model.state_dict()
+    if all(key not in own or own[key].shape == value.shape for key, value in state_dict.items()):
+        return
+    shapes = {key: tuple(value.shape) for key, value in state_dict.items()}
+    records = []
+    for folder in sorted(Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            held = stored_shapes(folder)
+            if all(held.get(key) == shape for key, shape in shapes.items()):
+                records.append(PruningRecord.from_folder(folder))
+    kinds = {json.dumps([r.pruned, r.removed_layers], sort_keys=True) for r in records}
+    if len(kinds) == 1 and records[0].is_empty():
+        return  # no structural cut explains the shapes: torch names the mismatch
+    if len(kinds) != 1:
+        raise ValueError(
+            "The checkpoint's weights have the shapes of heads, neurons or layers removed from this model, "
+            f"and no checkpoint of `output_dir` {os.fspath(output_dir)!r} tells which. Call "
+            "`callback.resume_from(checkpoint, model)` (GradientPruningCallback) before "
+            "`trainer.train(resume_from_checkpoint=checkpoint)`: it cuts the model to the checkpoint's "
+            "pruning record first; PruningTrainer does this itself."
+        )
+    prune_to_record(model, records[0])
 
 
 def load_pruned(
@@ -407,7 +466,7 @@ def load_pruned(
             model.to(dtype)
     else:
         _check_has_model(folder)
-        config = AutoConfig.from_pretrained(folder)
+        config = _read_config(folder, model_class)
         record = PruningRecord.from_config(config)
         _check_architecture(config, model_class)
         masks = _check_masks_file(folder, record) if apply_weight_masks else None
@@ -425,6 +484,8 @@ def load_pruned(
             model = cls.from_pretrained(
                 folder, use_safetensors=not allow_pickle, **({"dtype": dtype} if dtype else {})
             )
+    if masks is None and apply_weight_masks and record.masked_entries:
+        masks = masks_from_zeros(model, record)  # a folder saved without its masks file
     if masks:
         apply_masks(model, masks)
     return model.eval()

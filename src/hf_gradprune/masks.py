@@ -135,15 +135,42 @@ def _zero_masked(module: nn.Module, attr: str) -> None:
 
 
 def note_masks(model: nn.Module) -> None:
-    """Count the masked tensors in the pruning record of ``model.config``, so a saved folder says that
-    its masks file belongs with it (:func:`hf_gradprune.load_pruned` refuses the folder without it)."""
+    """Count the masked tensors, and each one's masked entries, in the pruning record of ``model.config``,
+    so a saved folder says what its masks file holds, and a folder saved without it (``save_pretrained``)
+    has its masks back from the weights' zeros (:func:`masks_from_zeros`)."""
     config = getattr(model, "config", None)
-    count = sum(1 for _ in _masked(model))
-    if not isinstance(config, PretrainedConfig) or (count == 0 and not hasattr(config, CONFIG_KEY)):
+    masked = {name: getattr(module, _buffer_name(attr)) for name, module, attr in _masked(model)}
+    if not isinstance(config, PretrainedConfig) or (not masked and not hasattr(config, CONFIG_KEY)):
         return
     record = PruningRecord.from_config(config)
-    record.weight_masks = count
+    record.weight_masks = len(masked)
+    record.masked_entries = {name: int((~mask).sum()) for name, mask in masked.items()}
     record.save_to_config(config)
+
+
+def masks_from_zeros(model: nn.Module, record: PruningRecord) -> dict[str, torch.Tensor]:
+    """The masks of ``record.masked_entries`` rebuilt from ``model``'s loaded weights: a masked entry is
+    zero, so where a tensor has exactly as many zeros as it had masked entries, its mask is ``weight != 0``,
+    exactly. A tensor with another count of zeros is a ``ValueError`` naming it (its masks file is needed).
+
+    Example:
+        >>> model = torch.nn.Linear(2, 2)
+        >>> apply_masks(model, {"weight": torch.tensor([[True, False], [True, True]])})
+        >>> masks_from_zeros(model, PruningRecord(masked_entries={"weight": 1}))["weight"].tolist()
+        [[True, False], [True, True]]
+    """
+    params = _parameters(model, record.masked_entries)
+    masks = {name: param.detach() != 0 for name, param in params.items()}
+    zeros = {name: int((~mask).sum()) for name, mask in masks.items()}
+    wrong = {name: count for name, count in zeros.items() if count != record.masked_entries[name]}
+    if wrong:
+        name, zeros = next(iter(wrong.items()))
+        raise ValueError(
+            f"The weights cannot give back their masks without {MASKS_FILENAME}: {name!r} has {zeros} zeros "
+            f"where {record.masked_entries[name]} entries were masked ({len(wrong)} such tensors). Save with "
+            "`save_pruned`, `PruningTrainer.save_model` or a checkpoint, which write the masks file."
+        )
+    return masks
 
 
 def _check_mask(name: str, mask: object) -> None:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -17,7 +21,7 @@ LEGACY_KEY = "pruned_heads"
 _PREFIX = "pruned_"
 RECORD_FORMAT = 1
 """The layout of the record this version writes; a record of a newer format is refused, not misread."""
-_KNOWN = {"version", "format", "weight_masks", "removed_layers"}
+_KNOWN = {"version", "format", "weight_masks", "masked_entries", "removed_layers"}
 
 
 def _clean(layers: dict) -> dict[int, list[int]]:
@@ -41,7 +45,10 @@ class PruningRecord:
             layer index to removed units.
         version (`str`, *optional*): the hf_gradprune version that wrote the record.
         weight_masks (`int`, *optional*, defaults to 0): masked weight tensors, whose masks a saved folder
-            must hold in ``pruning_masks.safetensors``.
+            holds in ``pruning_masks.safetensors``.
+        masked_entries (`dict[str, int]`, *optional*): each masked tensor's count of masked entries: a folder
+            saved without the masks file (``Trainer.save_model`` with the callback, ``save_pretrained``) has
+            them back exactly from the weights' zeros when each tensor has exactly that many.
         removed_layers (`list[int]`, *optional*): whole layers removed, in the original model's numbering.
 
     Example:
@@ -55,6 +62,7 @@ class PruningRecord:
     pruned: dict[str, dict[int, list[int]]] = field(default_factory=dict)
     version: str = __version__
     weight_masks: int = 0
+    masked_entries: dict[str, int] = field(default_factory=dict)
     removed_layers: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -93,10 +101,6 @@ class PruningRecord:
         removed = set(self.removed(structure, layer))
         return [u for u in range(num_units) if u not in removed]
 
-    def kept_heads(self, layer: int, num_heads: int) -> list[int]:
-        """Original indices of the heads still present in ``layer``."""
-        return self.kept("heads", layer, num_heads)
-
     def add(self, structure: str, layer: int, units: list[int]) -> None:
         """Record ``units`` of ``structure`` as removed from ``layer``."""
         layers = self.pruned.setdefault(structure, {})
@@ -113,6 +117,8 @@ class PruningRecord:
             data[f"{_PREFIX}{name}"] = {str(k): v for k, v in sorted(layers.items())}
         if self.weight_masks:
             data["weight_masks"] = self.weight_masks
+        if self.masked_entries:
+            data["masked_entries"] = dict(sorted(self.masked_entries.items()))
         if self.removed_layers:
             data["removed_layers"] = list(self.removed_layers)
         return data
@@ -139,11 +145,12 @@ class PruningRecord:
             pruned=pruned,
             version=version,
             weight_masks=int(data.get("weight_masks", 0)),
+            masked_entries={str(k): int(v) for k, v in data.get("masked_entries", {}).items()},
             removed_layers=list(data.get("removed_layers", [])),
         )
 
     @classmethod
-    def from_config(cls, config: PretrainedConfig | None) -> PruningRecord:
+    def from_config(cls, config: PretrainedConfig | SimpleNamespace | None) -> PruningRecord:
         """The record in ``config``: hf_gradprune's own, else the ``pruned_heads`` that transformers 4's
         ``prune_heads`` wrote (same original head indices); an empty record when there is none."""
         data = getattr(config, CONFIG_KEY, None)
@@ -151,6 +158,14 @@ class PruningRecord:
             return cls.from_dict(data)
         legacy = getattr(config, LEGACY_KEY, None)
         return cls({"heads": legacy}, version="transformers 4 prune_heads") if legacy else cls()
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike) -> PruningRecord:
+        """The record in ``folder``'s ``config.json``, read as JSON (no config class: a model of any family,
+        or none); an empty record when the folder has no ``config.json`` or it holds no record."""
+        path = Path(folder) / "config.json"
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        return cls.from_config(SimpleNamespace(**{k: data[k] for k in (CONFIG_KEY, LEGACY_KEY) if k in data}))
 
     def save_to_config(self, config: PretrainedConfig) -> None:
         """Store this record in ``config`` (it is written to ``config.json`` by ``save_pretrained``), in

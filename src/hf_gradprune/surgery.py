@@ -401,3 +401,36 @@ def prune_layers(
     if optimizer is not None:
         _drop_from_optimizer(optimizer, removed)
     return PruningRecord.from_config(config)
+
+
+def prune_to_record(model: nn.Module, record: PruningRecord) -> None:
+    """Cut ``model`` (unpruned, or pruned part of the way) to the shapes of ``record``: the whole layers and
+    the units that ``record`` removed and ``model`` still has. A record that removed nothing structural does
+    nothing and asks for no adapter (a model of any family).
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        ...                              intermediate_size=37, vocab_size=99))
+        >>> prune_to_record(model, PruningRecord({"heads": {1: [0, 2]}}))
+        >>> model.encoder.layer[1].attention.self.key.out_features
+        16
+    """
+    if record.is_empty():
+        return
+    current = PruningRecord.from_config(model.config)
+    if record.removed_layers:
+        originals = current.original_layers(len(get_adapter(model).blocks(model)))
+        positions = [originals.index(layer) for layer in record.removed_layers if layer in originals]
+        if positions:
+            current = prune_layers(model, positions)
+    missing = {
+        name: {
+            layer: [unit for unit in units if unit not in current.removed(name, layer)]
+            for layer, units in layers.items()
+        }
+        for name, layers in record.pruned.items()
+    }
+    missing = {name: {k: v for k, v in layers.items() if v} for name, layers in missing.items()}
+    if any(missing.values()):
+        prune_units(model, missing, allow_empty=True)

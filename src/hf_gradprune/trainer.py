@@ -25,13 +25,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from transformers import AutoConfig, Trainer
+from transformers import PreTrainedModel, Trainer
 from transformers.modelcard import extract_hyperparameters_from_trainer, parse_log_history
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy
 from transformers.utils.hub import PushInProgress
 
-from .adapters import get_adapter
 from .arguments import PruningArguments
 from .callback import PRUNING_METRICS, GradientPruningCallback
 from .cards import create_pruning_model_card, save_head_importance_heatmap
@@ -44,6 +43,7 @@ from .checkpoint import (
     save_pruned,
     save_state,
     saving_into,
+    stored_shapes,
 )
 from .distillation import DistillationParts, Distiller, frozen_copy
 from .export import check_exportable, export_vanilla
@@ -51,7 +51,6 @@ from .hub import push_folder_to_hub, resolve_token, staged_copy
 from .lora import mask_lora_updates, masked_lora_layers
 from .masks import MASKS_FILENAME, get_masks
 from .record import PruningRecord
-from .surgery import prune_layers, prune_units
 
 TRAINING_ARGS_JSON = "training_args.json"
 #: Where a run saves the copy of the model it distils from (``--distill_alpha`` without a teacher path).
@@ -81,6 +80,12 @@ def _as_list(value: str | list[str] | None) -> list[str]:
     return [] if value is None else [value] if isinstance(value, str) else list(value)
 
 
+def _timing_or_pruning(metric: str) -> bool:
+    """A pruning metric, or the time the Trainer took to prepare the model (logged with every evaluation
+    once the model was evaluated before training): not a column of the card's training results."""
+    return metric.startswith(PRUNING_METRICS) or metric.endswith("_model_preparation_time")
+
+
 def _after_push(staged: Path, what: str, job: Future) -> None:
     """After a background upload: remove its snapshot, and say if it failed (nothing else reads the
     ``Trainer``'s push futures)."""
@@ -92,8 +97,13 @@ def _after_push(staged: Path, what: str, job: Future) -> None:
 def _check_complete(checkpoint: str | os.PathLike) -> None:
     """A checkpoint the Trainer finished writing: ``trainer_state.json`` is its last file."""
     folder = Path(checkpoint)
-    if folder.is_dir():
-        finish_interrupted_save(folder)
+    if not folder.is_dir():
+        raise ValueError(
+            f"Can't find a valid checkpoint at {os.fspath(checkpoint)}: there is no such folder. Pass a "
+            "`checkpoint-N` folder the Trainer wrote, or `resume_from_checkpoint=True` to take the last "
+            "complete one of `output_dir`."
+        )
+    finish_interrupted_save(folder)
     if not (folder / TRAINER_STATE_NAME).is_file():
         raise ValueError(
             f"`resume_from_checkpoint` {os.fspath(checkpoint)!r} has no {TRAINER_STATE_NAME}, the file the "
@@ -115,9 +125,8 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str:
         if (path / TRAINER_STATE_NAME).is_file():
             return os.fspath(path)
         logger.warning("Skipping %s: its save was cut short (no %s).", path, TRAINER_STATE_NAME)
-    raise ValueError(
-        f"No complete checkpoint found in `output_dir` {os.fspath(output_dir)!r} to resume from."
-    )
+    skipped = f" ({len(folders)} cut short, skipped)" if folders else ""
+    raise ValueError(f"No valid checkpoint found in output directory ({os.fspath(output_dir)}){skipped}.")
 
 
 class PruningTrainer(Trainer):
@@ -134,8 +143,10 @@ class PruningTrainer(Trainer):
     ``hub_strategy`` pushes snapshots whose weights, record, masks and card agree; ``model_init`` and
     ``hyperparameter_search`` are refused (the ``Trainer`` would re-create the pruned model); the pruning
     metrics go through ``log`` to every ``report_to`` integration. With an ``eval_dataset``, the model is
-    evaluated right after each cut (before any more training), so the card shows accuracy before pruning,
-    right after it and after the recovery fine-tune; set ``speedup`` to a measured inference speed-up
+    evaluated right before the first cut (unless you evaluated it already) and right after each cut (before
+    any more training), so the card shows accuracy before pruning, right after it and after the recovery
+    fine-tune; these evaluations and the head scores go into checkpoints, so a resumed run writes the card
+    of an uninterrupted one; set ``speedup`` to a measured inference speed-up
     (dense time / pruned time) to have the card report it. Any ``nn.Module`` the ``Trainer`` trains can be
     pruned by weights; heads and FFN neurons need a registered family.
 
@@ -143,8 +154,9 @@ class PruningTrainer(Trainer):
         pruning_args (`PruningArguments`): what, how and when to prune.
         dataset_name (`str`, *optional*): the Hub id of the training data, for the model card (the default
             of ``create_model_card``'s ``dataset_tags``).
-        evaluate_after_pruning (`bool`, *optional*, defaults to `True`): evaluate right after each cut when
-            there is an ``eval_dataset`` (the card's "right after pruning" column).
+        evaluate_after_pruning (`bool`, *optional*, defaults to `True`): evaluate right before the first cut
+            and right after each cut when there is an ``eval_dataset`` (the card's "before pruning" and
+            "right after pruning" columns).
         *args, **kwargs: as for ``transformers.Trainer``.
 
     Example:
@@ -161,7 +173,11 @@ class PruningTrainer(Trainer):
         evaluate_after_pruning: bool = True,
         **kwargs: Any,
     ):
-        if inspect.signature(Trainer.__init__).bind(self, *args, **kwargs).arguments.get("model_init"):
+        try:  # the host trainer's own signature (a Trainer subclass may take more)
+            given = inspect.signature(super().__init__).bind(*args, **kwargs).arguments
+        except TypeError:
+            given = {}  # the host's __init__ below names the unexpected argument, as the Trainer does
+        if given.get("model_init"):
             raise ValueError(
                 "PruningTrainer does not take `model_init`: the Trainer calls it again at every `train()` "
                 "(and every hyperparameter-search trial), which would replace the pruned model with a fresh "
@@ -181,15 +197,12 @@ class PruningTrainer(Trainer):
             check_exportable(self.model, pruning_args.unit_structures)
         self.pruning_args = pruning_args
         self.params_before = sum(p.numel() for p in self.model.parameters())
-        self.eval_before: dict[str, float] | None = None
-        self.eval_pruned: dict[str, float] | None = None
-        self.eval_after: dict[str, float] | None = None
         self.speedup: float | None = None
         self.dataset_name = dataset_name
         self.card_fields: dict[str, Any] = {}
         self._evaluating_pruned = False
         if evaluate_after_pruning:
-            self.pruning_callback.after_cut = self._evaluate_pruned
+            self.pruning_callback.around_cut = self._evaluate_around_cut
         #: The frozen teacher and the loss against it, built at ``train`` (``--distill_alpha`` above 0).
         self.distiller: Distiller | None = None
         self._distilled: list[DistillationParts] = []
@@ -207,11 +220,27 @@ class PruningTrainer(Trainer):
         except ValueError as error:
             warnings.warn(f"{error} The LoRA update trains dense.", stacklevel=3)
 
-    def _evaluate_pruned(self) -> None:
-        """Evaluate right after a cut (before more training), when there is an evaluation set."""
-        if self.eval_dataset is None:
+    @property
+    def eval_before(self) -> dict[str, float] | None:
+        """The metrics of the last evaluation before anything was pruned."""
+        return self.pruning_callback.evaluations.get("before")
+
+    @property
+    def eval_pruned(self) -> dict[str, float] | None:
+        """The metrics of the evaluation right after the last cut, before more training."""
+        return self.pruning_callback.evaluations.get("pruned")
+
+    @property
+    def eval_after(self) -> dict[str, float] | None:
+        """The metrics of the last evaluation after pruning and training on."""
+        return self.pruning_callback.evaluations.get("after")
+
+    def _evaluate_around_cut(self, moment: str) -> None:
+        """With an evaluation set: evaluate right before the first cut (unless the user did) and right after
+        each cut, before more training (the card's first two columns)."""
+        if self.eval_dataset is None or (moment == "before" and (self.eval_before or self.has_pruned())):
             return
-        self._evaluating_pruned = True
+        self._evaluating_pruned = moment == "after"
         try:
             self.evaluate()
         finally:
@@ -286,35 +315,13 @@ class PruningTrainer(Trainer):
         if self.pruning_args.distills and self.distiller is None:
             self._build_distiller(resume_from_checkpoint)
         if resume_from_checkpoint:
-            self._replay_pruning(resume_from_checkpoint)
+            self.pruning_callback.resume_from(resume_from_checkpoint, self.model)
         elif self.state.global_step == 0:
             self.pruning_callback.note_already_pruned(self.model)
             self.pruning_callback.prune_structures_before_training(
                 self.model, self.get_train_dataloader(), show_progress=not self.args.disable_tqdm
             )
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-
-    def _replay_pruning(self, checkpoint: str | os.PathLike) -> None:
-        self.pruning_callback.resume_from(checkpoint)
-        if not (Path(checkpoint) / "config.json").is_file():
-            return  # a model of no registered family: only weight masks, restored at train begin
-        saved = PruningRecord.from_config(AutoConfig.from_pretrained(checkpoint))
-        current = PruningRecord.from_config(self.model.config)
-        originals = current.original_layers(len(get_adapter(self.model).blocks(self.model)))
-        layers = [originals.index(layer) for layer in saved.removed_layers if layer in originals]
-        if layers:
-            prune_layers(self.model, layers)
-            current = PruningRecord.from_config(self.model.config)
-        missing = {
-            name: {
-                layer: [u for u in units if u not in current.removed(name, layer)]
-                for layer, units in layers.items()
-            }
-            for name, layers in saved.pruned.items()
-        }
-        missing = {name: {k: v for k, v in layers.items() if v} for name, layers in missing.items()}
-        if any(missing.values()):
-            prune_units(self.model, missing, allow_empty=True)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """``Trainer._save`` into a temporary folder, with the masks, schedule position and JSON training
@@ -365,12 +372,21 @@ class PruningTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """``Trainer._load_from_checkpoint``; under FSDP2, every rank reads its shards from the whole
-        safetensors weights that :meth:`save_model` wrote (no pickle, no sharded checkpoint format)."""
+        safetensors weights that :meth:`save_model` wrote (no pickle, no sharded checkpoint format). Weights
+        saved under other names than the model's (transformers 5 saves ViT and others in their Hub layout and
+        the Trainer loads them unconverted, so that nothing loads: huggingface/transformers#48805) are read
+        through ``from_pretrained``'s conversion (:func:`load_pruned`) and loaded strictly."""
+        target = model or self.model
         if not self.is_fsdp_enabled:
+            stored = set(stored_shapes(Path(resume_from_checkpoint)))
+            if isinstance(target, PreTrainedModel) and stored - set(target.state_dict()):
+                converted = load_pruned(resume_from_checkpoint, type(target), apply_weight_masks=False)
+                target.load_state_dict(converted.state_dict())
+                return None
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         options = StateDictOptions(full_state_dict=True)
         weights = read_state_dict(Path(resume_from_checkpoint))
-        set_model_state_dict(model or self.model, weights, options=options)
+        set_model_state_dict(target, weights, options=options)
         return None
 
     def _rng_stem(self) -> str:
@@ -428,14 +444,9 @@ class PruningTrainer(Trainer):
         ``eval_before`` pruning, ``eval_pruned`` right after a cut, or ``eval_after`` (after training on), for
         the model card. Another prefix (a held-out test set, say) is evaluated and left out of the card."""
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        if metric_key_prefix != "eval":
-            return metrics
-        if self._evaluating_pruned:
-            self.eval_pruned = dict(metrics)
-        elif self.has_pruned():
-            self.eval_after = dict(metrics)
-        else:
-            self.eval_before = dict(metrics)
+        if metric_key_prefix == "eval":
+            moment = "pruned" if self._evaluating_pruned else "after" if self.has_pruned() else "before"
+            self.pruning_callback.evaluations[moment] = dict(metrics)
         return metrics
 
     def hyperparameter_search(self, *args: Any, **kwargs: Any) -> Any:
@@ -577,7 +588,7 @@ class PruningTrainer(Trainer):
             or (repo_id or Path(self.args.output_dir).name).split("/")[-1],
             "hyperparameters": extract_hyperparameters_from_trainer(self),
             "training_results": parse_log_history(
-                [{k: v for k, v in entry.items() if not k.startswith(PRUNING_METRICS)} for entry in history]
+                [{k: v for k, v in entry.items() if not _timing_or_pruning(k)} for entry in history]
             )[1],
             "pruning_args": self.pruning_args.to_dict(),
             "params_before": self.params_before,
