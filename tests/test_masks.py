@@ -124,10 +124,14 @@ def test_apply_masks_non_bool_raises(model, masks):
         apply_masks(model, {QUERY: masks[QUERY].float()})
 
 
-def test_apply_masks_frozen_parameter_raises(model, masks):
-    model.get_parameter(QUERY).requires_grad_(False)
-    with pytest.raises(ValueError, match="does not require grad"):
-        apply_masks(model, {QUERY: masks[QUERY]})
+def test_apply_masks_frozen_parameter_is_zeroed_and_hooked_once_it_trains(model, masks, batches):
+    weight = model.get_parameter(QUERY).requires_grad_(False)  # a LoRA base weight, say
+    apply_masks(model, {QUERY: masks[QUERY]})
+    assert bool((weight[~masks[QUERY]] == 0).all())
+    weight.requires_grad_(True)
+    reapply_masks(model)  # after an optimizer step: the unfrozen weight gets its gradient hook
+    model(**batches[0]).loss.backward()
+    assert bool((weight.grad[~masks[QUERY]] == 0).all()) and bool(weight.grad[masks[QUERY]].abs().sum() > 0)
 
 
 def test_apply_masks_replaces_previous_mask(model, masks, batches):

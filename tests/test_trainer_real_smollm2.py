@@ -74,3 +74,38 @@ def test_smollm2_trainer_cuts_kv_groups_with_2_4_sparsity_and_reloads(smollm2, t
         **batch, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.eos_token_id
     )
     assert generated.shape[1] == batch["input_ids"].shape[1] + 4
+
+
+def test_smollm2_sft_with_the_mixin_distils_2_4_weights_from_the_dense_model(smollm2, tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    from hf_gradprune import PruningMixin
+
+    class PruningSFTTrainer(PruningMixin, SFTTrainer):
+        pass
+
+    model, tokenizer = smollm2
+    texts = load_rotten_tomatoes()["train"]["text"][:16]
+    args = SFTConfig(
+        str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, max_length=32, report_to=[],
+        use_cpu=True, save_strategy="no", disable_tqdm=True, logging_steps=1, learning_rate=1e-5,
+    )  # fmt: skip
+    pruning = PruningArguments(
+        weight_sparsity=0.5, sparsity_pattern="2:4", weight_importance="wanda", importance_batches=1,
+        distill_alpha=0.5,
+    )  # fmt: skip
+    trainer = PruningSFTTrainer(
+        model=model.train(),
+        args=args,
+        train_dataset=Dataset.from_dict({"text": texts}),
+        processing_class=tokenizer,
+        pruning_args=pruning,
+    )
+    trainer.train()
+    steps = [entry for entry in trainer.state.log_history if "distill/kl" in entry]
+    assert len(steps) == 2 and all(
+        0 < entry["distill/kl"] < 100 and entry["grad_norm"] > 0 for entry in steps
+    )
+    masks = get_masks(trainer.model)
+    assert len(masks) == 30 * 7
+    assert all(bool((m.reshape(-1, 4).sum(-1) == 2).all()) for m in masks.values())

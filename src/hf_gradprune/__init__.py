@@ -83,7 +83,7 @@ _MODULES = {
         "prune_layers",
         "prune_units",
     ),
-    "trainer": ("PruningTrainer",),
+    "trainer": ("PruningMixin", "PruningTrainer"),
 }
 _SOURCE = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = sorted([*_SOURCE, "__version__"])

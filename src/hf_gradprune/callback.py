@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import functools
 import itertools
 import json
@@ -21,8 +20,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .adapters import FFN, HEADS, LAYERS, find_target_modules, get_adapter, weight_layer_groups
 from .arguments import PruningArguments
 from .checkpoint import fit_to_checkpoint
+from .distillation import frozen_copy
 from .flops import flops_ratio, measure_speedup
 from .importance import prepare_batch
+from .lora import is_peft_model, mask_lora_updates
 from .masks import (
     MASKS_FILENAME,
     apply_masks,
@@ -146,7 +147,7 @@ class GradientPruningCallback(TrainerCallback):
         Weight masks are kept. Returns the logs of the cut."""
         args = self.pruning_args
         self.plan.check_structures(model)
-        reference = copy.deepcopy(model) if args.measure_speedup else None
+        reference = frozen_copy(model) if args.measure_speedup else None
         layers = self.plan.layers_to_remove(step)
         if layers:
             self.importance[LAYERS] = prune_layers_by_importance(
@@ -230,7 +231,16 @@ class GradientPruningCallback(TrainerCallback):
         )
         if optimizer is not None:
             zero_pruned_optimizer_state(optimizer, model, masks)
+        self.mask_lora_updates(model)
         self.weight_sparsity = sparsity
+
+    def mask_lora_updates(self, model: nn.Module) -> None:
+        """A peft model on masked weights trains its LoRA updates masked (:func:`mask_lora_updates`), so that
+        ``merge_and_unload`` gives the model that was trained; where that cannot be exact, a warning."""
+        try:
+            mask_lora_updates(model)
+        except ValueError as error:
+            warnings.warn(f"{error} The LoRA update trains dense.", stacklevel=3)
 
     def prune_structures_before_training(
         self, model: nn.Module, dataloader: Iterable, show_progress: bool = True
@@ -352,6 +362,14 @@ class GradientPruningCallback(TrainerCallback):
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self.refuse_sharded_training(fsdp_version(args), bool(args.deepspeed))
+        if self.pruning_args.prunes_structures and is_peft_model(kwargs.get("model")):
+            raise ValueError(
+                "Heads, FFN neurons and layers are not cut under LoRA (`peft_config`): the adapters' "
+                "matrices would have to be cut with their layers. Cut first (without `peft_config`, then "
+                "save the smaller model), then train LoRA on it. Weight pruning (`--weight_sparsity`) works "
+                "under LoRA: the base weights are masked and so is the LoRA update, so `merge_and_unload` "
+                "keeps the zeros."
+            )
         if kwargs.get("model") is not None and self._load_hook is None:
             # A plain Trainer loads a checkpoint's weights before `on_train_begin`: shapes first.
             hook = functools.partial(fit_to_checkpoint, args.output_dir)
@@ -384,6 +402,7 @@ class GradientPruningCallback(TrainerCallback):
             self._resume_found_checkpoint(args, state)
         if self._restored_masks:
             apply_masks(model, self._restored_masks)
+            self.mask_lora_updates(model)
             self._restored_masks = None
 
     def _resume_found_checkpoint(self, args: TrainingArguments, state: TrainerState) -> None:

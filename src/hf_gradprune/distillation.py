@@ -174,9 +174,22 @@ class Distiller:
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` to distil from: same weights, dtype and device, in eval mode, gradients off,
-    without weight-mask hooks (its masked weights are already zero)."""
+    """A copy of ``model`` to distil from or time against: same weights, dtype and device, in eval mode,
+    gradients off, without weight-mask hooks (its masked weights are already zero) and running its class's
+    own ``forward``: a ``forward`` a trainer set on the instance (trl's fused LM head calls the original
+    object, so a plain ``deepcopy`` would run the student) is not copied; accelerate's device hooks are.
+
+    Example:
+        >>> import functools, torch
+        >>> model = torch.nn.Linear(2, 2)
+        >>> model.forward = functools.partial(torch.nn.Linear.forward, model)  # patched on the instance
+        >>> "forward" in vars(frozen_copy(model))
+        False
+    """
     teacher = copy.deepcopy(model)
+    for module in teacher.modules():
+        if "forward" in vars(module) and not hasattr(module, "_hf_hook"):
+            del module.forward
     if is_masked(teacher):
         remove_masks(teacher)
     return teacher.eval().requires_grad_(False)

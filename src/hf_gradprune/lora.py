@@ -11,6 +11,14 @@ from torch.utils.hooks import RemovableHandle
 
 from .masks import get_masks, mask_of, reapply_masks
 
+_HOOK = "_hf_gradprune_lora_hook"
+"""Attribute of a LoRA layer: the id of the forward hook :func:`mask_lora_updates` registered on it."""
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a peft model (``get_peft_model``, or trl's ``peft_config=``)."""
+    return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
+
 
 def masked_lora_layers(model: nn.Module) -> list[nn.Module]:
     """peft LoRA layers (``lora_A``, ``lora_B``, ``base_layer``) whose base weight carries a mask."""
@@ -46,7 +54,8 @@ def mask_lora_updates(model: nn.Module) -> list[RemovableHandle]:
     function that its merged, re-masked weights (:func:`merge_and_unload`) no longer compute. With these
     hooks each layer computes ``W x + s (B A ⊙ M) x`` (SQFT's sparsity-preserving adapters): what is
     trained is exactly what the merge gives. Each hook costs one extra matmul of the layer's size per
-    forward. ``PruningTrainer`` adds them itself to a peft model whose base weights are masked.
+    forward. ``PruningTrainer`` and the callback add them themselves to a peft model whose base weights are
+    masked (before training, and after each cut); a layer hooked already is not hooked again.
 
     Args:
         model (`nn.Module`): a peft model whose base layers carry masks.
@@ -71,7 +80,7 @@ def mask_lora_updates(model: nn.Module) -> list[RemovableHandle]:
         >>> torch.allclose(lora(x), merge_and_unload(lora)(x), atol=1e-6)  # trained = merged
         True
     """
-    layers = masked_lora_layers(model)
+    layers = [module for module in masked_lora_layers(model) if not _hooked(module)]  # once per layer
     for module in layers:
         for name in module.lora_A:
             if not isinstance(module.lora_dropout[name], nn.Identity) or name in getattr(
@@ -82,7 +91,16 @@ def mask_lora_updates(model: nn.Module) -> list[RemovableHandle]:
                     "cannot be taken back exactly. Use LoraConfig(lora_dropout=0.0) without DoRA, or train "
                     "the update dense and let merge_and_unload drop its share on pruned weights."
                 )
-    return [module.register_forward_hook(_without_pruned_update) for module in layers]
+    handles = []
+    for module in layers:
+        handles.append(module.register_forward_hook(_without_pruned_update))
+        vars(module)[_HOOK] = handles[-1].id
+    return handles
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether :func:`mask_lora_updates` already hooked ``module`` (and the hook was not removed)."""
+    return vars(module).get(_HOOK) in module._forward_hooks
 
 
 def merge_and_unload(model: nn.Module, **merge_kwargs: Any) -> nn.Module:

@@ -55,6 +55,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from transformers import PretrainedConfig
 
 from .record import CONFIG_KEY, PruningRecord
@@ -96,24 +97,31 @@ class _ShardGradientMask:
 
 
 class _Hook:
-    """What :func:`apply_masks` registered on one parameter: the gradient hook's handle, the parameter
-    (weakly: one replaced by a wrapper must not be kept alive) and, sharded, its local mask."""
+    """What :func:`apply_masks` registered on one parameter: the gradient hook's handle (none on a frozen
+    parameter, such as a LoRA base weight: it gets no gradient), the parameter (weakly: one replaced by a
+    wrapper must not be kept alive) and, sharded, its local mask."""
 
     def __init__(self, module: nn.Module, attr: str):
         param = getattr(module, attr)
         self.param = weakref.ref(param)
         self.local = _local_mask(param, getattr(module, _buffer_name(attr)))
+        self.handle: RemovableHandle | None = None
+        if not param.requires_grad:
+            return
         if self.local is None:
             self.handle = param.register_hook(_GradientMask(module, attr))
         else:
             self.handle = param.register_post_accumulate_grad_hook(_ShardGradientMask(self.local))
 
     def hooks(self, param: nn.Parameter) -> bool:
-        """Whether the hook sits on ``param`` (not on a parameter it replaced, nor lost with a pickle)."""
-        return self.param is not None and self.param() is param
+        """Whether the hook sits on ``param`` (not on a parameter it replaced, nor lost with a pickle; a
+        parameter frozen when masked and trained since needs one)."""
+        live = self.param is not None and self.param() is param
+        return live and (self.handle is not None or not param.requires_grad)
 
     def remove(self) -> None:
-        self.handle.remove()
+        if self.handle is not None:
+            self.handle.remove()
 
     def __getstate__(self) -> dict:
         return {**vars(self), "param": None}  # a weak reference does not pickle; nor do hooks
@@ -223,7 +231,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], copy: bool 
             caller then owns the model's masks and must not change them).
 
     Raises:
-        ValueError: an unknown name, a mask of the wrong shape, a parameter that does not require grad, or
+        ValueError: an unknown name, a mask of the wrong shape, or
             a module with a ``<name>_mask`` attribute of its own (e.g. from ``torch.nn.utils.prune``).
         TypeError: a mask that is not a bool tensor.
 
@@ -247,11 +255,6 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], copy: bool 
         if mask.shape != param.shape:
             raise ValueError(
                 f"The mask of {name!r} has shape {tuple(mask.shape)}, the parameter {tuple(param.shape)}."
-            )
-        if not param.requires_grad:
-            raise ValueError(
-                f"{name!r} does not require grad and its gradient hook needs it: set requires_grad=True "
-                "before apply_masks (the parameter may be frozen again after)."
             )
         prefix, _, attr = name.rpartition(".")
         module = model.get_submodule(prefix)

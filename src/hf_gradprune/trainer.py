@@ -1,4 +1,5 @@
-"""``PruningTrainer``: a ``transformers.Trainer`` with :class:`GradientPruningCallback` built in."""
+"""``PruningMixin`` for any ``Trainer`` subclass, and ``PruningTrainer``: a ``transformers.Trainer`` with
+:class:`GradientPruningCallback` built in."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import os
 import random
 import re
 import shutil
-import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,6 @@ from .checkpoint import (
 from .distillation import DistillationParts, Distiller, frozen_copy
 from .export import check_exportable, export_vanilla
 from .hub import push_folder_to_hub, resolve_token, staged_copy
-from .lora import mask_lora_updates, masked_lora_layers
 from .masks import MASKS_FILENAME, get_masks
 from .record import PruningRecord
 
@@ -129,8 +128,11 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str:
     raise ValueError(f"No valid checkpoint found in output directory ({os.fspath(output_dir)}){skipped}.")
 
 
-class PruningTrainer(Trainer):
-    """A ``Trainer`` that prunes heads and weights as ``pruning_args`` say, and saves what it pruned.
+class PruningMixin:
+    """Pruning for any ``Trainer`` subclass: ``class PruningSFTTrainer(PruningMixin, SFTTrainer)``, or
+    ``(PruningMixin, Seq2SeqTrainer)``; :class:`PruningTrainer` is ``(PruningMixin, Trainer)``. The mixin
+    comes first (a class that puts it after a ``Trainer`` is refused when it is defined); its methods call
+    the host trainer's and pass every argument of theirs through.
 
     Differences from ``Trainer``: the pruning callback is added; ``train(resume_from_checkpoint=...)``
     first replays the checkpoint's structural pruning and restores its masks; saves write the weight masks
@@ -157,13 +159,30 @@ class PruningTrainer(Trainer):
         evaluate_after_pruning (`bool`, *optional*, defaults to `True`): evaluate right before the first cut
             and right after each cut when there is an ``eval_dataset`` (the card's "before pruning" and
             "right after pruning" columns).
-        *args, **kwargs: as for ``transformers.Trainer``.
+        *args, **kwargs: as for the host trainer (``transformers.Trainer``, trl's ``SFTTrainer``, ...).
 
     Example:
-        >>> # trainer = PruningTrainer(model=model, args=training_args, train_dataset=train,
-        >>> #                          pruning_args=PruningArguments(prune_heads_per_layer=1))
-        >>> # trainer.train(); trainer.save_model()
+        >>> from transformers import Seq2SeqTrainer
+        >>> class PruningSeq2SeqTrainer(PruningMixin, Seq2SeqTrainer):
+        ...     pass
+        >>> class Wrong(Seq2SeqTrainer, PruningMixin):
+        ...     pass
+        Traceback (most recent call last):
+        ...
+        TypeError: Wrong puts PruningMixin after Seq2SeqTrainer: ...
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        hosts = [k for k in mro[: mro.index(PruningMixin)] if issubclass(k, Trainer) and k is not cls]
+        hosts = [k for k in hosts if not issubclass(k, PruningMixin)]
+        if hosts:
+            raise TypeError(
+                f"{cls.__name__} puts PruningMixin after {hosts[0].__name__}: the mixin's methods must come "
+                "first to wrap the trainer's. Write "
+                f"`class {cls.__name__}(PruningMixin, {hosts[0].__name__})`."
+            )
 
     def __init__(
         self,
@@ -179,9 +198,9 @@ class PruningTrainer(Trainer):
             given = {}  # the host's __init__ below names the unexpected argument, as the Trainer does
         if given.get("model_init"):
             raise ValueError(
-                "PruningTrainer does not take `model_init`: the Trainer calls it again at every `train()` "
-                "(and every hyperparameter-search trial), which would replace the pruned model with a fresh "
-                "one. Pass the model itself as `model=`."
+                f"{type(self).__name__} does not take `model_init`: the Trainer calls it again at every "
+                "`train()` (and every hyperparameter-search trial), which would replace the pruned model "
+                "with a fresh one. Pass the model itself as `model=`."
             )
         self.pruning_callback = GradientPruningCallback(pruning_args)
         self.pruning_callback.distillation_in_loss = True
@@ -192,7 +211,7 @@ class PruningTrainer(Trainer):
             self.accelerator.state.fsdp_plugin.fsdp_version if self.is_fsdp_enabled else None,
             self.is_deepspeed_enabled,
         )
-        self._mask_lora_updates()
+        self.pruning_callback.mask_lora_updates(self.model)
         if pruning_args.export_vanilla:
             check_exportable(self.model, pruning_args.unit_structures)
         self.pruning_args = pruning_args
@@ -209,16 +228,6 @@ class PruningTrainer(Trainer):
         if pruning_args.distills:
             # The loss is a per-batch mean: the Trainer divides it over gradient accumulation steps.
             self.loss_is_scaled_for_ga = False
-
-    def _mask_lora_updates(self) -> None:
-        """A peft model on masked weights trains its LoRA updates masked (:func:`mask_lora_updates`), so
-        that ``merge_and_unload`` gives the model that was trained; where that cannot be exact, a warning."""
-        if not masked_lora_layers(self.model):
-            return
-        try:
-            mask_lora_updates(self.model)
-        except ValueError as error:
-            warnings.warn(f"{error} The LoRA update trains dense.", stacklevel=3)
 
     @property
     def eval_before(self) -> dict[str, float] | None:
@@ -271,9 +280,20 @@ class PruningTrainer(Trainer):
         mean) blended with the distillation from the frozen teacher (:class:`Distiller`)."""
         if self.distiller is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        task, outputs = super().compute_loss(model, self.distiller.inputs(inputs), return_outputs=True)
+        inputs = self.distiller.inputs(inputs)
+        if super().compute_loss.__func__ is Trainer.compute_loss:  # one forward gives both
+            task, outputs = super().compute_loss(model, inputs, return_outputs=True)
+        else:  # a host with a loss of its own (trl's fused LM head builds no logits): our forward for them
+            task = super().compute_loss(model, inputs)
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
         student = self.accelerator.unwrap_model(model)
         loss, parts = self.distiller.loss(student, task, outputs, inputs)
+        if parts.kl == 0.0 and self.has_pruned():
+            raise RuntimeError(
+                "The distillation KL is exactly 0 after a cut: the teacher computes the student's outputs (a "
+                "copy that still calls the student?), so distillation would do nothing. Please report this "
+                f"with your trainer class ({type(self).__name__})."
+            )
         self._distilled.append(parts)
         return (loss, outputs) if return_outputs else loss
 
@@ -439,11 +459,13 @@ class PruningTrainer(Trainer):
         eval_dataset: Any = None,
         ignore_keys: list[str] | None = None,
         metric_key_prefix: str = "eval",
+        **kwargs: Any,
     ) -> dict[str, float]:
-        """``Trainer.evaluate``; the metrics under the default ``metric_key_prefix`` (``"eval"``) are kept as
+        """The host's ``evaluate`` (``kwargs``: its own, such as ``Seq2SeqTrainer``'s ``max_length`` and
+        ``num_beams``); the metrics under the default ``metric_key_prefix`` (``"eval"``) are kept as
         ``eval_before`` pruning, ``eval_pruned`` right after a cut, or ``eval_after`` (after training on), for
         the model card. Another prefix (a held-out test set, say) is evaluated and left out of the card."""
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **kwargs)
         if metric_key_prefix == "eval":
             moment = "pruned" if self._evaluating_pruned else "after" if self.has_pruned() else "before"
             self.pruning_callback.evaluations[moment] = dict(metrics)
@@ -572,6 +594,7 @@ class PruningTrainer(Trainer):
             save_head_importance_heatmap(shown, folder / HEATMAP_FILENAME)
             heatmap = HEATMAP_FILENAME
         fields, history = self.card_fields, self.state.log_history
+        model_tags = getattr(self.model, "model_tags", None) or []
         repo_id = repo_id or self.hub_model_id or self.args.hub_model_id
         name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
         return {
@@ -582,7 +605,8 @@ class PruningTrainer(Trainer):
             "dataset_args": fields.get("dataset_args"),
             "language": fields.get("language"),
             "license": fields.get("license"),
-            "tags": fields.get("tags"),
+            # with the host trainer's (trl's "trl", "sft"), as its own card would have them
+            "tags": list(dict.fromkeys([*_as_list(fields.get("tags")), *model_tags])) or None,
             # As the Trainer names it: the repository's name, else the output folder's (never its path).
             "model_name": fields.get("model_name")
             or (repo_id or Path(self.args.output_dir).name).split("/")[-1],
@@ -634,10 +658,6 @@ class PruningTrainer(Trainer):
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         if self.hub_model_id is None:
             self.init_hf_repo(token=token, private=private)
-        model_tags = getattr(self.model, "model_tags", None)
-        if model_tags:
-            tags = [*_as_list(self.card_fields.get("tags")), *model_tags]
-            self._remember_card_fields(tags=list(dict.fromkeys(tags)))
         self._finish_current_push()  # a checkpoint's upload goes first, whole
         self._save_with_card(repo_id=self.hub_model_id)
         if not self.is_world_process_zero():
@@ -711,3 +731,21 @@ class PruningTrainer(Trainer):
     def _hub_api(self) -> HfApi:
         """One client for the background uploads: its single worker sends them in order."""
         return HfApi()
+
+
+class PruningTrainer(PruningMixin, Trainer):
+    """A ``Trainer`` that prunes heads, neurons, layers and weights as ``pruning_args`` say, and saves what it
+    pruned: :class:`PruningMixin` on ``transformers.Trainer`` (its docstring lists what differs).
+
+    Args:
+        pruning_args (`PruningArguments`): what, how and when to prune.
+        dataset_name (`str`, *optional*): the Hub id of the training data, for the model card.
+        evaluate_after_pruning (`bool`, *optional*, defaults to `True`): evaluate right before the first cut
+            and right after each cut when there is an ``eval_dataset``.
+        *args, **kwargs: as for ``transformers.Trainer``.
+
+    Example:
+        >>> # trainer = PruningTrainer(model=model, args=training_args, train_dataset=train,
+        >>> #                          pruning_args=PruningArguments(prune_heads_per_layer=1))
+        >>> # trainer.train(); trainer.save_model()
+    """

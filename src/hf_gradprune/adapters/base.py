@@ -282,12 +282,14 @@ class ArchitectureAdapter:
         return self.num_units(structure, config) // int(groups) if groups else 1
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
-        """The transformer blocks of ``model``."""
-        return get_submodule(model.base_model, self.layers)
+        """The transformer blocks of ``model`` (of a peft model, those of the model it wraps)."""
+        inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+        return get_submodule(inner.base_model, self.layers)
 
     def module(self, model: nn.Module, layer: int, path: str) -> nn.Module:
-        """The module at ``path`` inside block ``layer``."""
-        return get_submodule(self.blocks(model)[layer], path)
+        """The module at ``path`` inside block ``layer`` (of a layer a peft adapter wraps, its base layer)."""
+        module = get_submodule(self.blocks(model)[layer], path)
+        return getattr(module, "base_layer", module)
 
     def set_unit_count(self, model: nn.Module, layer: int, structure: Structure, count: int) -> None:
         """Refresh the owner's count and width attributes after surgery (``head_dim`` and ratios stay); with
