@@ -214,3 +214,32 @@ def test_weights_only_checkpoint_of_no_family_reloads(tmp_path):
     apply_masks(model, {name: torch.rand(model.get_parameter(name).shape) > 0.5})
     save_pruned(model, tmp_path / "vit")
     assert_same_model(model, load_pruned(tmp_path / "vit"))
+
+
+def test_rng_state_is_the_trainers_own_without_pickle_and_restores_every_generator(tmp_path):
+    import random
+
+    import numpy as np
+    from transformers.trainer_pt_utils import safe_globals
+
+    from hf_gradprune.checkpoint import load_state
+
+    trainer = PruningTrainer(
+        model=build_tiny("bert"),
+        args=quiet_cpu_args(tmp_path / "out"),
+        pruning_args=PruningArguments(weight_sparsity=0.5),
+    )
+    plain = Trainer(model=build_tiny("bert"), args=quiet_cpu_args(tmp_path / "plain"))
+    torch.manual_seed(3)
+    trainer._save_rng_state(str(tmp_path / "ours"))
+    torch.manual_seed(3)
+    plain._save_rng_state(str(tmp_path / "theirs"))
+    assert {p.name for p in (tmp_path / "ours").iterdir()} == {"rng_state.json", "rng_state.safetensors"}
+    ours = load_state(tmp_path / "ours", "rng_state")
+    with safe_globals():
+        theirs = torch.load(tmp_path / "theirs" / "rng_state.pth", weights_only=True)
+    assert ours.keys() == theirs.keys()  # every generator the Trainer saves on this machine
+    assert torch.equal(ours["cpu"], theirs["cpu"])
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    trainer._load_rng_state(str(tmp_path / "ours"))
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected

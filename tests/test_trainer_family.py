@@ -280,3 +280,17 @@ def test_mixin_after_the_trainer_is_refused_when_the_class_is_defined():
 
         class Wrong(SFTTrainer, PruningMixin):
             pass
+
+
+def test_sft_callback_tags_the_model_so_the_pushed_card_says_it_is_pruned(tmp_path, tokenizer):
+    trainer = SFTTrainer(
+        model=tiny_llama(tokenizer),
+        args=sft_args(tmp_path),
+        train_dataset=reviews(),
+        processing_class=tokenizer,
+        callbacks=[GradientPruningCallback(PruningArguments(weight_sparsity=0.5, importance_batches=1))],
+    )
+    assert "pruning" not in trainer.model.model_tags
+    trainer.train()
+    # Trainer.push_to_hub merges the model's tags into the card it writes (trl's and the Trainer's alike).
+    assert {"trl", "sft", "pruning", "hf-gradprune"} <= set(trainer.model.model_tags)

@@ -256,6 +256,7 @@ class GradientPruningCallback(TrainerCallback):
         batches = take_batches(dataloader, self.pruning_args.importance_batches)
         self._around_cut("before")
         self._pending_logs.update(self.prune_structures_now(model, batches, 0))
+        _tag_pruned(model)
         self._structures_done_before_training = True
         if self.plan.weight_sparsity_at(0, self.weight_sparsity) is None:
             self._around_cut("after")
@@ -433,6 +434,7 @@ class GradientPruningCallback(TrainerCallback):
             if sparsity is not None:
                 self.prune_weights_now(model, batches, sparsity, optimizer=optimizer)
                 self._pending_logs.update(self.sparsity_logs(model))
+            _tag_pruned(model)
             if cut or self.pruning_args.sparsity_schedule == "one_shot":
                 self._around_cut("after")
         if self._pending_logs:
@@ -592,6 +594,15 @@ class GradientPruningCallback(TrainerCallback):
         if FFN in PruningRecord.from_config(model.config).pruned:
             self._writer.add_figure("prune/ffn_sizes", ffn_sizes_figure(model), state.global_step)
         self._writer.flush()
+
+
+def _tag_pruned(model: nn.Module) -> None:
+    """Tag a transformers model as pruned: every model card written of it (the ``Trainer``'s, trl's) lists
+    the tags, as the pruning card does."""
+    from .cards import CARD_TAGS
+
+    if callable(getattr(model, "add_model_tags", None)):
+        model.add_model_tags(list(CARD_TAGS))
 
 
 def zero_pruned_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, masks: dict) -> None:

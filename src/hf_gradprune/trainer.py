@@ -8,14 +8,13 @@ import inspect
 import json
 import logging
 import os
-import random
 import re
 import shutil
+import tempfile
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from huggingface_hub import CommitInfo, HfApi
 from torch import nn
@@ -28,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 from transformers import PreTrainedModel, Trainer
 from transformers.modelcard import extract_hyperparameters_from_trainer, parse_log_history
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy
 from transformers.utils.hub import PushInProgress
 
@@ -413,26 +413,25 @@ class PruningMixin:
         return "rng_state" if self.args.world_size <= 1 else f"rng_state_{self.args.process_index}"
 
     def _save_rng_state(self, output_dir: str) -> None:
-        states = {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "cpu": torch.random.get_rng_state(),
-        }
-        if torch.cuda.is_available():
-            states["cuda"] = torch.cuda.random.get_rng_state_all()
+        """``Trainer._save_rng_state`` (every device's generators), its pickle converted to JSON and
+        safetensors (:func:`save_state`) before it reaches the checkpoint."""
+        with tempfile.TemporaryDirectory() as scratch:
+            super()._save_rng_state(scratch)
+            (written,) = Path(scratch).iterdir()
+            with safe_globals():
+                states = torch.load(written, weights_only=True)
         os.makedirs(output_dir, exist_ok=True)
-        save_state(states, output_dir, self._rng_stem())
-        return None
+        save_state(states, output_dir, written.stem)
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
-        if checkpoint is None or not has_state(checkpoint, self._rng_stem()):
+        """``Trainer._load_rng_state`` (every device's generators) from the JSON and safetensors state, given
+        to it as the file it reads, in a temporary folder; a plain ``Trainer``'s checkpoint as it is."""
+        stem = self._rng_stem()
+        if checkpoint is None or not has_state(checkpoint, stem):
             return super()._load_rng_state(checkpoint)
-        states = load_state(checkpoint, self._rng_stem())
-        random.setstate(states["python"])
-        np.random.set_state(states["numpy"])
-        torch.random.set_rng_state(states["cpu"])
-        if "cuda" in states and torch.cuda.is_available():
-            torch.cuda.random.set_rng_state_all(states["cuda"])
+        with tempfile.TemporaryDirectory() as scratch:
+            torch.save(load_state(checkpoint, stem), Path(scratch) / f"{stem}.pth")
+            super()._load_rng_state(scratch)
         return None
 
     def _save_scaler(self, output_dir: str) -> None:
