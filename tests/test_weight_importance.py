@@ -11,7 +11,7 @@ from hf_gradprune import PruningArguments, prune_weights, register_weight_criter
 from hf_gradprune.adapters import find_target_modules, get_adapter, weight_input_dims, weight_layer_groups
 from hf_gradprune.importance import compute_weight_importance
 
-from .helpers import build_tiny, tiny_batch
+from .helpers import build_tiny, quiet_cpu_args, tiny_batch, tiny_dataset
 
 GRADIENT_METHODS = ("gradient", "taylor", "fisher", "obd", "combined")
 SQUARED_METHODS = ("fisher", "obd")  # the empirical Fisher: squares of single examples' gradients
@@ -334,3 +334,47 @@ def test_register_weight_criterion_refuses_duplicates_and_unknown_needs():
         ValueError, match=r"`needs` must be drawn from 'sum', 'square', 'inputs', got \['hessian'\]"
     ):
         register_weight_criterion("new", {"hessian"}, lambda module, sums, alpha: sums["hessian"])
+
+
+@pytest.fixture
+def toy_criterion():
+    """A criterion registered after import that needs no data: |w|³ (ranks as magnitude does)."""
+    from hf_gradprune.criteria import WEIGHT_CRITERIA
+
+    register_weight_criterion(
+        "toy_cube", set(), lambda module, sums, alpha: module.weight.detach().float().abs() ** 3
+    )
+    yield "toy_cube"
+    del WEIGHT_CRITERIA["toy_cube"]
+
+
+def test_registered_criterion_without_data_needs_prunes_with_no_batches(toy_criterion):
+    model, reference = build_tiny("bert"), build_tiny("bert")
+    masks = prune_weights(model, None, 0.5, method=toy_criterion, show_progress=False)
+    expected = prune_weights(reference, None, 0.5, method="magnitude", show_progress=False)
+    assert masks.keys() == expected.keys() and all(torch.equal(masks[k], expected[k]) for k in masks)
+
+
+def test_registered_criterion_runs_from_the_command_line(toy_criterion, tmp_path):
+    from transformers import HfArgumentParser, Trainer
+
+    from hf_gradprune import GradientPruningCallback
+    from hf_gradprune.masks import get_masks
+
+    (args,) = HfArgumentParser(PruningArguments).parse_args_into_dataclasses(
+        ["--weight_sparsity", "0.5", "--weight_importance", toy_criterion, "--sparsity_scope", "per_row"]
+    )
+    assert not args.weights_read_data
+    model = build_tiny("bert").train()
+    expected = prune_weights(
+        build_tiny("bert"), None, 0.5, method="magnitude", scope="per_row", show_progress=False
+    )
+    trainer = Trainer(
+        model=model,
+        args=quiet_cpu_args(tmp_path, max_steps=1, learning_rate=0.0),
+        train_dataset=tiny_dataset(),
+        callbacks=[GradientPruningCallback(args)],
+    )
+    trainer.train()
+    masks = get_masks(model)
+    assert masks.keys() == expected.keys() and all(torch.equal(masks[k].cpu(), expected[k]) for k in masks)

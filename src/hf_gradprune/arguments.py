@@ -6,21 +6,40 @@ import re
 import types
 import typing
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .adapters.base import FFN, HEADS, LAYERS
-from .criteria import WEIGHT_CRITERIA
+from .criteria import WEIGHT_CRITERIA, needs_calibration
 
 HEAD_NORMALIZATIONS = ("layer_sum", "l2", "none")
 HEAD_ACCUMULATIONS = ("fisher", "sum_of_abs", "abs_of_sum")
 LAYER_IMPORTANCES = ("fisher", "block_influence")
 MASK_TUNING_METHODS = ("distillation", "least_squares")
-#: The built-in weight criteria (:mod:`hf_gradprune.criteria`); validation reads the live registry.
-WEIGHT_IMPORTANCES = tuple(WEIGHT_CRITERIA)
 #: What chooses the pruned weights besides a criterion: SparseGPT (which also updates the kept ones).
 WEIGHT_SOLVERS = ("sparsegpt",)
-WEIGHT_METHODS = (*WEIGHT_IMPORTANCES, *WEIGHT_SOLVERS)
+
+
+class LiveChoices(Sequence[str]):
+    """``choices`` read when used, not when the module is imported: ``--weight_importance`` offers a
+    criterion registered after ``import hf_gradprune`` (argparse checks and lists ``choices`` at parse)."""
+
+    def __init__(self, read: Callable[[], tuple[str, ...]]):
+        self._read = read
+
+    def __getitem__(self, index: int) -> str:  # type: ignore[override]
+        return self._read()[index]
+
+    def __len__(self) -> int:
+        return len(self._read())
+
+    def __repr__(self) -> str:
+        return repr(self._read())
+
+
+#: Every ``--weight_importance``: the registered criteria and the solvers, as they stand.
+LIVE_WEIGHT_METHODS = LiveChoices(lambda: (*WEIGHT_CRITERIA, *WEIGHT_SOLVERS))
 #: How the kept weights of a block are updated once its masks are chosen (layer by layer only).
 RECONSTRUCTIONS = ("none", "least_squares", "adam", "least_squares_adam")
 SPARSITY_ALLOCATIONS = ("uniform", "owl")
@@ -213,7 +232,7 @@ class PruningArguments:
             "w^2 * sum g^2 (obd), combined (normalised |w| + |sum g|), wanda (|w| * ||x||) or gblm "
             "(|w| * (alpha * ||g|| + ||x||)); or sparsegpt (SparseGPT: layer Hessians choose the weights "
             "and update the kept ones, block by block).",
-            "choices": WEIGHT_METHODS,
+            "choices": LIVE_WEIGHT_METHODS,
         },
     )
     sequential_calibration: bool = field(
@@ -366,7 +385,7 @@ class PruningArguments:
             "head_importance_accumulate": HEAD_ACCUMULATIONS,
             "layer_importance": LAYER_IMPORTANCES,
             "mask_tuning_method": MASK_TUNING_METHODS,
-            "weight_importance": (*WEIGHT_CRITERIA, *WEIGHT_SOLVERS),
+            "weight_importance": tuple(LIVE_WEIGHT_METHODS),
             "weight_reconstruction": RECONSTRUCTIONS,
             "weight_sparsity_allocation": SPARSITY_ALLOCATIONS,
             "sparsity_scope": SPARSITY_SCOPES,
@@ -692,6 +711,16 @@ class PruningArguments:
     def prunes_weights(self) -> bool:
         """Whether any weight is to be masked."""
         return self.weight_sparsity > 0.0
+
+    @property
+    def weights_read_data(self) -> bool:
+        """Whether weight pruning reads calibration batches: a criterion that declares it needs them,
+        SparseGPT, reconstruction or OWL's allocation."""
+        return (
+            needs_calibration(self.weight_importance)
+            or self.weight_reconstruction != "none"
+            or self.weight_sparsity_allocation != "uniform"
+        )
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:

@@ -212,11 +212,7 @@ class GradientPruningCallback(TrainerCallback):
         args = self.pruning_args
         masks = prune_weights(
             model,
-            batches
-            if args.weight_importance != "magnitude"
-            or args.weight_reconstruction != "none"
-            or args.weight_sparsity_allocation != "uniform"
-            else None,
+            batches if args.weights_read_data else None,
             sparsity,
             method=args.weight_importance,
             scope=args.sparsity_scope,
@@ -427,7 +423,9 @@ class GradientPruningCallback(TrainerCallback):
         if cut and sparsity is None and self.weight_sparsity > 0:
             sparsity = self.weight_sparsity  # surgery removes masked rows: restore the exact sparsity
         if cut or sparsity is not None:
-            batches = take_batches(kwargs["train_dataloader"], self.pruning_args.importance_batches)
+            batches = []  # magnitude alone reads no batch
+            if cut or self.pruning_args.weights_read_data:
+                batches = take_batches(kwargs["train_dataloader"], self.pruning_args.importance_batches)
             self._around_cut("before")
             if cut:
                 self._pending_logs.update(self.prune_structures_now(model, batches, step, optimizer))

@@ -70,6 +70,18 @@ def register_weight_criterion(name: str, needs: set[str] | frozenset[str], score
     return criterion
 
 
+def needs_calibration(method: str) -> bool:
+    """Whether ``method`` reads calibration data: a registered criterion by what it declares it needs, any
+    other method (a solver such as SparseGPT) always.
+
+    Example:
+        >>> needs_calibration("magnitude"), needs_calibration("wanda"), needs_calibration("sparsegpt")
+        (False, True, True)
+    """
+    criterion = WEIGHT_CRITERIA.get(method)
+    return criterion is None or bool(criterion.needs)
+
+
 def _magnitude(module: nn.Module) -> torch.Tensor:
     """A new float32 tensor ``|weight|``."""
     return module.weight.detach().abs().float()

@@ -27,7 +27,7 @@ from .arguments import (
     check_choice,
 )
 from .blockwise import prune_blockwise
-from .criteria import WEIGHT_CRITERIA
+from .criteria import WEIGHT_CRITERIA, needs_calibration
 from .flops import check_flops_target, flops_in_rounds, neuron_multiples
 from .importance import compute_layer_importance, compute_unit_importance, score_modules
 from .mask_tuning import capture_targets, capture_teacher, distill_unit_scales, rescale_units
@@ -304,7 +304,7 @@ def prune_weights(
     Args:
         model (`nn.Module`): the model.
         batches (`Sequence[Mapping]`, *optional*): calibration batches (with labels for gradient criteria;
-            a causal LM may omit them); ``None`` for ``magnitude``.
+            a causal LM may omit them); ``None`` for a criterion that needs no data (``magnitude``).
         sparsity (`float`, *optional*): as for :func:`hf_gradprune.compute_weight_masks`.
         method (`str`, *optional*, defaults to `"taylor"`): a weight importance (see
             :func:`hf_gradprune.compute_weight_importance`), or ``"sparsegpt"`` (SparseGPT, which chooses
@@ -378,7 +378,8 @@ def prune_weights(
     dims = weight_input_dims(model, target_modules)
     weights = {f"{name}.weight": module.weight for name, module in modules.items()}
     check_mask_arguments(weights, sparsity, scope, pattern, layer_of, dims)
-    if find_adapter(model) is not None and (by_blocks or (sequential and method != "magnitude")):
+    with_data = needs_calibration(method)
+    if find_adapter(model) is not None and (by_blocks or (sequential and with_data)):
         return prune_blockwise(
             model,
             list(batches),
@@ -396,10 +397,9 @@ def prune_weights(
     for name, module in modules.items():
         layers.setdefault(layer_of[f"{name}.weight"], {})[name] = module
     groups = list(layers.values()) if sequential else _in_passes(list(layers.values()), scoring_passes)
-    if method != "magnitude":
+    if with_data:
         batches = list(batches)  # read once per group
     applied: dict[str, torch.Tensor] = {}
-    with_data = method != "magnitude"
     steps = tqdm(
         groups,
         desc=f"{'Layer by layer' if sequential else 'Scoring passes'} ({method})",
