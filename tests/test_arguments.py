@@ -1,3 +1,6 @@
+import dataclasses
+import warnings
+
 import pytest
 from transformers import HfArgumentParser
 
@@ -110,3 +113,104 @@ def test_pruning_arguments_warn_when_a_flag_s_feature_is_off(flag, value, switch
 def test_pruning_arguments_wrong_types_name_the_flag_before_any_comparison(overrides, match):
     with pytest.raises(TypeError, match=match):
         PruningArguments(**overrides)
+
+
+#: Flags that turn a feature on.
+SWITCHES = {
+    "prune_heads_per_layer": 1,
+    "prune_heads_fraction": 0.25,
+    "prune_layers": 1,
+    "prune_ffn_fraction": 0.25,
+    "target_flops_ratio": 0.5,
+    "weight_sparsity": 0.5,
+    "sparsity_pattern": "2:4",
+    "distill_alpha": 0.5,
+}
+#: Flags that act whatever is pruned: the FLOPs the logs and card report; the export format of the save.
+ALWAYS_USED = {"flops_seq_len": 64, "export_vanilla": True}
+#: Every other flag, at a value of its own: each shapes a feature that is off when it alone is set.
+SHAPERS = {
+    "prune_min_heads_per_layer": 2,
+    "head_importance_normalize": "l2",
+    "head_importance_accumulate": "sum_of_abs",
+    "layer_importance": "block_influence",
+    "prune_flops_structures": "heads",
+    "prune_ffn_multiple_of": 32,
+    "uniform_per_layer": True,
+    "allow_empty_layers": True,
+    "prune_rounds": 3,
+    "measure_speedup": True,
+    "mask_tuning": True,
+    "mask_tuning_method": "least_squares",
+    "weight_importance": "fisher",
+    "sequential_calibration": True,
+    "scoring_passes": 2,
+    "weight_reconstruction": "least_squares",
+    "weight_sparsity_allocation": "owl",
+    "gblm_alpha": 10.0,
+    "sparsity_scope": "per_row",
+    "prune_target_modules": ["query"],
+    "prune_steps": "5",
+    "sparsity_schedule": "linear",
+    "sparsity_schedule_start": 2,
+    "sparsity_schedule_end": 10,
+    "sparsity_schedule_frequency": 3,
+    "importance_batches": 3,
+    "distill_temperature": 3.0,
+    "distill_hidden_states": True,
+    "teacher_model_name_or_path": "org/teacher",
+}
+
+#: What a flag needs beside it to be valid at all.
+COMPANIONS = {"sparsity_schedule": {"sparsity_schedule_end": 10}}
+
+
+def test_every_flag_is_a_switch_always_used_or_warned_about_when_its_feature_is_off():
+    names = {f.name for f in dataclasses.fields(PruningArguments)}
+    assert names == set(SWITCHES) | set(ALWAYS_USED) | set(SHAPERS)  # a new flag is classified here
+    for name, value in SHAPERS.items():
+        assert value != PruningArguments.defaults()[name], name
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                PruningArguments(**{name: value, **COMPANIONS.get(name, {})})
+            except ValueError as error:  # refused outright, naming the flag and what it needs
+                assert f"`--{name}`" in str(error) and "set `--" in str(error), (name, error)
+                continue
+        assert any(f"`--{name} " in str(w.message) and "is ignored" in str(w.message) for w in caught), name
+
+
+@pytest.mark.parametrize("name", sorted(SHAPERS))
+def test_a_flag_whose_feature_is_on_is_not_called_ignored(name):
+    on = {
+        "prune_heads_per_layer": 1,
+        "prune_ffn_fraction": 0.25,
+        "weight_sparsity": 0.5,
+        "distill_alpha": 0.5,
+    }
+    special = {
+        "layer_importance": {"prune_layers": 1},
+        "prune_flops_structures": {
+            "target_flops_ratio": 0.5,
+            "prune_heads_per_layer": None,
+            "prune_ffn_fraction": None,
+        },
+        "prune_ffn_multiple_of": {
+            "target_flops_ratio": 0.5,
+            "prune_heads_per_layer": None,
+            "prune_ffn_fraction": None,
+        },
+        "gblm_alpha": {"weight_importance": "gblm"},
+        "sparsity_schedule_start": {"sparsity_schedule": "linear", "sparsity_schedule_end": 10},
+        "sparsity_schedule_end": {"sparsity_schedule": "linear"},
+        "sparsity_schedule_frequency": {"sparsity_schedule": "linear", "sparsity_schedule_end": 10},
+        "mask_tuning_method": {"mask_tuning": True},
+        "prune_steps": {"sparsity_schedule": "one_shot"},
+        "sparsity_schedule": {"sparsity_schedule_end": 10, "prune_heads_per_layer": None},
+    }
+    settings = {**on, **special.get(name, {}), name: SHAPERS[name]}
+    settings = {k: v for k, v in settings.items() if v is not None}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PruningArguments(**settings)
+    assert not any(f"`--{name} " in str(w.message) and "is ignored" in str(w.message) for w in caught)

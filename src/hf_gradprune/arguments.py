@@ -554,7 +554,38 @@ class PruningArguments:
             self.sparsity_schedule != "one_shot",
         )
         distillation = ("distillation", "`--distill_alpha` above 0", self.distills)
+        units = (
+            "head and FFN neuron pruning",
+            "`--prune_heads_per_layer`, `--prune_heads_fraction`, `--prune_ffn_fraction` or "
+            "`--target_flops_ratio`",
+            bool(self.unit_structures),
+        )
+        heads = (
+            "head pruning",
+            "`--prune_heads_per_layer`, `--prune_heads_fraction` or `--target_flops_ratio`",
+            self.prunes_heads,
+        )
         features = {
+            "prune_min_heads_per_layer": heads,
+            "head_importance_normalize": heads,
+            "head_importance_accumulate": units,
+            "uniform_per_layer": units,
+            "allow_empty_layers": units,
+            "prune_rounds": units,
+            "mask_tuning": units,
+            "weight_importance": weights,
+            "sparsity_scope": weights,
+            "sparsity_schedule": weights,
+            "prune_steps": (
+                "a structural cut or one-shot weight pruning (a ramp follows `--sparsity_schedule_*`)",
+                "structures to prune, or `--weight_sparsity` with `--sparsity_schedule one_shot`",
+                self.prunes_structures or (self.prunes_weights and self.sparsity_schedule == "one_shot"),
+            ),
+            "importance_batches": (
+                "scoring on training batches",
+                "structures to prune, or a `--weight_importance` that reads data",
+                self.prunes_structures or (self.prunes_weights and self.weights_read_data),
+            ),
             "layer_importance": ("layer pruning", "`--prune_layers`", self.prunes_layers),
             "prune_flops_structures": ("a FLOPs budget", "`--target_flops_ratio`", self.prunes_by_flops),
             "mask_tuning_method": ("mask tuning", "`--mask_tuning`", self.mask_tuning),

@@ -207,6 +207,7 @@ class PruningMixin:
         # Before the user's callbacks, so that they see each step's pruning done.
         kwargs["callbacks"] = [self.pruning_callback, *(kwargs.get("callbacks") or [])]
         super().__init__(*args, **kwargs)
+        # Again with the accelerator's view: FSDP set by `accelerate launch`'s config is not in `args`.
         self.pruning_callback.refuse_sharded_training(
             self.accelerator.state.fsdp_plugin.fsdp_version if self.is_fsdp_enabled else None,
             self.is_deepspeed_enabled,
