@@ -228,10 +228,13 @@ def test_resume_with_arguments_that_change_what_is_pruned_is_a_clear_error(tmp_p
         )
 
 
-def test_resume_with_a_harmless_change_warns(tmp_path):
+@pytest.mark.parametrize(
+    ("flag", "before", "after"), [("importance_batches", 1, 2), ("scoring_passes", 1, 2)]
+)
+def test_resume_with_a_harmless_change_warns(tmp_path, flag, before, after):
     resumable(tmp_path).train()
-    with pytest.warns(UserWarning, match=r"changed pruning arguments: `--importance_batches` 1 -> 2"):
-        resumable(tmp_path, importance_batches=2).train(
+    with pytest.warns(UserWarning, match=rf"changed pruning arguments: `--{flag}` {before} -> {after}"):
+        resumable(tmp_path, **{flag: after}).train(
             resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2")
         )
 

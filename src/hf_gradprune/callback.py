@@ -45,8 +45,9 @@ STATE_FILENAME = "pruning_state.json"
 PRUNING_METRICS = "prune/"
 """The prefix of every metric the pruning logs."""
 #: Pruning arguments that may change between a checkpoint and its resumed run: they do not decide what is
-#: pruned, only how well it is estimated.
-HARMLESS_ON_RESUME = frozenset({"importance_batches", "measure_speedup"})
+#: pruned, only how well it is estimated or how much memory scoring takes (``--scoring_passes``: the same
+#: masks in any number of passes).
+HARMLESS_ON_RESUME = frozenset({"importance_batches", "measure_speedup", "scoring_passes"})
 
 
 def fsdp_version(args: TrainingArguments) -> int | None:
