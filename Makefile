@@ -22,6 +22,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check src tests examples benchmarks
+	$(PY) benchmarks/figures.py
 	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 lint: $(STAMP)

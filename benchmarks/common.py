@@ -20,6 +20,8 @@ import os
 import platform
 import random
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -234,11 +236,34 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _from_root(script: Path) -> str:
+    """``script`` relative to the repository, as a reader would run it."""
+    root = Path(__file__).resolve().parents[1]
+    resolved = script.resolve()
+    return resolved.relative_to(root).as_posix() if resolved.is_relative_to(root) else script.name
+
+
+def source_state() -> dict[str, Any]:
+    """The commit the code ran on, whether the tree differed from it, and the command line."""
+
+    def git(*command: str) -> str:
+        found = subprocess.run(["git", *command], capture_output=True, text=True, cwd=Path(__file__).parent)
+        return found.stdout.strip() if found.returncode == 0 else ""
+
+    return {
+        "commit": git("rev-parse", "HEAD") or None,
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "command": " ".join([_from_root(Path(sys.argv[0])), *sys.argv[1:]]),
+    }
+
+
 def results_header(name: str, args: Any) -> dict[str, Any]:
-    """The fields every results file starts with: benchmark, date, machine and settings."""
+    """The fields every results file starts with: benchmark, date, the commit, tree state and command line it
+    ran from, machine and settings."""
     return {
         "benchmark": name,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **source_state(),
         "machine": machine_info(),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }

@@ -1,0 +1,220 @@
+"""Check the figures the documents quote against the results files they come from.
+
+A quoted figure carries a marker right after it, invisible in rendered Markdown::
+
+    perplexity **33.8**<!-- fig sft.json rows[name=2:4 + SFT].perplexity -->
+    3.37x<!-- fig recovery.json rows[name=half].perplexity / rows[name=dense].perplexity -->
+
+The marker names a file of ``benchmarks/results/`` and an expression over its keys: dotted paths,
+``[index]`` and ``[key=value]`` list selectors (a row by its ``name``), numbers, ``+ - * /`` and
+parentheses. The number right before the marker (a trailing ``x`` or ``%`` is read as printed) must equal the
+expression to its printed rounding: ``33.8`` holds ``33.75`` to ``33.85``.
+
+Between ``<!-- figures -->`` and ``<!-- /figures -->`` every decimal figure (``0.783``, ``3.37x``, ``45%``
+with a decimal point) must carry a marker: a figure there without one is an error, as is a marker whose file,
+key or value is wrong. Outside those regions only the marked figures are checked.
+
+A results file is stale when a module its benchmark measures (the script's ``MEASURES``) changed in a commit
+after the one the file records: those are listed as warnings, not errors.
+
+Run: ``.venv/bin/python benchmarks/figures.py`` (``make test`` runs it); exit status 1 on an error.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import operator
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DOCUMENTS = ("README.md", "benchmarks/README.md", "docs/scaling.md")
+MARKER = re.compile(r"<!--\s*fig\s+(?P<file>\S+\.json)\s+(?P<expression>.+?)\s*-->")
+FIGURE = re.compile(r"(?<![\w.])[-−]?\d[\d,]*\.\d+(?=[x%*)|\s,;:]|$)")
+PRINTED = re.compile(r"([-−]?\d[\d,]*(?:\.\d+)?)[x%]?\**\s*$")
+MARKED = re.compile(r"[x%]?\**\s*<!--\s*fig\s")
+REGION_START, REGION_END = "<!-- figures -->", "<!-- /figures -->"
+PATH = re.compile(r"[A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*|\[[^\]]+\])*")
+OPERATORS: dict[type, Callable[[float, float], float]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+}
+
+
+@dataclass
+class Finding:
+    """One error or warning, where it is and why."""
+
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+def lookup(data: Any, path: str) -> Any:
+    """The value at ``path`` (``a.b[2].c``, ``rows[name=2:4].perplexity``) in ``data``."""
+    for part in re.findall(r"[^.\[\]]+|\[[^\]]+\]", path):
+        if part.startswith("["):
+            selector = part[1:-1]
+            if "=" in selector:
+                key, wanted = selector.split("=", 1)
+                matches = [row for row in data if str(row.get(key)) == wanted]
+                if len(matches) != 1:
+                    raise KeyError(f"{len(matches)} rows with {key}={wanted!r}")
+                data = matches[0]
+            else:
+                data = data[int(selector)]
+        else:
+            data = data[part]
+    return data
+
+
+def evaluate(expression: str, data: Any) -> float:
+    """``expression`` over the key paths of ``data``, with numbers, ``+ - * /`` and parentheses."""
+    names: dict[str, float] = {}
+
+    def name(match: re.Match) -> str:
+        key = f"_v{len(names)}"
+        names[key] = float(lookup(data, match.group(0)))
+        return key
+
+    tree = ast.parse(PATH.sub(name, expression), mode="eval")
+
+    def walk(node: ast.AST) -> float:
+        if isinstance(node, ast.Expression):
+            return walk(node.body)
+        if isinstance(node, ast.BinOp) and type(node.op) in OPERATORS:
+            return OPERATORS[type(node.op)](walk(node.left), walk(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -walk(node.operand)
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return float(node.value)
+        if isinstance(node, ast.Name) and node.id in names:
+            return names[node.id]
+        raise ValueError(f"not a figure expression: {ast.unparse(node)}")
+
+    return walk(tree)
+
+
+def printed_value(text: str) -> tuple[float, float] | None:
+    """The number ``text`` ends with and half a unit of its last printed digit."""
+    match = PRINTED.search(text)
+    if match is None:
+        return None
+    number = match.group(1).replace(",", "").replace("−", "-")
+    decimals = len(number.split(".")[1]) if "." in number else 0
+    return float(number), 0.5 * 10.0**-decimals
+
+
+def markers(document: Path) -> Iterator[tuple[int, str, re.Match]]:
+    """``(line number, text before the marker, marker)`` of every marker in ``document``."""
+    for number, line in enumerate(document.read_text().splitlines(), start=1):
+        for match in MARKER.finditer(line):
+            yield number, line[: match.start()], match
+
+
+def check_document(document: Path, results: Path = RESULTS) -> list[Finding]:
+    """The errors of ``document``: marked figures that differ from their source, and unmarked figures in a
+    figures region."""
+    errors: list[Finding] = []
+    loaded: dict[str, Any] = {}
+    name = document.relative_to(ROOT).as_posix() if document.is_relative_to(ROOT) else document.name
+    for number, before, marker in markers(document):
+        where = f"{name}:{number}"
+        printed = printed_value(before)
+        if printed is None:
+            errors.append(Finding(where, f"no figure before the marker {marker.group(0)!r}"))
+            continue
+        file = marker.group("file")
+        if file not in loaded:
+            path = results / file
+            if not path.is_file():
+                errors.append(Finding(where, f"{file} is not a results file in {results.name}/"))
+                continue
+            loaded[file] = json.loads(path.read_text())
+        try:
+            value = evaluate(marker.group("expression"), loaded[file])
+        except (KeyError, IndexError, TypeError, ValueError) as error:
+            errors.append(Finding(where, f"{file} {marker.group('expression')}: {error}"))
+            continue
+        shown, tolerance = printed
+        if abs(abs(value) - abs(shown)) > tolerance * (1 + 1e-9):
+            errors.append(Finding(where, f"prints {shown:g}, {file} gives {value:.6g}"))
+    inside = False
+    for number, line in enumerate(document.read_text().splitlines(), start=1):
+        if REGION_START in line:
+            inside = True
+        if REGION_END in line:
+            inside = False
+        if not inside:
+            continue
+        for figure in FIGURE.finditer(line):
+            if not MARKED.match(line, figure.end()):
+                errors.append(Finding(f"{name}:{number}", f"figure {figure.group(0)} has no source marker"))
+    return errors
+
+
+def stale_results(results: Path = RESULTS, root: Path = ROOT) -> list[Finding]:
+    """Results files older than the last commit that changed a module their benchmark measures."""
+    warnings: list[Finding] = []
+    for path in sorted(results.glob("*.json")):
+        data = json.loads(path.read_text())
+        script = root / "benchmarks" / f"{data.get('benchmark', path.stem)}.py"
+        measures = _measures(script)
+        if not measures:
+            continue
+        commit = data.get("commit")
+        if not commit:
+            warnings.append(Finding(path.name, "records no commit: rerun it to know what code it measures"))
+            continue
+        changed = _git(root, "log", "--format=%h", f"{commit}..HEAD", "--", *measures)
+        if changed:
+            count = len(changed.splitlines())
+            warnings.append(
+                Finding(
+                    path.name, f"{count} later commit(s) changed what it measures ({', '.join(measures)})"
+                )
+            )
+    return warnings
+
+
+def _measures(script: Path) -> list[str]:
+    """The ``MEASURES`` tuple a benchmark script declares (read, not imported)."""
+    if not script.is_file():
+        return []
+    for node in ast.parse(script.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "MEASURES" for t in node.targets):
+            return list(ast.literal_eval(node.value))
+    return []
+
+
+def _git(root: Path, *command: str) -> str:
+    found = subprocess.run(["git", *command], capture_output=True, text=True, cwd=root)
+    return found.stdout.strip() if found.returncode == 0 else ""
+
+
+def main(root: Path = ROOT) -> int:
+    errors = [
+        e for document in DOCUMENTS if (root / document).is_file() for e in check_document(root / document)
+    ]
+    for warning in stale_results(root / "benchmarks" / "results", root):
+        print(f"warning: {warning}")
+    for error in errors:
+        print(f"error: {error}")
+    checked = sum(1 for d in DOCUMENTS if (root / d).is_file() for _ in markers(root / d))
+    print(f"figures: {checked} marked, {len(errors)} error(s)")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
