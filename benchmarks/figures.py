@@ -10,9 +10,9 @@ The marker names a file of ``benchmarks/results/`` and an expression over its ke
 parentheses. The number right before the marker (a trailing ``x`` or ``%`` is read as printed) must equal the
 expression to its printed rounding: ``33.8`` holds ``33.75`` to ``33.85``.
 
-Between ``<!-- figures -->`` and ``<!-- /figures -->`` every decimal figure (``0.783``, ``3.37x``, ``45%``
-with a decimal point) must carry a marker: a figure there without one is an error, as is a marker whose file,
-key or value is wrong. Outside those regions only the marked figures are checked.
+Between ``<!-- figures -->`` and ``<!-- /figures -->`` every decimal figure (``0.783``, ``3.37x``, ``45.5%``;
+not a flag's value in inline code) must carry a marker: a figure there without one is an error, as is a
+marker whose file, key or value is wrong. Outside those regions only the marked figures are checked.
 
 A results file is stale when a module its benchmark measures (the script's ``MEASURES``) changed in a commit
 after the one the file records: those are listed as warnings, not errors.
@@ -39,6 +39,7 @@ DOCUMENTS = ("README.md", "benchmarks/README.md", "docs/scaling.md")
 MARKER = re.compile(r"<!--\s*fig\s+(?P<file>\S+\.json)\s+(?P<expression>.+?)\s*-->")
 FIGURE = re.compile(r"(?<![\w.])[-−]?\d[\d,]*\.\d+(?=[x%*)|\s,;:]|$)")
 PRINTED = re.compile(r"([-−]?\d[\d,]*(?:\.\d+)?)[x%]?\**\s*$")
+CODE = re.compile(r"`[^`]*`")
 MARKED = re.compile(r"[x%]?\**\s*<!--\s*fig\s")
 REGION_START, REGION_END = "<!-- figures -->", "<!-- /figures -->"
 PATH = re.compile(r"[A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*|\[[^\]]+\])*")
@@ -158,7 +159,8 @@ def check_document(document: Path, results: Path = RESULTS) -> list[Finding]:
             inside = False
         if not inside:
             continue
-        for figure in FIGURE.finditer(line):
+        plain = CODE.sub(lambda code: " " * len(code.group(0)), line)  # flag values in `code` are no figures
+        for figure in FIGURE.finditer(plain):
             if not MARKED.match(line, figure.end()):
                 errors.append(Finding(f"{name}:{number}", f"figure {figure.group(0)} has no source marker"))
     return errors
