@@ -243,3 +243,32 @@ def test_rng_state_is_the_trainers_own_without_pickle_and_restores_every_generat
     expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
     trainer._load_rng_state(str(tmp_path / "ours"))
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+
+
+def test_weight_pruned_model_of_no_family_writes_its_card_and_a_vanilla_export(tmp_path):
+    from transformers import TrainingArguments, ViTForImageClassification
+
+    from .resume_worker import build, data
+
+    args = TrainingArguments(
+        str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=8,
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+    )
+    trainer = PruningTrainer(
+        model=build("vit").train(),
+        args=args,
+        train_dataset=data("vit"),
+        eval_dataset=data("vit", 16),
+        pruning_args=PruningArguments(
+            weight_sparsity=0.5, weight_importance="magnitude", export_vanilla=True
+        ),
+    )
+    trainer.train()
+    trainer.save_model()
+    assert "- pruning\n" in (tmp_path / "out" / "README.md").read_text()
+    again = ViTForImageClassification.from_pretrained(tmp_path / "out")  # plain transformers
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in trainer.model.state_dict().items())

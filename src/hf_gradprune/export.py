@@ -35,7 +35,11 @@ def _unsayable(model: nn.Module, name: str) -> ValueError:
 
 
 def check_exportable(model: nn.Module, structures: Iterable[str]) -> None:
-    """Raise before any work if cutting ``structures`` would give a model ``export_vanilla`` cannot write."""
+    """Raise before any work if cutting ``structures`` would give a model ``export_vanilla`` cannot write
+    (none to cut, as when pruning weights only: any model exports)."""
+    structures = list(structures)
+    if not structures:
+        return
     adapter = get_adapter(model)
     for name in structures:
         if adapter.structure(name).vanilla is None:
@@ -58,9 +62,11 @@ def vanilla_config_changes(model: nn.Module) -> dict[str, Any]:
         >>> vanilla_config_changes(model)
         {'num_attention_heads': 2, 'num_key_value_heads': 1, 'head_dim': 8, 'intermediate_size': 36}
     """
-    adapter = get_adapter(model)
     config = model.config
     record = PruningRecord.from_config(config)
+    if not record.pruned:  # no unit cut (weights only, or whole layers: the config says the depth)
+        return {}
+    adapter = get_adapter(model)
     num_layers = len(adapter.blocks(model))
     changes: dict[str, Any] = {}
     for structure in adapter.structures:
