@@ -77,12 +77,18 @@ def sft_args(tmp_path, **overrides) -> SFTConfig:
     return SFTConfig(output_dir=str(tmp_path / "out"), **{**settings, **overrides})
 
 
+def sft_trainer(
+    tmp_path, tokenizer, trainer_class: type = PruningSFTTrainer, args=None, **kwargs
+) -> SFTTrainer:
+    """A ``trainer_class`` on a fresh tiny Llama and the review texts; ``kwargs`` add to or replace those."""
+    common = {"model": tiny_llama(tokenizer), "train_dataset": reviews(), "processing_class": tokenizer}
+    return trainer_class(args=args or sft_args(tmp_path), **{**common, **kwargs})
+
+
 def test_sft_distillation_trains_on_a_kl_from_a_teacher_that_is_not_the_student(tmp_path, tokenizer):
-    trainer = PruningSFTTrainer(
-        model=tiny_llama(tokenizer),
-        args=sft_args(tmp_path),
-        train_dataset=reviews(),
-        processing_class=tokenizer,
+    trainer = sft_trainer(
+        tmp_path,
+        tokenizer,
         pruning_args=PruningArguments(prune_heads_per_layer=1, distill_alpha=1.0, importance_batches=1),
     )
     trainer.train()
@@ -98,11 +104,10 @@ def test_sft_distillation_trains_on_a_kl_from_a_teacher_that_is_not_the_student(
 
 
 def test_copies_of_a_model_trl_patched_run_their_own_weights(tmp_path, tokenizer):
-    trainer = SFTTrainer(
-        model=tiny_llama(tokenizer),
-        args=sft_args(tmp_path),
-        train_dataset=reviews(),
-        processing_class=tokenizer,
+    trainer = sft_trainer(
+        tmp_path,
+        tokenizer,
+        trainer_class=SFTTrainer,
     )
     assert "forward" in vars(trainer.model)  # trl's fused LM head, patched on the instance
     copy = frozen_copy(trainer.model)
@@ -116,12 +121,11 @@ def test_copies_of_a_model_trl_patched_run_their_own_weights(tmp_path, tokenizer
 @pytest.mark.parametrize("how", ["mixin", "callback"])
 def test_sft_two_four_masks_hold_and_the_saved_model_reloads_exactly(tmp_path, tokenizer, how):
     pruning = PruningArguments(weight_sparsity=0.5, sparsity_pattern="2:4", importance_batches=1)
-    common = {"args": sft_args(tmp_path), "train_dataset": reviews(), "processing_class": tokenizer}
     if how == "mixin":
-        trainer = PruningSFTTrainer(model=tiny_llama(tokenizer), pruning_args=pruning, **common)
+        trainer = sft_trainer(tmp_path, tokenizer, pruning_args=pruning)
     else:
-        trainer = SFTTrainer(
-            model=tiny_llama(tokenizer), callbacks=[GradientPruningCallback(pruning)], **common
+        trainer = sft_trainer(
+            tmp_path, tokenizer, trainer_class=SFTTrainer, callbacks=[GradientPruningCallback(pruning)]
         )
     trainer.train()
     trainer.save_model(str(tmp_path / "saved"))
@@ -142,11 +146,10 @@ def test_sft_callback_cuts_heads_under_a_flops_budget(tmp_path, tokenizer):
             target_flops_ratio=0.6, prune_rounds=2, importance_batches=1, prune_ffn_multiple_of=1
         )
     )
-    trainer = SFTTrainer(
-        model=tiny_llama(tokenizer),
-        args=sft_args(tmp_path),
-        train_dataset=reviews(),
-        processing_class=tokenizer,
+    trainer = sft_trainer(
+        tmp_path,
+        tokenizer,
+        trainer_class=SFTTrainer,
         callbacks=[callback],
     )
     trainer.train()
@@ -158,11 +161,9 @@ def test_sft_callback_cuts_heads_under_a_flops_budget(tmp_path, tokenizer):
 def test_sft_lora_weight_pruning_keeps_the_base_zeros_through_the_merge(tmp_path, tokenizer):
     from peft import LoraConfig
 
-    trainer = PruningSFTTrainer(
-        model=tiny_llama(tokenizer),
-        args=sft_args(tmp_path),
-        train_dataset=reviews(),
-        processing_class=tokenizer,
+    trainer = sft_trainer(
+        tmp_path,
+        tokenizer,
         peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
         pruning_args=PruningArguments(weight_sparsity=0.5, importance_batches=1),
     )
@@ -181,11 +182,9 @@ def test_sft_lora_refuses_structures_saying_what_to_do(tmp_path, tokenizer):
     from peft import LoraConfig
 
     with pytest.raises(ValueError, match=r"not cut under LoRA \(`peft_config`\).*Cut first.*then train LoRA"):
-        PruningSFTTrainer(
-            model=tiny_llama(tokenizer),
-            args=sft_args(tmp_path),
-            train_dataset=reviews(),
-            processing_class=tokenizer,
+        sft_trainer(
+            tmp_path,
+            tokenizer,
             peft_config=LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.0),
             pruning_args=PruningArguments(prune_heads_per_layer=1),
         )
@@ -198,11 +197,10 @@ def test_sft_mixin_resumes_to_the_uninterrupted_run(tmp_path, tokenizer):
 
     def run(folder: str, resume: bool = False) -> PruningSFTTrainer:
         args = sft_args(tmp_path / folder, max_steps=6, save_strategy="steps", save_steps=3)
-        trainer = PruningSFTTrainer(
-            model=tiny_llama(tokenizer),
+        trainer = sft_trainer(
+            tmp_path,
+            tokenizer,
             args=args,
-            train_dataset=reviews(),
-            processing_class=tokenizer,
             pruning_args=pruning,
         )
         trainer.train(resume_from_checkpoint=resume or None)
@@ -219,12 +217,10 @@ def test_sft_mixin_resumes_to_the_uninterrupted_run(tmp_path, tokenizer):
 
 
 def test_sft_mixin_card_has_the_pruning_and_trls_tags(tmp_path, tokenizer):
-    trainer = PruningSFTTrainer(
-        model=tiny_llama(tokenizer),
-        args=sft_args(tmp_path),
-        train_dataset=reviews(),
+    trainer = sft_trainer(
+        tmp_path,
+        tokenizer,
         eval_dataset=reviews(16),
-        processing_class=tokenizer,
         pruning_args=PruningArguments(prune_heads_per_layer=1, importance_batches=1),
     )
     trainer.train()
@@ -283,11 +279,10 @@ def test_mixin_after_the_trainer_is_refused_when_the_class_is_defined():
 
 
 def test_sft_callback_tags_the_model_so_the_pushed_card_says_it_is_pruned(tmp_path, tokenizer):
-    trainer = SFTTrainer(
-        model=tiny_llama(tokenizer),
-        args=sft_args(tmp_path),
-        train_dataset=reviews(),
-        processing_class=tokenizer,
+    trainer = sft_trainer(
+        tmp_path,
+        tokenizer,
+        trainer_class=SFTTrainer,
         callbacks=[GradientPruningCallback(PruningArguments(weight_sparsity=0.5, importance_batches=1))],
     )
     assert "pruning" not in trainer.model.model_tags

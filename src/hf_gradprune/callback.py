@@ -596,8 +596,8 @@ class GradientPruningCallback(TrainerCallback):
 
 
 def _tag_pruned(model: nn.Module) -> None:
-    """Tag a transformers model as pruned: every model card written of it (the ``Trainer``'s, trl's) lists
-    the tags, as the pruning card does."""
+    """Tag a transformers model as pruned: ``Trainer.push_to_hub`` (trl's too) merges a model's tags into
+    the card it writes, so a plain ``Trainer`` with the callback publishes a card that says so."""
     from .cards import CARD_TAGS
 
     if callable(getattr(model, "add_model_tags", None)):

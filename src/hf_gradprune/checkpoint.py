@@ -249,8 +249,8 @@ def _build(config: PretrainedConfig, model_class: type | None) -> PreTrainedMode
 
 
 def _read_config(folder: Path, model_class: type | None) -> PretrainedConfig:
-    """``config.json`` of ``folder`` as ``model_class``'s config class, or through ``AutoConfig``: a config
-    of no registered ``model_type`` needs the model's own class, and the error says so."""
+    """``config.json`` of ``folder`` through ``AutoConfig``; a ``model_type`` transformers does not know is
+    read with ``model_class``'s own config class, and without one the error says to pass it."""
     try:
         return AutoConfig.from_pretrained(folder)
     except ValueError as error:

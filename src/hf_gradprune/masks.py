@@ -172,9 +172,9 @@ def masks_from_zeros(model: nn.Module, record: PruningRecord) -> dict[str, torch
     zeros = {name: int((~mask).sum()) for name, mask in masks.items()}
     wrong = {name: count for name, count in zeros.items() if count != record.masked_entries[name]}
     if wrong:
-        name, zeros = next(iter(wrong.items()))
+        name, count = next(iter(wrong.items()))
         raise ValueError(
-            f"The weights cannot give back their masks without {MASKS_FILENAME}: {name!r} has {zeros} zeros "
+            f"The weights cannot give back their masks without {MASKS_FILENAME}: {name!r} has {count} zeros "
             f"where {record.masked_entries[name]} entries were masked ({len(wrong)} such tensors). Save with "
             "`save_pruned`, `PruningTrainer.save_model` or a checkpoint, which write the masks file."
         )
