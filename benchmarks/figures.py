@@ -6,7 +6,8 @@ A quoted figure carries a marker right after it, invisible in rendered Markdown:
     3.37x<!-- fig recovery.json rows[name=half].perplexity / rows[name=dense].perplexity -->
 
 The marker names a file of ``benchmarks/results/`` and an expression over its keys: dotted paths,
-``[index]`` and ``[key=value]`` list selectors (a row by its ``name``), numbers, ``+ - * /`` and
+``[index]`` and ``[key=value]`` list selectors (a row by its ``name``; several conditions joined by
+``&``), numbers, ``+ - * /`` and
 parentheses. The number right before the marker (a trailing ``x`` or ``%`` is read as printed) must equal the
 expression to its printed rounding: ``33.8`` holds ``33.75`` to ``33.85``.
 
@@ -67,11 +68,12 @@ def lookup(data: Any, path: str) -> Any:
     for part in re.findall(r"[^.\[\]]+|\[[^\]]+\]", path):
         if part.startswith("["):
             selector = part[1:-1]
-            if "=" in selector:
-                key, wanted = selector.split("=", 1)
-                matches = [row for row in data if str(row.get(key)) == wanted]
+            if "=" in selector:  # key=value, several joined by &
+                wanted = dict(condition.split("=", 1) for condition in selector.split("&"))
+                matches = [row for row in data if all(str(row.get(k)) == v for k, v in wanted.items())]
                 if len(matches) != 1:
-                    raise KeyError(f"{len(matches)} rows with {key}={wanted!r}")
+                    shown = " and ".join(f"{k}={v!r}" for k, v in wanted.items())
+                    raise KeyError(f"{len(matches)} rows with {shown}")
                 data = matches[0]
             else:
                 data = data[int(selector)]
