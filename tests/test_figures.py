@@ -63,9 +63,12 @@ def test_a_missing_file_or_key_fails(figures, results, tmp_path):
 
 
 def test_a_figure_without_a_source_fails_inside_a_figures_region_only(figures, results, tmp_path):
-    text = f"outside 0.783\n<!-- figures -->\n| a | 0.801 | 166.5{MARK} |\n<!-- /figures -->\n"
-    (error,) = check(figures, results, tmp_path, text)
-    assert "README.md:3" in error and "figure 0.801 has no source marker" in error
+    text = f"outside 0.783\n<!-- figures -->\n| a | 0.801 | 1.76–1.92x | `--x 0.5` | 166.5{MARK} |\n<!-- /figures -->\n"
+    errors = check(figures, results, tmp_path, text)
+    assert [e.split(": ", 1)[1] for e in errors] == [
+        f"figure {figure} has no source marker" for figure in ("0.801", "1.76", "1.92")
+    ]
+    assert all("README.md:3" in e for e in errors)
 
 
 def test_a_results_file_older_than_the_code_it_measures_is_a_warning(figures, tmp_path):
