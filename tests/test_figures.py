@@ -63,7 +63,8 @@ def test_a_missing_file_or_key_fails(figures, results, tmp_path):
 
 
 def test_a_figure_without_a_source_fails_inside_a_figures_region_only(figures, results, tmp_path):
-    text = f"outside 0.783\n<!-- figures -->\n| a | 0.801 | 1.76–1.92x | `--x 0.5` | 166.5{MARK} |\n<!-- /figures -->\n"
+    row = f"| a | 0.801 | 1.76–1.92x | `--x 0.5` | 166.5{MARK} |"
+    text = f"outside 0.783\n<!-- figures -->\n{row}\n<!-- /figures -->\n"
     errors = check(figures, results, tmp_path, text)
     assert [e.split(": ", 1)[1] for e in errors] == [
         f"figure {figure} has no source marker" for figure in ("0.801", "1.76", "1.92")
