@@ -6,10 +6,10 @@ A quoted figure carries a marker right after it, invisible in rendered Markdown:
     3.37x<!-- fig recovery.json rows[name=half].perplexity / rows[name=dense].perplexity -->
 
 The marker names a file of ``benchmarks/results/`` and an expression over its keys: dotted paths,
-``[index]`` and ``[key=value]`` list selectors (a row by its ``name``; several conditions joined by
-``&``), numbers, ``+ - * /`` and
-parentheses. The number right before the marker (a trailing ``x`` or ``%`` is read as printed) must equal the
-expression to its printed rounding: ``33.8`` holds ``33.75`` to ``33.85``.
+``[index]`` and ``[key=value]`` list selectors (a row by its ``name``; several conditions joined by ``&``),
+numbers, ``+ - * /`` and parentheses. The number right before the marker (a trailing ``x``, ``%``, ``k``,
+``M`` or ``G`` is read as printed; the expression gives the number in that unit) must equal the expression
+to its printed rounding: ``33.8`` holds ``33.75`` to ``33.85``.
 
 Between ``<!-- figures -->`` and ``<!-- /figures -->`` every decimal figure (``0.783``, ``3.37x``, ``45.5%``;
 not a flag's value in inline code) must carry a marker: a figure there without one is an error, as is a
@@ -39,9 +39,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 DOCUMENTS = ("README.md", "benchmarks/README.md", "docs/scaling.md")
 MARKER = re.compile(r"<!--\s*fig\s+(?P<file>\S+\.json)\s+(?P<expression>.+?)\s*-->")
 FIGURE = re.compile(r"(?<![\w.])[-−]?\d[\d,]*\.\d+(?![\d.])")
-PRINTED = re.compile(r"([-−]?\d[\d,]*(?:\.\d+)?)[x%]?\**\s*$")
+PRINTED = re.compile(r"([-−]?\d[\d,]*(?:\.\d+)?)[x%MkG]?\**\s*$")
 CODE = re.compile(r"`[^`]*`")
-MARKED = re.compile(r"[x%]?\**\s*<!--\s*fig\s")
+MARKED = re.compile(r"[x%MkG]?\**\s*<!--\s*fig\s")
 REGION_START, REGION_END = "<!-- figures -->", "<!-- /figures -->"
 PATH = re.compile(r"[A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*|\[[^\]]+\])*")
 OPERATORS: dict[type, Callable[[float, float], float]] = {
