@@ -6,7 +6,8 @@ A quoted figure carries a marker right after it, invisible in rendered Markdown:
     3.37x<!-- fig recovery.json rows[name=half].perplexity / rows[name=dense].perplexity -->
 
 The marker names a file of ``benchmarks/results/`` and an expression over its keys: dotted paths,
-``[index]`` and ``[key=value]`` list selectors (a row by its ``name``; several conditions joined by ``&``),
+``[index]``, ``[key]`` for a key that is no identifier, and ``[key=value]`` list selectors (a row by its
+``name``; several conditions joined by ``&``),
 numbers, ``+ - * /`` and parentheses. The number right before the marker (a trailing ``x``, ``%``, ``k``,
 ``M`` or ``G`` is read as printed; the expression gives the number in that unit) must equal the expression
 to its printed rounding: ``33.8`` holds ``33.75`` to ``33.85``.
@@ -75,8 +76,10 @@ def lookup(data: Any, path: str) -> Any:
                     shown = " and ".join(f"{k}={v!r}" for k, v in wanted.items())
                     raise KeyError(f"{len(matches)} rows with {shown}")
                 data = matches[0]
-            else:
+            elif selector.isdigit():
                 data = data[int(selector)]
+            else:  # a key that is no identifier: [50% per row]
+                data = data[selector]
         else:
             data = data[part]
     return data

@@ -26,7 +26,10 @@ def figures():
 def results(tmp_path: Path) -> Path:
     folder = tmp_path / "results"
     folder.mkdir()
-    rows = [{"name": "dense", "perplexity": 49.3399}, {"name": "half FLOPs", "perplexity": 166.4552}]
+    rows = [
+        {"name": "dense", "perplexity": 49.3399, "2:4": 102.7491},
+        {"name": "half FLOPs", "perplexity": 166.4552},
+    ]
     (folder / "recovery.json").write_text(json.dumps({"benchmark": "recovery", "smollm2": {"rows": rows}}))
     return folder
 
@@ -43,7 +46,8 @@ RATIO = f"<!-- fig recovery.json {HALF} / {DENSE} -->"
 
 
 def test_figures_equal_to_their_printed_rounding_pass(figures, results, tmp_path):
-    text = f"| half | **166.5**{MARK} | 3.37x{RATIO} |\n"
+    by_key = "<!-- fig recovery.json smollm2.rows[name=dense][2:4] -->"  # a key that is no identifier
+    text = f"| half | **166.5**{MARK} | 3.37x{RATIO} | 102.7{by_key} |\n"
     assert check(figures, results, tmp_path, text) == []
 
 
