@@ -190,19 +190,23 @@ def test_sft_lora_refuses_structures_saying_what_to_do(tmp_path, tokenizer):
         )
 
 
-def test_sft_mixin_resumes_to_the_uninterrupted_run(tmp_path, tokenizer):
+@pytest.mark.parametrize("lora", [False, True])
+def test_sft_mixin_resumes_to_the_uninterrupted_run(tmp_path, tokenizer, lora):
+    from peft import LoraConfig
+
     pruning = PruningArguments(
-        prune_heads_per_layer=1, weight_sparsity=0.5, prune_steps="2", importance_batches=1
+        prune_heads_per_layer=None if lora else 1, weight_sparsity=0.5, prune_steps="2", importance_batches=1
+    )
+    # Under LoRA a checkpoint holds the adapter alone (no model.safetensors): the Trainer's to load.
+    peft = (
+        {"peft_config": LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)}
+        if lora
+        else {}
     )
 
     def run(folder: str, resume: bool = False) -> PruningSFTTrainer:
         args = sft_args(tmp_path / folder, max_steps=6, save_strategy="steps", save_steps=3)
-        trainer = sft_trainer(
-            tmp_path,
-            tokenizer,
-            args=args,
-            pruning_args=pruning,
-        )
+        trainer = sft_trainer(tmp_path, tokenizer, args=args, pruning_args=pruning, **peft)
         trainer.train(resume_from_checkpoint=resume or None)
         return trainer
 
@@ -210,7 +214,7 @@ def test_sft_mixin_resumes_to_the_uninterrupted_run(tmp_path, tokenizer):
     shutil.copytree(tmp_path / "full" / "out" / "checkpoint-3", tmp_path / "run" / "out" / "checkpoint-3")
     again = run("run", resume=True)
     masks = get_masks(full.model)
-    assert masks.keys() == get_masks(again.model).keys()
+    assert len(masks) == 14 and masks.keys() == get_masks(again.model).keys()
     assert all(torch.equal(masks[k], get_masks(again.model)[k]) for k in masks)
     for key, value in full.model.state_dict().items():
         torch.testing.assert_close(again.model.state_dict()[key], value, atol=1e-6, rtol=0)

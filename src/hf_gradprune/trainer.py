@@ -85,6 +85,17 @@ def _timing_or_pruning(metric: str) -> bool:
     return metric.startswith(PRUNING_METRICS) or metric.endswith("_model_preparation_time")
 
 
+def _renamed(model: nn.Module, checkpoint: str | os.PathLike) -> bool:
+    """Whether ``checkpoint``'s safetensors weights hold keys ``model`` does not have (saved in the Hub layout
+    of a family transformers renames on load). A checkpoint without them (a LoRA adapter's, a pickled
+    ``pytorch_model.bin``) is the ``Trainer``'s to load."""
+    try:
+        stored = stored_shapes(Path(checkpoint))
+    except (FileNotFoundError, ValueError):
+        return False
+    return bool(set(stored) - set(model.state_dict()))
+
+
 def _after_push(staged: Path, what: str, job: Future) -> None:
     """After a background upload: remove its snapshot, and say if it failed (nothing else reads the
     ``Trainer``'s push futures)."""
@@ -399,8 +410,8 @@ class PruningMixin:
         through ``from_pretrained``'s conversion (:func:`load_pruned`) and loaded strictly."""
         target = model or self.model
         if not self.is_fsdp_enabled:
-            stored = set(stored_shapes(Path(resume_from_checkpoint)))
-            if isinstance(target, PreTrainedModel) and stored - set(target.state_dict()):
+            renamed = isinstance(target, PreTrainedModel) and _renamed(target, resume_from_checkpoint)
+            if renamed:
                 converted = load_pruned(resume_from_checkpoint, type(target), apply_weight_masks=False)
                 target.load_state_dict(converted.state_dict())
                 return None
