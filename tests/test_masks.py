@@ -328,3 +328,16 @@ def test_reapply_hooks_a_parameter_replaced_since_its_mask_was_applied():
     reapply_masks(restored)
     (restored.weight * 3).sum().backward()
     assert torch.equal(restored.weight.grad, 3 * mask.float())
+
+
+@pytest.mark.parametrize("model_type", ["bert", "llama"])
+def test_record_counts_every_masked_entry_through_layer_by_layer_pruning_and_surgery(model_type):
+    from hf_gradprune import PruningRecord, prune_heads, prune_layers, prune_weights
+
+    model = build_tiny(model_type)
+    prune_weights(model, [tiny_batch(model)], 0.5, "wanda", sequential=True, show_progress=False)
+    prune_heads(model, {0: [1]} if model_type == "bert" else {0: [0, 1]})  # cuts masked rows
+    prune_layers(model, [1])  # the masks after it move up a layer
+    prune_weights(model, None, 0.7, "magnitude", show_progress=False)
+    counted = PruningRecord.from_config(model.config).masked_entries
+    assert counted == {name: int((~mask).sum()) for name, mask in get_masks(model).items()}

@@ -142,17 +142,23 @@ def _zero_masked(module: nn.Module, attr: str) -> None:
             param.to_local().mul_(local)
 
 
-def note_masks(model: nn.Module) -> None:
+def note_masks(model: nn.Module, changed: Iterable[str] | None = None) -> None:
     """Count the masked tensors, and each one's masked entries, in the pruning record of ``model.config``,
     so a saved folder says what its masks file holds, and a folder saved without it (``save_pretrained``)
-    has its masks back from the weights' zeros (:func:`masks_from_zeros`)."""
+    has its masks back from the weights' zeros (:func:`masks_from_zeros`). ``changed``: the only masks set
+    since the last count (the others keep theirs: layer-by-layer pruning masks a block at a time); ``None``
+    counts every mask again (after layers are removed, names move)."""
     config = getattr(model, "config", None)
     masked = {name: getattr(module, _buffer_name(attr)) for name, module, attr in _masked(model)}
     if not isinstance(config, PretrainedConfig) or (not masked and not hasattr(config, CONFIG_KEY)):
         return
     record = PruningRecord.from_config(config)
+    fresh = None if changed is None else set(changed)
+    counted = {} if fresh is None else {k: v for k, v in record.masked_entries.items() if k not in fresh}
     record.weight_masks = len(masked)
-    record.masked_entries = {name: int((~mask).sum()) for name, mask in masked.items()}
+    record.masked_entries = {
+        name: counted[name] if name in counted else int((~mask).sum()) for name, mask in masked.items()
+    }
     record.save_to_config(config)
 
 
@@ -275,7 +281,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], copy: bool 
         )
         hooks[attr] = _Hook(module, attr)
         _zero_masked(module, attr)
-    note_masks(model)
+    note_masks(model, changed=masks)
 
 
 def reapply_masks(model: nn.Module) -> None:
