@@ -272,3 +272,21 @@ def test_weight_pruned_model_of_no_family_writes_its_card_and_a_vanilla_export(t
     assert "- pruning\n" in (tmp_path / "out" / "README.md").read_text()
     again = ViTForImageClassification.from_pretrained(tmp_path / "out")  # plain transformers
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in trainer.model.state_dict().items())
+
+
+def test_callback_resumed_from_a_checkpoint_elsewhere_without_its_state_says_what_to_call(tmp_path):
+    def trainer(folder: str) -> Trainer:
+        args = quiet_cpu_args(tmp_path / folder, max_steps=4, save_strategy="steps", save_steps=2)
+        callback = GradientPruningCallback(
+            PruningArguments(weight_sparsity=0.5, weight_importance="magnitude")
+        )
+        return Trainer(
+            model=build_tiny("bert").train(), args=args, train_dataset=tiny_dataset(), callbacks=[callback]
+        )
+
+    trainer("full").train()
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "kept" / "checkpoint-2")
+    with pytest.warns(
+        UserWarning, match=r"holds no pruning state.*`callback.resume_from\(checkpoint, model\)`"
+    ):
+        trainer("run").train(resume_from_checkpoint=str(tmp_path / "kept" / "checkpoint-2"))

@@ -411,8 +411,8 @@ class GradientPruningCallback(TrainerCallback):
         elif self.pruning_args.prunes_weights and min(self.pruning_args.prune_step_list) < state.global_step:
             warnings.warn(
                 f"Training resumed at step {state.global_step} but {os.fspath(folder)!r} holds no pruning "
-                "state: pruned weights would train again. Call `callback.resume_from(checkpoint)` before "
-                "`trainer.train(resume_from_checkpoint=checkpoint)`.",
+                "state: pruned weights would train again. Call `callback.resume_from(checkpoint, model)` "
+                "before `trainer.train(resume_from_checkpoint=checkpoint)`.",
                 stacklevel=2,
             )
 
