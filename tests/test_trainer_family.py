@@ -4,16 +4,17 @@ with ``PruningMixin`` or ``GradientPruningCallback``."""
 from __future__ import annotations
 
 import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
 from transformers import (
-    AutoTokenizer,
     BartConfig,
     BartForConditionalGeneration,
-    LlamaConfig,
-    LlamaForCausalLM,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
     T5Config,
@@ -31,11 +32,10 @@ from hf_gradprune import (
 from hf_gradprune.distillation import frozen_copy
 from hf_gradprune.lora import merge_and_unload
 from hf_gradprune.masks import get_masks
-from hf_gradprune.testing.shipped import minilm_path
 
+from .sft_worker import PruningSFTTrainer, reviews, sft_tokenizer, tiny_llama
 
-class PruningSFTTrainer(PruningMixin, SFTTrainer):
-    """What a trl user writes: one changed class line."""
+WORKER = Path(__file__).with_name("sft_worker.py")
 
 
 class PruningSeq2SeqTrainer(PruningMixin, Seq2SeqTrainer):
@@ -44,29 +44,7 @@ class PruningSeq2SeqTrainer(PruningMixin, Seq2SeqTrainer):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """A real tokenizer (MiniLM's WordPiece), with an end-of-sequence token for SFT."""
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    tokenizer.eos_token = "[SEP]"
-    return tokenizer
-
-
-def tiny_llama(tokenizer) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=64, pad_token_id=tokenizer.pad_token_id,
-        initializer_range=0.3,
-        eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    return LlamaForCausalLM(config)
-
-
-def reviews(rows: int = 64) -> Dataset:
-    texts = [
-        f"review {i}: the film was {'good' if i % 2 else 'dull'} and the cast {'shone' if i % 3 else 'tried'}"
-        for i in range(rows)
-    ]
-    return Dataset.from_dict({"text": texts})
+    return sft_tokenizer()
 
 
 def sft_args(tmp_path, **overrides) -> SFTConfig:
@@ -218,6 +196,38 @@ def test_sft_mixin_resumes_to_the_uninterrupted_run(tmp_path, tokenizer, lora):
     assert all(torch.equal(masks[k], get_masks(again.model)[k]) for k in masks)
     for key, value in full.model.state_dict().items():
         torch.testing.assert_close(again.model.state_dict()[key], value, atol=1e-6, rtol=0)
+
+
+def run_sft_worker(out_dir: Path, mode: str, trainer: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(WORKER), str(out_dir), mode, trainer],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.parametrize("trainer", ["mixin", "callback"])
+def test_sft_run_killed_while_checkpointing_resumes_to_the_uninterrupted_run(tmp_path, trainer):
+    """A head cut, a weight ramp (and distillation with the mixin) under SFTTrainer, killed with SIGKILL while
+    writing checkpoint-6: resumed from checkpoint-4, it ends where the uninterrupted run ends."""
+    full = run_sft_worker(tmp_path / "full", "full", trainer)
+    assert full.returncode == 0, full.stderr[-4000:]
+    killed = run_sft_worker(tmp_path / "run", "killed", trainer)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
+    assert not (tmp_path / "run" / "out" / "checkpoint-6" / "trainer_state.json").exists()
+    if trainer == "callback":  # a plain trl run would take the cut-short checkpoint: its user removes it
+        shutil.rmtree(tmp_path / "run" / "out" / "checkpoint-6")
+    resumed = run_sft_worker(tmp_path / "run", "resume", trainer)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    expected, again = load_pruned(tmp_path / "full" / "final"), load_pruned(tmp_path / "run" / "final")
+    heads = PruningRecord.from_config(expected.config).pruned_heads
+    assert len(heads) == 2 and PruningRecord.from_config(again.config).pruned_heads == heads
+    masks = get_masks(expected)
+    assert len(masks) == 14 and masks.keys() == get_masks(again).keys()
+    assert all(torch.equal(masks[k], get_masks(again)[k]) for k in masks)
+    for key, value in expected.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[key], value, atol=1e-6, rtol=0)
 
 
 def test_sft_mixin_card_has_the_pruning_and_trls_tags(tmp_path, tokenizer):
