@@ -58,6 +58,15 @@ from common import (
 from structured_speed import timed
 
 NAME = "depth"
+#: The code whose change makes these results stale (``benchmarks/figures.py`` warns).
+MEASURES = (
+    "src/hf_gradprune/importance.py",
+    "src/hf_gradprune/planning.py",
+    "src/hf_gradprune/flops.py",
+    "src/hf_gradprune/selection.py",
+    "src/hf_gradprune/surgery.py",
+    "src/hf_gradprune/adapters",
+)
 SEQ_LEN = 128
 
 

@@ -12,9 +12,9 @@ numbers, ``+ - * /`` and parentheses. The number right before the marker (a trai
 ``M`` or ``G`` is read as printed; the expression gives the number in that unit) must equal the expression
 to its printed rounding: ``33.8`` holds ``33.75`` to ``33.85``.
 
-Between ``<!-- figures -->`` and ``<!-- /figures -->`` every decimal figure (``0.783``, ``3.37x``, ``45.5%``;
-not a flag's value in inline code) must carry a marker: a figure there without one is an error, as is a
-marker whose file, key or value is wrong. Outside those regions only the marked figures are checked.
+Every decimal figure of the documents (``0.783``, ``3.37x``, ``45.5%``; not one in a fenced code block, nor
+a flag's value or a version in inline code) must carry a marker: a figure without one is an error, as is a
+marker whose file, key or value is wrong.
 
 A results file is stale when a module its benchmark measures (the script's ``MEASURES``) changed in a commit
 after the one the file records: those are listed as warnings, not errors.
@@ -43,7 +43,7 @@ FIGURE = re.compile(r"(?<![\w.])[-−]?\d[\d,]*\.\d+(?![\d.])")
 PRINTED = re.compile(r"([-−]?\d[\d,]*(?:\.\d+)?)[x%MkG]?\**\s*$")
 CODE = re.compile(r"`[^`]*`")
 MARKED = re.compile(r"[x%MkG]?\**\s*<!--\s*fig\s")
-REGION_START, REGION_END = "<!-- figures -->", "<!-- /figures -->"
+FENCE = "```"
 PATH = re.compile(r"[A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*|\[[^\]]+\])*")
 OPERATORS: dict[type, Callable[[float, float], float]] = {
     ast.Add: operator.add,
@@ -130,8 +130,8 @@ def markers(document: Path) -> Iterator[tuple[int, str, re.Match]]:
 
 
 def check_document(document: Path, results: Path = RESULTS) -> list[Finding]:
-    """The errors of ``document``: marked figures that differ from their source, and unmarked figures in a
-    figures region."""
+    """The errors of ``document``: marked figures that differ from their source, and figures with no marker
+    outside code."""
     errors: list[Finding] = []
     loaded: dict[str, Any] = {}
     name = document.relative_to(ROOT).as_posix() if document.is_relative_to(ROOT) else document.name
@@ -156,13 +156,11 @@ def check_document(document: Path, results: Path = RESULTS) -> list[Finding]:
         shown, tolerance = printed
         if abs(abs(value) - abs(shown)) > tolerance * (1 + 1e-9):
             errors.append(Finding(where, f"prints {shown:g}, {file} gives {value:.6g}"))
-    inside = False
+    fenced = False
     for number, line in enumerate(document.read_text().splitlines(), start=1):
-        if REGION_START in line:
-            inside = True
-        if REGION_END in line:
-            inside = False
-        if not inside:
+        if line.lstrip().startswith(FENCE):
+            fenced = not fenced
+        if fenced or line.lstrip().startswith(FENCE):
             continue
         plain = CODE.sub(_blank, MARKER.sub(_blank, line))  # no figures in markers, nor flag values in `code`
         for figure in FIGURE.finditer(plain):
@@ -181,15 +179,17 @@ def stale_results(results: Path = RESULTS, root: Path = ROOT) -> list[Finding]:
     warnings: list[Finding] = []
     for path in sorted(results.glob("*.json")):
         data = json.loads(path.read_text())
-        script = root / "benchmarks" / f"{data.get('benchmark', path.stem)}.py"
-        measures = _measures(script)
+        measures = _measures(_script(root, data.get("command"), data.get("benchmark", path.stem)))
         if not measures:
             continue
-        commit = data.get("commit")
-        if not commit:
-            warnings.append(Finding(path.name, "records no commit: rerun it to know what code it measures"))
+        commit, date = data.get("commit"), data.get("date")
+        if commit:
+            changed = _git(root, "log", "--format=%h", f"{commit}..HEAD", "--", *measures)
+        elif date:  # written before results recorded their commit: the commits made after its date
+            changed = _git(root, "log", "--format=%h", f"--since={date}", "--", *measures)
+        else:
+            warnings.append(Finding(path.name, "records neither its commit nor its date"))
             continue
-        changed = _git(root, "log", "--format=%h", f"{commit}..HEAD", "--", *measures)
         if changed:
             count = len(changed.splitlines())
             warnings.append(
@@ -198,6 +198,19 @@ def stale_results(results: Path = RESULTS, root: Path = ROOT) -> list[Finding]:
                 )
             )
     return warnings
+
+
+def _script(root: Path, command: str | None, name: str) -> Path:
+    """The benchmark script a results file came from: its recorded command's, else the script named like
+    it (``scale_mmap_threshold`` is ``scale.py`` run with another allocator setting)."""
+    if command:
+        return root / command.split()[0]
+    parts = name.split("_")
+    for end in range(len(parts), 0, -1):
+        script = root / "benchmarks" / f"{'_'.join(parts[:end])}.py"
+        if script.is_file():
+            return script
+    return root / "benchmarks" / f"{name}.py"
 
 
 def _measures(script: Path) -> list[str]:

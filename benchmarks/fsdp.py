@@ -43,6 +43,14 @@ from common import RESULTS, PeakMemory, load_causal_lm_example, resident_bytes, 
 
 # glibc keeps freed heap memory (see scale.py): MALLOC_MMAP_THRESHOLD_=65536 shows what training needs.
 NAME = "fsdp" + ("_mmap_threshold" if os.environ.get("MALLOC_MMAP_THRESHOLD_") else "")
+#: The code whose change makes these results stale (``benchmarks/figures.py`` warns).
+MEASURES = (
+    "src/hf_gradprune/sparsity.py",
+    "src/hf_gradprune/sharding.py",
+    "src/hf_gradprune/masks.py",
+    "src/hf_gradprune/criteria.py",
+    "src/hf_gradprune/checkpoint.py",
+)
 SEQ_LEN = 128
 
 

@@ -42,6 +42,15 @@ from common import RESULTS, PeakMemory, load_causal_lm_example, resident_bytes, 
 from fsdp import data, free_port
 
 NAME = "fsdp_trainer" + ("_mmap_threshold" if os.environ.get("MALLOC_MMAP_THRESHOLD_") else "")
+#: The code whose change makes these results stale (``benchmarks/figures.py`` warns).
+MEASURES = (
+    "src/hf_gradprune/trainer.py",
+    "src/hf_gradprune/callback.py",
+    "src/hf_gradprune/sharding.py",
+    "src/hf_gradprune/sparsity.py",
+    "src/hf_gradprune/masks.py",
+    "src/hf_gradprune/checkpoint.py",
+)
 #: Resident memory above the process's start, as multiples of the float32 model: the peak through loading
 #: and (FSDP2) sharding, at train begin, the peak from there through scoring and through the training steps.
 MEMORY = ("peak_prepare", "train_begin", "peak_scoring", "peak_training")

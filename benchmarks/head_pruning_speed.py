@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import os
 import sys
@@ -44,9 +43,18 @@ from hf_gradprune.sparsity import compute_weight_masks
 from hf_gradprune.testing import load_rotten_tomatoes, minilm_path, smollm2_gguf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, speed, time_interleaved
+from common import results_header, speed, time_interleaved
 
 NAME = "head_pruning_speed"
+#: The code whose change makes these results stale (``benchmarks/figures.py`` warns).
+MEASURES = (
+    "src/hf_gradprune/importance.py",
+    "src/hf_gradprune/selection.py",
+    "src/hf_gradprune/surgery.py",
+    "src/hf_gradprune/sparsity.py",
+    "src/hf_gradprune/masks.py",
+    "src/hf_gradprune/criteria.py",
+)
 RESULTS = Path(__file__).resolve().parent / "results"
 MINILM_HEADS_PER_LAYER = (1, 3, 6)
 WEIGHT_SPARSITY = 0.5
@@ -352,13 +360,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     load, cpus = os.getloadavg()[0], os.cpu_count() or 1
     if load > cpus / 2:
         print(f"Warning: load average {load:.1f} on {cpus} CPUs; timings will be noisy.", file=sys.stderr)
-    results: dict[str, Any] = {
-        "benchmark": NAME,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "quick": args.quick,
-        "machine": machine_info(),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("output_dir", "quick")},
-    }
+    results: dict[str, Any] = results_header(NAME, args)
     reviews = load_rotten_tomatoes()
     results["minilm"] = bench_minilm(args, reviews)
     results["smollm2"] = bench_smollm2(args, reviews)

@@ -42,6 +42,13 @@ from common import (
 )
 
 NAME = "heads_curve"
+#: The code whose change makes these results stale (``benchmarks/figures.py`` warns).
+MEASURES = (
+    "src/hf_gradprune/importance.py",
+    "src/hf_gradprune/gates.py",
+    "src/hf_gradprune/selection.py",
+    "src/hf_gradprune/surgery.py",
+)
 CRITERIA = ("fisher", "sum_of_abs", "abs_of_sum")
 FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 

@@ -29,6 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PeakMemory, results_header, smollm2_perplexity_setup, write_results
 
 NAME = "llm_blockwise"
+#: The code whose change makes these results stale (``benchmarks/figures.py`` warns).
+MEASURES = (
+    "src/hf_gradprune/blockwise.py",
+    "src/hf_gradprune/reconstruction.py",
+    "src/hf_gradprune/oneshot.py",
+    "src/hf_gradprune/criteria.py",
+    "src/hf_gradprune/sparsity.py",
+    "src/hf_gradprune/importance.py",
+)
 #: label -> (sparsity, scope, pattern)
 PATTERNS = {
     "50% per row": (0.5, "per_row", "unstructured"),

@@ -46,6 +46,14 @@ from common import (
 )
 
 NAME = "overhead"
+#: The code whose change makes these results stale (``benchmarks/figures.py`` warns).
+MEASURES = (
+    "src/hf_gradprune/trainer.py",
+    "src/hf_gradprune/callback.py",
+    "src/hf_gradprune/importance.py",
+    "src/hf_gradprune/masks.py",
+    "src/hf_gradprune/sparsity.py",
+)
 
 
 class StepTimer(TrainerCallback):

@@ -73,6 +73,16 @@ from common import (
 from structured_speed import timed
 
 NAME = "recovery"
+#: The code whose change makes these results stale (``benchmarks/figures.py`` warns).
+MEASURES = (
+    "src/hf_gradprune/trainer.py",
+    "src/hf_gradprune/callback.py",
+    "src/hf_gradprune/distillation.py",
+    "src/hf_gradprune/planning.py",
+    "src/hf_gradprune/importance.py",
+    "src/hf_gradprune/surgery.py",
+    "src/hf_gradprune/mask_tuning.py",
+)
 SEQ_LEN = 128
 MINILM_DISTILL = {"distill_alpha": 0.5, "distill_temperature": 2.0, "distill_hidden_states": True}
 SMOLLM2_DISTILL = {"distill_alpha": 0.5, "distill_temperature": 1.0}

@@ -53,6 +53,16 @@ from common import (
 # glibc keeps freed heap memory and raises its mmap threshold as large blocks are freed, so the resident set
 # overstates what a pass needs; MALLOC_MMAP_THRESHOLD_=65536 fixes the threshold (the run is named after it).
 NAME = "scale" + ("_mmap_threshold" if os.environ.get("MALLOC_MMAP_THRESHOLD_") else "")
+#: The code whose change makes these results stale (``benchmarks/figures.py`` warns).
+MEASURES = (
+    "src/hf_gradprune/oneshot.py",
+    "src/hf_gradprune/blockwise.py",
+    "src/hf_gradprune/criteria.py",
+    "src/hf_gradprune/sparsity.py",
+    "src/hf_gradprune/importance.py",
+    "src/hf_gradprune/checkpoint.py",
+    "src/hf_gradprune/masks.py",
+)
 #: The passes measured each in a fresh process that loads the model from safetensors: (criterion,
 #: reconstruction, block by block, scoring passes), the rows of ``benchmarks/llm_blockwise.py``, and ``obd``
 #: one shot in one pass and in bounded memory (8 passes, checkpointed) and block by block.

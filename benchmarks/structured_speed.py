@@ -63,6 +63,14 @@ from common import (
 )
 
 NAME = "structured_speed"
+#: The code whose change makes these results stale (``benchmarks/figures.py`` warns).
+MEASURES = (
+    "src/hf_gradprune/planning.py",
+    "src/hf_gradprune/importance.py",
+    "src/hf_gradprune/selection.py",
+    "src/hf_gradprune/flops.py",
+    "src/hf_gradprune/surgery.py",
+)
 SEQ_LEN = 128
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import json
 import subprocess
@@ -66,14 +67,14 @@ def test_a_missing_file_or_key_fails(figures, results, tmp_path):
     assert len(errors) == 2 and "gone.json is not a results file" in errors[0] and "name='nope'" in errors[1]
 
 
-def test_a_figure_without_a_source_fails_inside_a_figures_region_only(figures, results, tmp_path):
+def test_a_figure_without_a_source_fails_outside_code(figures, results, tmp_path):
     row = f"| a | 0.801 | 1.76–1.92x | `--x 0.5` | 166.5{MARK} |"
-    text = f"outside 0.783\n<!-- figures -->\n{row}\n<!-- /figures -->\n"
+    text = f"{row}\n```bash\nrun --sparsity 0.5   # 1.22x\n```\n"
     errors = check(figures, results, tmp_path, text)
     assert [e.split(": ", 1)[1] for e in errors] == [
         f"figure {figure} has no source marker" for figure in ("0.801", "1.76", "1.92")
     ]
-    assert all("README.md:3" in e for e in errors)
+    assert all("README.md:1" in e for e in errors)
 
 
 def test_a_results_file_older_than_the_code_it_measures_is_a_warning(figures, tmp_path):
@@ -99,6 +100,16 @@ def test_a_results_file_older_than_the_code_it_measures_is_a_warning(figures, tm
     assert "speed.json" in str(warning) and "1 later commit(s) changed what it measures (measured.py)" in str(
         warning
     )
+    # A file of another run of the same script, from before results recorded their commit: by its date.
+    variant = results.with_name("speed_mmap_threshold.json")
+    variant.write_text(json.dumps({"benchmark": "speed_mmap_threshold", "date": "2000-01-01T00:00:00+00:00"}))
+    assert [w.where for w in figures.stale_results(results.parent, tmp_path)] == [
+        "speed.json",
+        "speed_mmap_threshold.json",
+    ]
+    later = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)).isoformat()
+    variant.write_text(json.dumps({"benchmark": "speed_mmap_threshold", "date": later}))
+    assert [w.where for w in figures.stale_results(results.parent, tmp_path)] == ["speed.json"]
 
 
 def test_the_documents_of_this_repository_pass(figures):
