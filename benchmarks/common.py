@@ -46,6 +46,8 @@ import hf_gradprune
 from hf_gradprune.testing import load_rotten_tomatoes, minilm_path, shipped_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: What a results file's ``dirty`` covers, from the repository's root.
+CODE = ("src", "examples", "benchmarks/*.py", "pyproject.toml")
 CACHE = Path(__file__).resolve().parents[1] / "runs" / "benchmarks"
 MAX_LENGTH = 64
 SEED = 0
@@ -244,15 +246,18 @@ def _from_root(script: Path) -> str:
 
 
 def source_state() -> dict[str, Any]:
-    """The commit the code ran on, whether the tree differed from it, and the command line."""
+    """The commit the code ran on, whether its code (the package, the examples, the benchmark scripts; not the
+    documents) differed from it, and the command line."""
 
     def git(*command: str) -> str:
-        found = subprocess.run(["git", *command], capture_output=True, text=True, cwd=Path(__file__).parent)
+        found = subprocess.run(
+            ["git", *command], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]
+        )
         return found.stdout.strip() if found.returncode == 0 else ""
 
     return {
         "commit": git("rev-parse", "HEAD") or None,
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", *CODE)),
         "command": " ".join([_from_root(Path(sys.argv[0])), *sys.argv[1:]]),
     }
 
