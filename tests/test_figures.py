@@ -69,12 +69,13 @@ def test_a_missing_file_or_key_fails(figures, results, tmp_path):
 
 def test_a_figure_without_a_source_fails_outside_code(figures, results, tmp_path):
     row = f"| a | 0.801 | 1.76–1.92x | `--x 0.5` | 166.5{MARK} |"
-    text = f"{row}\n```bash\nrun --sparsity 0.5   # 1.22x\n```\n"
+    code = "```bash\nrun --sparsity 0.5   # 1.22x\n```"
+    text = f"{row}\n{code}\nIt ends at 0.53. Not `torch 2.13.0`, nor 2.13.0.\n"
     errors = check(figures, results, tmp_path, text)
     assert [e.split(": ", 1)[1] for e in errors] == [
-        f"figure {figure} has no source marker" for figure in ("0.801", "1.76", "1.92")
+        f"figure {figure} has no source marker" for figure in ("0.801", "1.76", "1.92", "0.53")
     ]
-    assert all("README.md:1" in e for e in errors)
+    assert [e.split(": ", 1)[0][-11:] for e in errors] == 3 * ["README.md:1"] + ["README.md:5"]
 
 
 def test_a_results_file_older_than_the_code_it_measures_is_a_warning(figures, tmp_path):
