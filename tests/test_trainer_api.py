@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,12 @@ def test_create_model_card_writes_the_pruning_card_with_the_trainer_fields(tmp_p
     assert "Attention heads removed:** 3 of 12" in card.text and "# out\n" in card.text
     assert "- training_steps: 2" in card.text and "| Validation Loss |" in card.text
     assert "prune/" not in card.text.split("### Training results")[1]
+    # The arguments the run set, the rest in one line.
+    table = card.text.split("| Argument | Value |")[1].split("\n\n")[0]
+    listed = re.findall(r"^\| `(\w+)` \|", table, re.M)
+    assert listed == ["prune_heads_per_layer", "importance_batches"]  # prune_steps="0" is the default
+    rest = len(PruningArguments.defaults()) - len(listed)
+    assert f"The {rest} other pruning arguments were left at their defaults." in card.text
 
 
 def test_create_model_card_names_a_local_base_model_without_its_path(tmp_path):

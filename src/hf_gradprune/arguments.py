@@ -7,7 +7,7 @@ import types
 import typing
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from .adapters.base import FFN, HEADS, LAYERS
@@ -753,11 +753,20 @@ class PruningArguments:
             or self.weight_sparsity_allocation != "uniform"
         )
 
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        """Every argument's default."""
-        return {f.name: f.default for f in fields(cls)}
-
     def to_dict(self) -> dict[str, Any]:
         """The arguments as a JSON-ready dict (for model cards and logs)."""
         return asdict(self)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every field's default, as :meth:`to_dict` gives values (the card lists only what differs).
+
+        Example:
+            >>> PruningArguments.defaults()["weight_sparsity"]
+            0.0
+        """
+        return {
+            f.name: f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+            for f in fields(cls)
+            if f.init
+        }

@@ -214,13 +214,19 @@ def _scrub(value: Any) -> Any:
     return value
 
 
-def _argument_rows(pruning_args: Mapping[str, Any] | None) -> list[tuple[str, str]]:
-    """``(name, value)`` rows of the arguments table: tokens hidden, local paths replaced."""
-    rows = []
+def _argument_rows(
+    pruning_args: Mapping[str, Any] | None, defaults: Mapping[str, Any] | None
+) -> tuple[list[tuple[str, str]], int]:
+    """``(name, value)`` rows of the arguments table (those set to other than their ``defaults``, when
+    given), tokens hidden and local paths replaced; and how many were left out at their defaults."""
+    rows, unchanged = [], 0
     for name, value in (pruning_args or {}).items():
+        if defaults is not None and name in defaults and defaults[name] == value:
+            unchanged += 1
+            continue
         shown = _HIDDEN if "token" in str(name).lower() else _scrub(value)
         rows.append((_cell(str(name)), _cell(shown)))
-    return rows
+    return rows, unchanged
 
 
 def _distillation_text(pruning_args: Mapping[str, Any] | None) -> str | None:
@@ -586,6 +592,7 @@ def create_pruning_model_card(
     tags: str | Sequence[str] | None = None,
     hyperparameters: Mapping[str, Any] | None = None,
     training_results: Sequence[Mapping[str, Any]] | None = None,
+    argument_defaults: Mapping[str, Any] | None = None,
 ) -> ModelCard:
     """The model card of a pruned model: Hub metadata and what was pruned, with the real numbers.
 
@@ -639,6 +646,9 @@ def create_pruning_model_card(
             ``Trainer``'s card lists them (``transformers.modelcard.extract_hyperparameters_from_trainer``).
         training_results (`Sequence[Mapping[str, Any]]`, *optional*): the training results table, one row per
             evaluation (``transformers.modelcard.parse_log_history(log_history)[1]``).
+        argument_defaults (`Mapping[str, Any]`, *optional*): the defaults of ``pruning_args``
+            (``PruningArguments.defaults()``): the table lists the arguments set to something else, and one
+            line counts the rest. ``None``: every argument is listed.
 
     Returns:
         `huggingface_hub.ModelCard`: save it as ``README.md`` in the model folder with ``card.save(path)``.
@@ -684,6 +694,7 @@ def create_pruning_model_card(
     record = PruningRecord.from_config(config)
     structures = _structure_rows(model, flops_seq_len)
     sparsity = _sparsity_rows(model, pruning_args)
+    arguments, arguments_at_default = _argument_rows(pruning_args, argument_defaults)
 
     hub_base = _hub_id(base_model)
     hub_datasets = list(dict.fromkeys(entry["id"] for entry in datasets if entry["id"] is not None))
@@ -735,7 +746,8 @@ def create_pruning_model_card(
         version=__version__,
         record_version=f"hf_gradprune {record.version}" if not record.is_empty() else "no structural pruning",
         framework_versions=_framework_versions(),
-        pruning_args=_argument_rows(pruning_args),
+        pruning_args=arguments,
+        arguments_at_default=arguments_at_default,
         weight_importance=weight_importance,
         distillation=_distillation_text(pruning_args),
         params_after=f"{params_after:,}",

@@ -626,6 +626,7 @@ class PruningMixin:
                 [{k: v for k, v in entry.items() if not _timing_or_pruning(k)} for entry in history]
             )[1],
             "pruning_args": self.pruning_args.to_dict(),
+            "argument_defaults": type(self.pruning_args).defaults(),
             "params_before": self.params_before,
             "eval_before": self.eval_before,
             "eval_pruned": self.eval_pruned,
