@@ -27,6 +27,7 @@ from torch import nn
 from transformers import EvalPrediction, PrinterCallback, Trainer, TrainingArguments, set_seed
 
 from hf_gradprune import PruningArguments, PruningTrainer
+from hf_gradprune.criteria import needs_calibration
 from hf_gradprune.masks import compute_sparsity, get_masks
 from hf_gradprune.testing import load_mnist_5k
 
@@ -78,9 +79,9 @@ def pruned_and_retrained(
 ) -> dict[str, float]:
     """Prune a copy of ``dense`` at step 0 and retrain it: accuracy right after pruning and retrained."""
     model = copy.deepcopy(dense)
-    pruning = PruningArguments(
-        weight_sparsity=sparsity, weight_importance=criterion, importance_batches=options.importance_batches
-    )
+    # magnitude reads no data: it takes no calibration batches
+    batches = {"importance_batches": options.importance_batches} if needs_calibration(criterion) else {}
+    pruning = PruningArguments(weight_sparsity=sparsity, weight_importance=criterion, **batches)
     trainer = PruningTrainer(
         model=model,
         args=training_args(
