@@ -6,8 +6,8 @@ The stages a user runs to prune an LLM without training: load the model, score e
 tokens), turn the scores into 50% per-row masks, apply them (bool buffers and gradient hooks), save with
 ``save_pruned`` and load again with ``load_pruned`` (in a fresh process); then the passes of
 ``FRESH_PASSES`` (``prune_weights`` at 50% per row, one shot or block by block), each in a fresh process that
-loads the dense model from a safetensors copy, as a user loads a checkpoint (the GGUF loader alone leaves
-about twice the model resident).
+loads the dense model from a safetensors copy, as a user loads a checkpoint (the GGUF loader leaves more
+than the model resident: the ``load`` stage).
 Peak resident memory is sampled every 2 ms during each stage and reported as a multiple of the float32
 model's size, in total (the model included: the targets are 2.5x one shot, 1.3x block by block) and above
 what the process held before the stage. The run ends with the masks exact: the saved and reloaded weights
