@@ -10,12 +10,13 @@ one run of ``unit_width`` columns. A layer gate turns a block's output ``y`` on 
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from .adapters import HEADS, get_adapter
+from .adapters import HEADS, Structure, WholeLayers, get_adapter
 from .record import PruningRecord
 
 if TYPE_CHECKING:
@@ -176,3 +177,21 @@ class LayerGates(_Hooked):
             return (gated, *output[1:]) if isinstance(output, tuple) else gated
 
         return gate_block
+
+
+@functools.singledispatch
+def gates_for(structure: Any, model: nn.Module, requires_grad: bool = False) -> _Hooked:
+    """All-ones gates of ``structure`` (a declaration of the model's adapter) on ``model``: the gates of its
+    kind (:class:`UnitGates` for units of a block, :class:`LayerGates` for whole layers). A new kind of
+    structure registers its gates here (``@gates_for.register``)."""
+    raise TypeError(f"No gates for a structure of kind {type(structure).__name__}.")
+
+
+@gates_for.register
+def _(structure: Structure, model: nn.Module, requires_grad: bool = False) -> UnitGates:
+    return UnitGates(model, structure.name, requires_grad=requires_grad)
+
+
+@gates_for.register
+def _(structure: WholeLayers, model: nn.Module, requires_grad: bool = False) -> LayerGates:
+    return LayerGates(model, requires_grad=requires_grad)

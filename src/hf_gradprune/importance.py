@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 
 from .adapters import (
     HEADS,
-    LAYERS,
     find_adapter,
     find_target_modules,
     get_adapter,
@@ -38,7 +37,7 @@ from .arguments import (
     check_choice,
 )
 from .criteria import WEIGHT_CRITERIA
-from .gates import LayerGates, UnitGates
+from .gates import LayerGates, UnitGates, gates_for
 from .record import PruningRecord
 from .sharding import is_sharded, replicate_like, reshard, shard_like, sum_into_shard
 
@@ -198,15 +197,12 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def gate_probe(model: nn.Module, structures: Sequence[str]) -> Iterator[list[UnitGates | LayerGates]]:
-    """Trainable all-ones gates of ``structures`` on a :func:`frozen_for_probe` model: :class:`UnitGates`,
-    or :class:`LayerGates` for ``"layers"``."""
+    """Trainable all-ones gates of ``structures`` on a :func:`frozen_for_probe` model, each of its kind
+    (:func:`hf_gradprune.gates.gates_for`)."""
+    adapter = get_adapter(model)
     with frozen_for_probe(model), contextlib.ExitStack() as stack:
         yield [
-            stack.enter_context(
-                LayerGates(model, requires_grad=True)
-                if name == LAYERS
-                else UnitGates(model, name, requires_grad=True)
-            )
+            stack.enter_context(gates_for(adapter.structure(name), model, requires_grad=True))
             for name in structures
         ]
 
@@ -295,12 +291,14 @@ def compute_unit_importance(
     if seen == 0:
         raise ValueError("`dataloader` yielded no batches: importance needs at least one.")
     record = PruningRecord.from_config(model.config)
+    adapter = get_adapter(model)
     result = {}
     for name, score in zip(structures, scores, strict=True):
         score = all_reduce_sum(score).float().cpu()
         if accumulate == "abs_of_sum":
             score = score.abs()
-        if name == LAYERS:
+        structure = adapter.structure(name)
+        if structure.spans_layers:  # one unit per layer, numbered as the model stands: nothing to normalise
             result[name] = score
             continue
         for layer, units in record.pruned.get(name, {}).items():

@@ -22,8 +22,7 @@ from .layout import weight_dims
 #: A run of rows holding ``width`` rows per unit ("unit") or per key/value group ("group").
 UNIT, GROUP = "unit", "group"
 HEADS, FFN = "heads", "ffn"
-#: Whole layers (transformer blocks): not a structure of a block but the blocks themselves, ranked beside
-#: the structures' units under a FLOPs budget.
+#: Whole layers (transformer blocks): the blocks themselves as units (:class:`WholeLayers`).
 LAYERS = "layers"
 
 
@@ -111,6 +110,40 @@ class Structure:
     def paths(self) -> tuple[str, ...]:
         """Paths of every layer the structure cuts: rows first, then the output layer."""
         return (*(rows.path for rows in self.rows), self.output)
+
+
+    #: Its units are not whole layers: removing one leaves the layers where they are.
+    spans_layers = False
+
+    def score_shape(self, num_layers: int, config: PretrainedConfig) -> tuple[int, ...]:
+        """The shape of its scores and gates: ``(num_layers, units per layer)``, in original unit indices."""
+        return (num_layers, int(self.units(config) if callable(self.units) else getattr(config, self.units)))
+
+
+@dataclass(frozen=True)
+class WholeLayers:
+    """The blocks themselves as a structure: one unit per layer (a layer is a unit of the model, as a head is
+    a unit of a block). Every family has it; its scores and gates are ``(num_layers,)`` in the numbering of
+    the model as it stands, and removing a unit removes the block with every unit inside it.
+
+    Args:
+        name (`str`, *optional*, defaults to `"layers"`): the name flags and scores use.
+        label (`str`, *optional*, defaults to `"whole layers"`): what cards and messages call the units.
+    """
+
+    name: str = LAYERS
+    label: str = "whole layers"
+    #: Its units are whole layers: removing one renumbers the layers after it.
+    spans_layers = True
+
+    @property
+    def units_label(self) -> str:
+        """What the units are called."""
+        return self.label
+
+    def score_shape(self, num_layers: int, config: PretrainedConfig) -> tuple[int, ...]:
+        """The shape of its scores and gates: one per layer as the model stands."""
+        return (num_layers,)
 
 
 class EmptyPart(nn.Module):
@@ -252,15 +285,21 @@ class ArchitectureAdapter:
     layers: str
     structures: tuple[Structure, ...]
     position_keys: tuple[str, ...] = ()
+    whole_layers: WholeLayers = WholeLayers()
 
-    def structure(self, name: str) -> Structure:
+    @property
+    def prunable(self) -> tuple[Structure | WholeLayers, ...]:
+        """Every structure of the family: those of a block, then the whole layers."""
+        return (*self.structures, self.whole_layers)
+
+    def structure(self, name: str) -> Structure | WholeLayers:
         """The structure called ``name``; a ``ValueError`` lists this family's structures otherwise."""
-        for structure in self.structures:
+        for structure in self.prunable:
             if structure.name == name:
                 return structure
         raise ValueError(
             f"Model type {self.model_types[0]!r} has no prunable structure {name!r}; it has "
-            f"{', '.join(repr(s.name) for s in self.structures)}."
+            f"{', '.join(repr(s.name) for s in self.prunable)}."
         )
 
     @staticmethod
