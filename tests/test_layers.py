@@ -281,7 +281,7 @@ def test_budget_ranks_a_layer_by_its_score_per_cost_and_takes_back_its_units():
     scores = {"ffn": torch.tensor([[1.0, 2.0, 3.0], [0.5, 4.0, 4.0], [5.0, 6.0, 7.0]])}
     # Layer 1 is worth 0.5 over a cost of 3: lower per cost than every neuron but layer 1's first.
     chosen = select_units_under_budget(
-        {**scores, "layers": torch.tensor([9.0, 1.5, 9.0])}, {"ffn": 1.0}, 4.0, layer_costs=[3.0, 3.0, 3.0]
+        {**scores, "layers": torch.tensor([9.0, 1.5, 9.0])}, {"ffn": 1.0, "layers": [3.0, 3.0, 3.0]}, 4.0
     )
     # Neuron 0 of layer 1 goes first (0.5), then the layer (0.5 per cost, its neuron taken back: 2 more),
     # then layer 0's cheapest neuron closes the gap.
@@ -293,16 +293,21 @@ def test_budget_ranks_a_layer_by_its_score_per_cost_and_takes_back_its_units():
 def test_budget_keeps_one_layer_and_refuses_layers_without_costs_or_with_uniform():
     lone = select_units_under_budget(
         {"ffn": torch.tensor([[9.0, 9.0], [9.0, 9.0]]), "layers": torch.tensor([0.0, 0.0])},
-        {"ffn": 1.0},
+        {"ffn": 1.0, "layers": [2.0, 2.0]},
         2.0,
         min_units_per_layer=0,
-        layer_costs=[2.0, 2.0],
     )
     assert list(lone["layers"]) == [0] and lone["ffn"] == {}
-    with pytest.raises(ValueError, match="Whole layers join a budget with one cost per layer"):
+    with pytest.raises(ValueError, match=r"Whole layers \('layers'\) join a budget with one cost per layer"):
         select_units_under_budget({"layers": torch.tensor([1.0, 2.0])}, {}, 1.0)
-    with pytest.raises(ValueError, match=r"Whole layers join a budget.*uniform=True"):
-        select_units_under_budget({"layers": torch.ones(2)}, {}, 1.0, layer_costs=[1.0, 1.0], uniform=True)
+    with pytest.raises(ValueError, match=r"Whole layers \('layers'\) join a budget with one cost per layer"):
+        select_units_under_budget({"layers": torch.tensor([1.0, 2.0])}, {"layers": 3.0}, 1.0)
+    with pytest.raises(ValueError, match=r"Whole layers .* join a budget.*uniform=True"):
+        select_units_under_budget({"layers": torch.ones(2)}, {"layers": [1.0, 1.0]}, 1.0, uniform=True)
+    with pytest.raises(ValueError, match="One structure of whole layers"):
+        select_units_under_budget(
+            {"a": torch.ones(2), "b": torch.ones(2)}, {"a": [1.0, 1.0], "b": [1.0, 1.0]}, 1.0
+        )
 
 
 def _idle_block(model, layer: int) -> None:

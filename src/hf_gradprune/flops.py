@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .adapters import LAYERS, UNIT, get_adapter, weight_dims
+from .adapters import UNIT, get_adapter, weight_dims
 from .record import PruningRecord
 from .selection import select_units_under_budget
 
@@ -158,15 +158,16 @@ def select_units_for_flops(
         current - (target_ratio if final_ratio is None else min(final_ratio, target_ratio)) * original
     )
     groups = {s.name: adapter.group_size(s, model.config) for s in adapter.structures}
+    # A unit of a block costs the same in every layer; a whole layer what its units left cost.
+    scored = [s for s in adapter.prunable if s.name in importance]
     return select_units_under_budget(
         importance,
-        {name: cost for name, cost in costs.items() if name in importance},
+        {s.name: per_layer if s.spans_layers else costs[s.name] for s in scored},
         excess / (2 * seq_len),
         groups=groups,
         min_units_per_layer=min_units_per_layer,
         multiple_of=multiple_of,
         uniform=uniform,
-        layer_costs=per_layer if LAYERS in importance else None,
         layer_budget=final_excess / (2 * seq_len),
     )
 
@@ -178,24 +179,22 @@ def check_flops_target(
     min_units_per_layer: int | Mapping[str, int],
     multiple_of: Mapping[str, int] | None = None,
     uniform: bool = False,
-    layers: bool = False,
+    structures: Sequence[str] | None = None,
     argument: str = "target_ratio",
 ) -> None:
     """Raise a ``ValueError`` naming ``target_ratio`` (as ``argument``), before anything is cut, when no
-    choice of units (and of whole layers with ``layers``) under the constraints reaches it; what can go
-    does not depend on the scores, so the check selects on equal ones."""
+    choice of units of ``structures`` (default: every structure of a block) under the constraints reaches
+    it; what can go does not depend on the scores, so the check selects on equal ones."""
     adapter = get_adapter(model)
     record = PruningRecord.from_config(model.config)
     num_layers = len(adapter.blocks(model))
     importance = {}
-    for structure in adapter.structures:
-        num_units = adapter.num_units(structure, model.config)
-        scores = torch.full((num_layers, num_units), float("nan"))
-        for layer in range(num_layers):
-            scores[layer, record.kept(structure.name, layer, num_units)] = 1.0
-        importance[structure.name] = scores
-    if layers:
-        importance[LAYERS] = torch.ones(num_layers)
+    for name in structures if structures is not None else [s.name for s in adapter.structures]:
+        structure = adapter.structure(name)
+        scores = torch.ones(structure.score_shape(num_layers, model.config))
+        for layer, units in ({} if structure.spans_layers else record.pruned.get(name, {})).items():
+            scores[layer, units] = float("nan")
+        importance[name] = scores
     try:
         select_units_for_flops(
             model, importance, target_ratio, seq_len, min_units_per_layer, multiple_of, uniform

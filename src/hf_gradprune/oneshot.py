@@ -200,11 +200,12 @@ def prune_to_flops(
     minimum = {name: 0 if allow_empty else 1 for name in names}
     minimum["heads"] = 0 if allow_empty else min_heads_per_layer
     multiples = neuron_multiples(model, ffn_multiple_of)
-    check_flops_target(model, target_ratio, seq_len, minimum, multiples, uniform, layers)
+    ranked = [*names, adapter.whole_layers.name] if layers else names
+    check_flops_target(model, target_ratio, seq_len, minimum, multiples, uniform, ranked)
     return prune_in_rounds(
         model,
         batches,
-        [*names, LAYERS] if layers else names,
+        ranked,
         flops_in_rounds(model, target_ratio, seq_len, minimum, rounds, multiples, uniform),
         rounds=rounds,
         mask_tuning=mask_tuning,

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .adapters import LAYERS, Structure, get_adapter
+from .adapters import Structure, get_adapter
 from .arguments import PruningArguments
 from .flops import check_flops_target, flops_in_rounds, neuron_multiples
 from .importance import normalize_per_layer
@@ -61,8 +61,7 @@ class PruningPlan:
         names = args.flops_structures if args.prunes_by_flops else args.unit_structures
         adapter = get_adapter(model)
         for name in names:
-            if name != LAYERS:
-                adapter.structure(name)
+            adapter.structure(name)
 
     def structure_step(self, step: int) -> bool:
         """Whether a structural cut falls on ``step``."""
@@ -143,7 +142,7 @@ class PruningPlan:
                 self.min_units(),
                 multiples,
                 args.uniform_per_layer,
-                LAYERS in args.flops_structures,
+                args.flops_structures,
                 argument="--target_flops_ratio",
             )
             return flops_in_rounds(

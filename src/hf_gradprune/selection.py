@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
-
-from .adapters.base import LAYERS
 
 
 def _unit_scores(importance: torch.Tensor, group: int) -> torch.Tensor:
@@ -176,13 +175,12 @@ def _global(
 
 def select_units_under_budget(
     importance: Mapping[str, torch.Tensor],
-    costs: Mapping[str, float],
+    costs: Mapping[str, float | Sequence[float]],
     remove_cost: float,
     groups: Mapping[str, int] | None = None,
     min_units_per_layer: int | Mapping[str, int] = 1,
     multiple_of: Mapping[str, int] | None = None,
     uniform: bool = False,
-    layer_costs: Sequence[float] | None = None,
     layer_budget: float | None = None,
 ) -> dict[str, dict[int, list[int]]]:
     """Units of several structures ranked together by importance per cost, removed until ``remove_cost``.
@@ -199,17 +197,17 @@ def select_units_under_budget(
     their summed score, so the result is an ordinary config of the family (see
     :func:`hf_gradprune.export_vanilla`).
 
-    Whole layers join the ranking when ``importance`` has ``"layers"`` (one score per layer) and
-    ``layer_costs`` says what each layer costs now: a layer is one candidate, and choosing it takes back the
-    units already chosen in it (its cost counts once); at least one layer stays. A layer may overshoot
-    ``remove_cost`` up to ``layer_budget`` (the whole cut's cost when this is one round of it: later rounds
-    then remove less), since no cheaper unit can stand in for it.
+    A structure whose units are whole layers (one score per layer, and a cost per layer: what each layer
+    costs now) joins the ranking too: a layer is one candidate, and choosing it takes back the units already
+    chosen in it (its cost counts once); at least one layer stays. A layer may overshoot ``remove_cost`` up
+    to ``layer_budget`` (the whole cut's cost when this is one round of it: later rounds then remove less),
+    since no cheaper unit can stand in for it.
 
     Args:
         importance (`Mapping[str, torch.Tensor]`): structure name to ``(num_layers, num_units)`` scores,
-            NaN for units already removed; ``"layers"`` to ``(num_layers,)`` scores.
-        costs (`Mapping[str, float]`): structure name to the cost (e.g. multiply-adds) of one prunable unit
-            (a whole group).
+            NaN for units already removed; a structure of whole layers to ``(num_layers,)`` scores.
+        costs (`Mapping[str, float | Sequence[float]]`): structure name to the cost (e.g. multiply-adds) of
+            one prunable unit (a whole group); for a structure of whole layers, the cost of each layer.
         remove_cost (`float`): the cost to remove, >= 0.
         groups (`Mapping[str, int]`, *optional*): structure name to units that leave together (default 1).
         min_units_per_layer (`int` or `Mapping[str, int]`, *optional*, defaults to 1): groups of each
@@ -218,8 +216,7 @@ def select_units_under_budget(
             (default 1); a layer whose count is not a multiple first loses the remainder.
         uniform (`bool`, *optional*, defaults to `False`): remove the same number from every layer (each
             layer its own lowest-scored units); every layer must have as many left.
-        layer_costs (`Sequence[float]`, *optional*): the cost of each whole layer, needed with ``"layers"``.
-        layer_budget (`float`, *optional*): the removed cost a layer may take it to (default
+        layer_budget (`float`, *optional*): the removed cost a whole layer may take it to (default
             ``remove_cost``).
 
     Returns:
@@ -246,22 +243,28 @@ def select_units_under_budget(
         else dict.fromkeys(importance, min_units_per_layer)
     )
     importance = dict(importance)
-    whole = importance.pop(LAYERS, None)
-    if whole is not None and (uniform or layer_costs is None or len(layer_costs) != whole.numel()):
+    spanning = [name for name, score in importance.items() if score.dim() == 1]
+    if len(spanning) > 1:
+        raise ValueError(f"One structure of whole layers can join a budget, got {spanning}.")
+    layers = spanning[0] if spanning else None
+    whole = importance.pop(layers) if layers else None
+    layer_costs = costs.get(layers) if layers else None
+    if whole is not None and (
+        uniform or isinstance(layer_costs, numbers.Real) or len(layer_costs or ()) != whole.numel()
+    ):
         raise ValueError(
-            "Whole layers join a budget with one cost per layer (`layer_costs`, "
-            f"{whole.numel()} of them) and without `uniform`, got layer_costs={layer_costs!r} and "
-            f"uniform={uniform}."
+            f"Whole layers ({layers!r}) join a budget with one cost per layer ({whole.numel()} of them) and "
+            f"without `uniform`, got costs[{layers!r}]={layer_costs!r} and uniform={uniform}."
         )
     if uniform:
         return _uniform_under_budget(importance, costs, remove_cost, groups, minimum, multiple_of)
     # (score per cost, structure, layer, units, cost): a layer's units leave in blocks.
     candidates: list[tuple[float, str, int, list[int], float]] = []
     left: dict[tuple[str, int], int] = {}
-    for layer, (value, cost) in enumerate(zip(_layer_scores(whole), layer_costs or (), strict=False)):
+    for layer, (value, cost) in enumerate(zip(_layer_scores(whole, layers), layer_costs or (), strict=False)):
         if cost <= 0:
-            raise ValueError(f"`layer_costs[{layer}]` must be positive, got {cost}.")
-        candidates.append((value / cost, LAYERS, layer, [layer], float(cost)))
+            raise ValueError(f"`costs[{layers!r}][{layer}]` must be positive, got {cost}.")
+        candidates.append((value / cost, layers, layer, [layer], float(cost)))
     for name, score in importance.items():
         unit_scores = _unit_scores(score.detach().float().cpu(), groups.get(name, 1))
         cost = float(costs[name])
@@ -296,18 +299,18 @@ def select_units_under_budget(
                 break
             if layer in gone:
                 continue
-            if name == LAYERS:
+            if name == layers:
                 cost -= spent[layer]  # its units already chosen were counted
                 if len(gone) + 1 >= len(spent) or cost <= 0:
                     continue
             elif left[name, layer] - len(units) < minimum.get(name, 1):
                 continue
-            limit = remove_cost if name != LAYERS or layer_budget is None else max(layer_budget, remove_cost)
+            limit = remove_cost if name != layers or layer_budget is None else max(layer_budget, remove_cost)
             if pass_over and cost > cheapest and removed + cost > limit:
                 passed_over.append(candidate)
                 continue
             removed += cost
-            if name == LAYERS:
+            if name == layers:
                 gone[layer] = units
                 for structure in chosen.values():
                     structure.pop(layer, None)
@@ -322,15 +325,15 @@ def select_units_under_budget(
             f"{minimum} unit(s) of each structure; lower the target or allow empty layers."
         )
     result = {name: _expand(layers, groups.get(name, 1)) for name, layers in chosen.items()}
-    return result if whole is None else {**result, LAYERS: dict(sorted(gone.items()))}
+    return result if layers is None else {**result, layers: dict(sorted(gone.items()))}
 
 
-def _layer_scores(layers: torch.Tensor | None) -> list[float]:
-    """Per-layer scores as floats (none without layers); a 2-D or non-finite input is refused."""
+def _layer_scores(layers: torch.Tensor | None, name: str | None) -> list[float]:
+    """Per-layer scores as floats (none without layers); a non-finite input is refused."""
     if layers is None:
         return []
-    if layers.dim() != 1 or not torch.isfinite(layers).all():
-        raise ValueError(f"`importance['layers']` must be finite, one score per layer, got {layers!r}.")
+    if not torch.isfinite(layers).all():
+        raise ValueError(f"`importance[{name!r}]` must be finite, one score per layer, got {layers!r}.")
     return layers.detach().float().cpu().tolist()
 
 
