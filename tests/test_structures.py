@@ -84,7 +84,7 @@ def test_empty_layers_run_and_reload_in_a_fresh_process(model_type, tmp_path):
     model = build_tiny(model_type)
     _, num_heads, _, num_ffn = layout(model)
     cut = {"heads": {1: list(range(num_heads))}, "ffn": {1: list(range(num_ffn)), 2: [0, 1]}}
-    with pytest.raises(ValueError, match=r"would remove every head of layer 1.*allow_empty=True"):
+    with pytest.raises(ValueError, match=r"would remove every attention head of layer 1.*allow_empty=True"):
         prune_units(model, cut)
     gated = gates_for(model, cut)
     batch = tiny_batch(model)
@@ -113,7 +113,9 @@ def test_prune_units_unknown_structure_lists_the_families_structures():
 def test_prune_units_bad_neuron_is_a_clear_error_and_changes_nothing():
     model = build_tiny("gpt2")  # n_inner unset: 4 * n_embd = 128 neurons
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"`units_to_prune\['ffn'\]\[0\]` unit must be an int in \[0, 127\]"):
+    with pytest.raises(
+        ValueError, match=r"`units_to_prune\['ffn'\]\[0\]` FFN neuron must be an int in \[0, 127\]"
+    ):
         prune_units(model, {"heads": {0: [1]}, "ffn": {0: [128]}})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 

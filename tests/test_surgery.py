@@ -73,10 +73,10 @@ def test_prune_heads_generate_still_runs_on_gqa_decoder():
 @pytest.mark.parametrize(
     ("heads", "match"),
     [
-        ({0: [4]}, r"`heads_to_prune\[0\]` head must be an int in \[0, 3\].*got 4"),
-        ({0: [-1]}, r"`heads_to_prune\[0\]` head must be an int in \[0, 3\].*got -1"),
+        ({0: [4]}, r"`heads_to_prune\[0\]` attention head must be an int in \[0, 3\].*got 4"),
+        ({0: [-1]}, r"`heads_to_prune\[0\]` attention head must be an int in \[0, 3\].*got -1"),
         ({3: [0]}, r"`heads_to_prune` layer must be an int in \[0, 2\], got 3"),
-        ({1: [0, 1, 2, 3]}, r"would remove every head of layer 1"),
+        ({1: [0, 1, 2, 3]}, r"would remove every attention head of layer 1"),
     ],
 )
 def test_prune_heads_bad_input_is_a_clear_error_and_changes_nothing(heads, match):
@@ -92,7 +92,7 @@ def test_prune_heads_bad_input_is_a_clear_error_and_changes_nothing(heads, match
 def test_prune_heads_every_head_over_two_calls_is_an_error():
     model = build_tiny("bert")
     prune_heads(model, {1: [0, 1, 2]})
-    with pytest.raises(ValueError, match=r"would remove every head of layer 1 \(1 left\)"):
+    with pytest.raises(ValueError, match=r"would remove every attention head of layer 1 \(1 left\)"):
         prune_heads(model, {1: [3]})
 
 

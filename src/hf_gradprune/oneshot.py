@@ -11,7 +11,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import (
-    LAYERS,
     find_adapter,
     find_target_modules,
     get_adapter,
@@ -32,10 +31,9 @@ from .flops import check_flops_target, flops_in_rounds, neuron_multiples
 from .importance import compute_layer_importance, compute_unit_importance, score_modules
 from .mask_tuning import capture_targets, capture_teacher, distill_unit_scales, rescale_units
 from .masks import apply_masks, masks_of
-from .record import PruningRecord
 from .sharding import whole
 from .sparsity import check_mask_arguments, masks_keeping
-from .surgery import prune_layers, prune_units
+from .surgery import prune_layers, remove_chosen
 
 #: What mask tuning keeps of the unpruned model, and what fits the scales to it, by method.
 MASK_TUNERS = {
@@ -93,10 +91,12 @@ def prune_in_rounds(
     if rounds < 1:
         raise ValueError(f"`rounds` must be a positive number of rounds, got {rounds}.")
     check_choice("mask_tuning_method", mask_tuning_method, MASK_TUNING_METHODS)
-    if mask_tuning and mask_tuning_method == "least_squares" and LAYERS in structures:
+    renumbering = [name for name in structures if get_adapter(model).structure(name).spans_layers]
+    if mask_tuning and mask_tuning_method == "least_squares" and renumbering:
         raise ValueError(
             "`mask_tuning_method='least_squares'` fits each layer's outputs to the same layer of the model "
-            "before the cut, which whole layers removed would renumber: use 'distillation' with \"layers\"."
+            f"before the cut, which whole layers removed would renumber: use 'distillation' with "
+            f"{renumbering[0]!r}."
         )
     batches = list(batches)
     capture, tune = MASK_TUNERS[mask_tuning_method]
@@ -108,20 +108,11 @@ def prune_in_rounds(
         importance = compute_unit_importance(
             model, batches, structures, accumulate=accumulate, show_progress=show_progress
         )
-        units = dict(choose(importance, index))
-        layers = sorted(units.pop(LAYERS, {}))
-        if not any(units.values()) and not layers:
-            continue
+        units, layers = remove_chosen(model, choose(importance, index), optimizer, allow_empty)
         for name, chosen_layers in units.items():
             for layer, chosen in chosen_layers.items():
                 removed.setdefault(name, {}).setdefault(layer, []).extend(chosen)
-        if any(units.values()):
-            prune_units(model, units, optimizer=optimizer, allow_empty=allow_empty)
-        if layers:
-            depth = len(get_adapter(model).blocks(model))
-            original = PruningRecord.from_config(model.config).original_layers(depth)
-            prune_layers(model, layers, optimizer=optimizer)
-            removed_layers.extend(original[layer] for layer in layers)
+        removed_layers.extend(layers)
     cut = removed or removed_layers
     report = tune(model, batches, targets, show_progress=show_progress) if mask_tuning and cut else {}
     return {"units": removed, "layers": sorted(removed_layers), "importance": importance, **report}

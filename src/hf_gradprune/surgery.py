@@ -224,6 +224,17 @@ def prune_units(
         >>> model.encoder.layer[1].intermediate.dense.out_features, record.pruned_heads
         (7, {0: [1]})
     """
+    return _prune_units(model, units_to_prune, optimizer, allow_empty)
+
+
+def _prune_units(
+    model: nn.Module,
+    units_to_prune: Mapping[str, Mapping[int, Sequence[int]]],
+    optimizer: torch.optim.Optimizer | None,
+    allow_empty: bool,
+    argument: str | None = None,
+) -> PruningRecord:
+    """:func:`prune_units`, its errors naming the caller's ``argument`` (default ``units_to_prune[name]``)."""
     adapter = get_adapter(model)
     config = model.config
     record = PruningRecord.from_config(config)
@@ -231,7 +242,11 @@ def prune_units(
     plan: list[tuple[Structure, dict[int, list[int]]]] = []
     for name, requested in units_to_prune.items():
         structure = adapter.structure(name)
-        heads = structure.name == HEADS
+        if structure.spans_layers:
+            raise ValueError(
+                f"`units_to_prune[{name!r}]` names whole layers: remove them with `prune_layers`, or all "
+                "that a selection chose with `remove_chosen`."
+            )
         new = _validate(
             requested,
             record,
@@ -240,8 +255,8 @@ def prune_units(
             adapter.num_units(structure, config),
             adapter.group_size(structure, config),
             allow_empty,
-            "heads_to_prune" if heads else f"units_to_prune[{name!r}]",
-            "head" if heads else "unit",
+            argument or f"units_to_prune[{name!r}]",
+            structure.units_label.removesuffix("s"),  # "attention head", "FFN neuron"
         )
         plan.append((structure, new))
         if new:
@@ -291,7 +306,7 @@ def prune_heads(
         >>> model.encoder.layer[0].attention.self.query.out_features
         24
     """
-    return prune_units(model, {HEADS: heads_to_prune}, optimizer=optimizer)
+    return _prune_units(model, {HEADS: heads_to_prune}, optimizer, False, "heads_to_prune")
 
 
 def _cut_masks(
@@ -401,6 +416,37 @@ def prune_layers(
     if optimizer is not None:
         _drop_from_optimizer(optimizer, removed)
     return PruningRecord.from_config(config)
+
+
+def remove_chosen(
+    model: nn.Module,
+    chosen: Mapping[str, Mapping[int, Sequence[int]]],
+    optimizer: torch.optim.Optimizer | None = None,
+    allow_empty: bool = False,
+) -> tuple[dict[str, dict[int, list[int]]], list[int]]:
+    """Remove what a selection chose, of any structure of the model's family: the units of the structures of a
+    block (:func:`prune_units`), then the whole layers of a structure of whole layers (numbered as the model
+    stands, :func:`prune_layers`; a selection takes back the units it chose in a layer it removes).
+
+    Returns:
+        `tuple`: the units removed (structure to layer to units, empty entries left out) and the whole layers
+        removed, in the original model's numbering.
+    """
+    adapter = get_adapter(model)
+    units: dict[str, dict[int, list[int]]] = {}
+    layers: list[int] = []
+    for name, per_layer in chosen.items():
+        if adapter.structure(name).spans_layers:
+            layers.extend(per_layer)
+        elif any(per_layer.values()):
+            units[name] = {layer: list(u) for layer, u in per_layer.items() if u}
+    if units:
+        prune_units(model, units, optimizer=optimizer, allow_empty=allow_empty)
+    if not layers:
+        return units, []
+    original = PruningRecord.from_config(model.config).original_layers(len(adapter.blocks(model)))
+    prune_layers(model, sorted(set(layers)), optimizer=optimizer)
+    return units, sorted(original[layer] for layer in set(layers))
 
 
 def prune_to_record(model: nn.Module, record: PruningRecord) -> None:

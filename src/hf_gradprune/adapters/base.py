@@ -111,7 +111,6 @@ class Structure:
         """Paths of every layer the structure cuts: rows first, then the output layer."""
         return (*(rows.path for rows in self.rows), self.output)
 
-
     #: Its units are not whole layers: removing one leaves the layers where they are.
     spans_layers = False
 
