@@ -17,7 +17,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .adapters import FFN, HEADS, LAYERS, find_target_modules, get_adapter, weight_layer_groups
+from .adapters import HEADS, find_target_modules, get_adapter, weight_layer_groups
 from .arguments import PruningArguments
 from .checkpoint import fit_to_checkpoint
 from .distillation import frozen_copy
@@ -151,7 +151,7 @@ class GradientPruningCallback(TrainerCallback):
         reference = frozen_copy(model) if args.measure_speedup else None
         layers = self.plan.layers_to_remove(step)
         if layers:
-            self.importance[LAYERS] = prune_layers_by_importance(
+            self.importance[get_adapter(model).whole_layers.name] = prune_layers_by_importance(
                 model, batches, layers, args.layer_importance, optimizer, show_progress=self._progress
             )["importance"]
         names = args.flops_structures if args.prunes_by_flops else args.unit_structures
@@ -578,7 +578,7 @@ class GradientPruningCallback(TrainerCallback):
             or not self._pending_logs.keys() & {"prune/flops_ratio"}
         ):
             return
-        from .cards import ffn_sizes_figure, head_importance_figure
+        from .cards import head_importance_figure, unit_sizes_figure
 
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
@@ -590,8 +590,11 @@ class GradientPruningCallback(TrainerCallback):
             self._writer.add_figure(
                 "prune/head_importance", head_importance_figure(self.head_importance), state.global_step
             )
-        if FFN in PruningRecord.from_config(model.config).pruned:
-            self._writer.add_figure("prune/ffn_sizes", ffn_sizes_figure(model), state.global_step)
+        for name, layers in PruningRecord.from_config(model.config).pruned.items():
+            if any(layers.values()):
+                self._writer.add_figure(
+                    f"prune/{name}_sizes", unit_sizes_figure(model, name), state.global_step
+                )
         self._writer.flush()
 
 

@@ -32,7 +32,7 @@ from torch import nn
 from transformers.modelcard import TASK_MAPPING
 
 from ._version import __version__
-from .adapters import FFN, Structure, find_adapter, find_target_modules
+from .adapters import Structure, find_adapter, find_target_modules, get_adapter
 from .flops import block_flops
 from .masks import grouped_sparsity
 from .record import PruningRecord
@@ -149,11 +149,13 @@ def save_head_importance_heatmap(
     return path
 
 
-def ffn_sizes_figure(model: nn.Module) -> Figure:
-    """A bar chart of the FFN neurons kept in each layer, against the original size (a dashed line).
+def unit_sizes_figure(model: nn.Module, structure: str = "ffn") -> Figure:
+    """A bar chart of the units of ``structure`` (a structure of the blocks of the model's family) kept in
+    each layer, against the original number (a dashed line).
 
     Args:
         model (`nn.Module`): a model of a registered family.
+        structure (`str`, *optional*, defaults to `"ffn"`): the structure's name.
 
     Example:
         >>> from transformers import BertConfig, BertModel
@@ -161,18 +163,20 @@ def ffn_sizes_figure(model: nn.Module) -> Figure:
         >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         ...                              intermediate_size=37, vocab_size=99))
         >>> _ = prune_units(model, {"ffn": {0: [1, 2, 3]}})
-        >>> [round(bar.get_height()) for bar in ffn_sizes_figure(model).axes[0].patches]
-        [34, 37]
+        >>> figure = unit_sizes_figure(model, "ffn")
+        >>> [round(bar.get_height()) for bar in figure.axes[0].patches], figure.axes[0].get_title()
+        ([34, 37], 'FFN neurons kept per layer')
     """
-    sizes = _structure_sizes(model)[FFN]
+    sizes = _structure_sizes(model)[structure]
+    label = get_adapter(model).structure(structure).units_label
     figure = Figure(figsize=(max(4.0, 0.3 * len(sizes["kept"]) + 2.0), 3.0), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     axes.bar(range(len(sizes["kept"])), sizes["kept"], color="tab:blue")
     axes.axhline(sizes["units"], color="black", linestyle="--", linewidth=1, label="original")
-    axes.set_title("FFN neurons kept per layer")
+    axes.set_title(f"{_capitalized(label)} kept per layer")
     axes.set_xlabel("layer")
-    axes.set_ylabel("neurons")
+    axes.set_ylabel("units")
     axes.xaxis.set_major_locator(MaxNLocator(nbins=min(len(sizes["kept"]), 16), integer=True))
     axes.legend(loc="lower right", frameon=False)
     return figure
