@@ -26,12 +26,14 @@ NAME = "cnn_example"
 #: The code whose change makes these results stale (``benchmarks/figures.py`` warns).
 MEASURES = (
     "examples/image_classification_cnn.py",
-    "src/hf_gradprune/criteria.py",
-    "src/hf_gradprune/importance.py",
-    "src/hf_gradprune/sparsity.py",
-    "src/hf_gradprune/masks.py",
-    "src/hf_gradprune/trainer.py",
-    "src/hf_gradprune/callback.py",
+    "src/hf_gradprune/weights/criteria.py",
+    "src/hf_gradprune/structured/importance.py",
+    "src/hf_gradprune/weights/scoring.py",
+    "src/hf_gradprune/core/batches.py",
+    "src/hf_gradprune/weights/sparsity.py",
+    "src/hf_gradprune/core/masks.py",
+    "src/hf_gradprune/training/trainer.py",
+    "src/hf_gradprune/training/callback.py",
 )
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "image_classification_cnn.py"
 

@@ -60,12 +60,14 @@ from structured_speed import timed
 NAME = "depth"
 #: The code whose change makes these results stale (``benchmarks/figures.py`` warns).
 MEASURES = (
-    "src/hf_gradprune/importance.py",
-    "src/hf_gradprune/planning.py",
-    "src/hf_gradprune/flops.py",
-    "src/hf_gradprune/selection.py",
-    "src/hf_gradprune/surgery.py",
-    "src/hf_gradprune/adapters",
+    "src/hf_gradprune/structured/importance.py",
+    "src/hf_gradprune/weights/scoring.py",
+    "src/hf_gradprune/core/batches.py",
+    "src/hf_gradprune/training/planning.py",
+    "src/hf_gradprune/structured/flops.py",
+    "src/hf_gradprune/structured/selection.py",
+    "src/hf_gradprune/structured/surgery.py",
+    "src/hf_gradprune/core/adapters",
 )
 SEQ_LEN = 128
 

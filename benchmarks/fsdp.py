@@ -34,8 +34,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from hf_gradprune import load_pruned, prune_weights, save_pruned
-from hf_gradprune.adapters import get_adapter
-from hf_gradprune.masks import get_masks
+from hf_gradprune.core.adapters import get_adapter
+from hf_gradprune.core.masks import get_masks
 from hf_gradprune.testing import load_rotten_tomatoes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,11 +45,11 @@ from common import RESULTS, PeakMemory, load_causal_lm_example, resident_bytes, 
 NAME = "fsdp" + ("_mmap_threshold" if os.environ.get("MALLOC_MMAP_THRESHOLD_") else "")
 #: The code whose change makes these results stale (``benchmarks/figures.py`` warns).
 MEASURES = (
-    "src/hf_gradprune/sparsity.py",
-    "src/hf_gradprune/sharding.py",
-    "src/hf_gradprune/masks.py",
-    "src/hf_gradprune/criteria.py",
-    "src/hf_gradprune/checkpoint.py",
+    "src/hf_gradprune/weights/sparsity.py",
+    "src/hf_gradprune/core/sharding.py",
+    "src/hf_gradprune/core/masks.py",
+    "src/hf_gradprune/weights/criteria.py",
+    "src/hf_gradprune/io/checkpoint.py",
 )
 SEQ_LEN = 128
 
@@ -70,7 +70,7 @@ def worker(folder: Path, out: Path, steps: int, sharded: bool) -> None:
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoTokenizer
 
-    from hf_gradprune.masks import apply_masks, reapply_masks
+    from hf_gradprune.core.masks import apply_masks, reapply_masks
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

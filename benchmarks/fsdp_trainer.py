@@ -35,7 +35,7 @@ from matplotlib.figure import Figure
 from safetensors.torch import load_file, save_file
 
 from hf_gradprune import load_pruned
-from hf_gradprune.masks import get_masks
+from hf_gradprune.core.masks import get_masks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, PeakMemory, load_causal_lm_example, resident_bytes, results_header, write_results
@@ -44,12 +44,12 @@ from fsdp import data, free_port
 NAME = "fsdp_trainer" + ("_mmap_threshold" if os.environ.get("MALLOC_MMAP_THRESHOLD_") else "")
 #: The code whose change makes these results stale (``benchmarks/figures.py`` warns).
 MEASURES = (
-    "src/hf_gradprune/trainer.py",
-    "src/hf_gradprune/callback.py",
-    "src/hf_gradprune/sharding.py",
-    "src/hf_gradprune/sparsity.py",
-    "src/hf_gradprune/masks.py",
-    "src/hf_gradprune/checkpoint.py",
+    "src/hf_gradprune/training/trainer.py",
+    "src/hf_gradprune/training/callback.py",
+    "src/hf_gradprune/core/sharding.py",
+    "src/hf_gradprune/weights/sparsity.py",
+    "src/hf_gradprune/core/masks.py",
+    "src/hf_gradprune/io/checkpoint.py",
 )
 #: Resident memory above the process's start, as multiples of the float32 model: the peak through loading
 #: and (FSDP2) sharding, at train begin, the peak from there through scoring and through the training steps.

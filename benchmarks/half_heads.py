@@ -44,7 +44,8 @@ from hf_gradprune import (
     prune_units,
     rescale_units,
 )
-from hf_gradprune.importance import batch_loss, gate_probe, split_examples
+from hf_gradprune.core.batches import batch_loss, split_examples
+from hf_gradprune.structured.importance import gate_probe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, accuracy, dense_minilm, encode, peer_split, results_header, write_results
@@ -52,11 +53,13 @@ from common import RESULTS, accuracy, dense_minilm, encode, peer_split, results_
 NAME = "half_heads"
 #: The code whose change makes these results stale (``benchmarks/figures.py`` warns).
 MEASURES = (
-    "src/hf_gradprune/importance.py",
-    "src/hf_gradprune/gates.py",
-    "src/hf_gradprune/mask_tuning.py",
-    "src/hf_gradprune/selection.py",
-    "src/hf_gradprune/surgery.py",
+    "src/hf_gradprune/structured/importance.py",
+    "src/hf_gradprune/weights/scoring.py",
+    "src/hf_gradprune/core/batches.py",
+    "src/hf_gradprune/structured/gates.py",
+    "src/hf_gradprune/structured/mask_tuning.py",
+    "src/hf_gradprune/structured/selection.py",
+    "src/hf_gradprune/structured/surgery.py",
 )
 REMOVED = 6
 

@@ -37,10 +37,10 @@ from matplotlib.figure import Figure
 from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_gradprune import compute_head_importance, prune_heads, select_heads_to_prune
-from hf_gradprune.importance import compute_weight_importance
-from hf_gradprune.masks import apply_masks
-from hf_gradprune.sparsity import compute_weight_masks
+from hf_gradprune.core.masks import apply_masks
 from hf_gradprune.testing import load_rotten_tomatoes, minilm_path, smollm2_gguf
+from hf_gradprune.weights.scoring import compute_weight_importance
+from hf_gradprune.weights.sparsity import compute_weight_masks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import results_header, speed, time_interleaved
@@ -48,12 +48,14 @@ from common import results_header, speed, time_interleaved
 NAME = "head_pruning_speed"
 #: The code whose change makes these results stale (``benchmarks/figures.py`` warns).
 MEASURES = (
-    "src/hf_gradprune/importance.py",
-    "src/hf_gradprune/selection.py",
-    "src/hf_gradprune/surgery.py",
-    "src/hf_gradprune/sparsity.py",
-    "src/hf_gradprune/masks.py",
-    "src/hf_gradprune/criteria.py",
+    "src/hf_gradprune/structured/importance.py",
+    "src/hf_gradprune/weights/scoring.py",
+    "src/hf_gradprune/core/batches.py",
+    "src/hf_gradprune/structured/selection.py",
+    "src/hf_gradprune/structured/surgery.py",
+    "src/hf_gradprune/weights/sparsity.py",
+    "src/hf_gradprune/core/masks.py",
+    "src/hf_gradprune/weights/criteria.py",
 )
 RESULTS = Path(__file__).resolve().parent / "results"
 MINILM_HEADS_PER_LAYER = (1, 3, 6)

@@ -44,10 +44,12 @@ from common import (
 NAME = "heads_curve"
 #: The code whose change makes these results stale (``benchmarks/figures.py`` warns).
 MEASURES = (
-    "src/hf_gradprune/importance.py",
-    "src/hf_gradprune/gates.py",
-    "src/hf_gradprune/selection.py",
-    "src/hf_gradprune/surgery.py",
+    "src/hf_gradprune/structured/importance.py",
+    "src/hf_gradprune/weights/scoring.py",
+    "src/hf_gradprune/core/batches.py",
+    "src/hf_gradprune/structured/gates.py",
+    "src/hf_gradprune/structured/selection.py",
+    "src/hf_gradprune/structured/surgery.py",
 )
 CRITERIA = ("fisher", "sum_of_abs", "abs_of_sum")
 FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)

@@ -21,7 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from hf_gradprune import compute_weight_importance, compute_weight_masks
-from hf_gradprune.adapters import weight_input_dims
+from hf_gradprune.core.adapters import weight_input_dims
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PeakMemory, results_header, smollm2_perplexity_setup, write_results
@@ -29,9 +29,11 @@ from common import PeakMemory, results_header, smollm2_perplexity_setup, write_r
 NAME = "llm"
 #: The code whose change makes these results stale (``benchmarks/figures.py`` warns).
 MEASURES = (
-    "src/hf_gradprune/criteria.py",
-    "src/hf_gradprune/importance.py",
-    "src/hf_gradprune/sparsity.py",
+    "src/hf_gradprune/weights/criteria.py",
+    "src/hf_gradprune/structured/importance.py",
+    "src/hf_gradprune/weights/scoring.py",
+    "src/hf_gradprune/core/batches.py",
+    "src/hf_gradprune/weights/sparsity.py",
 )
 
 

@@ -22,8 +22,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from hf_gradprune import compute_weight_importance, compute_weight_masks, prune_weights
-from hf_gradprune.adapters import weight_input_dims
-from hf_gradprune.masks import remove_masks
+from hf_gradprune.core.adapters import weight_input_dims
+from hf_gradprune.core.masks import remove_masks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PeakMemory, results_header, smollm2_perplexity_setup, write_results
@@ -31,12 +31,15 @@ from common import PeakMemory, results_header, smollm2_perplexity_setup, write_r
 NAME = "llm_blockwise"
 #: The code whose change makes these results stale (``benchmarks/figures.py`` warns).
 MEASURES = (
-    "src/hf_gradprune/blockwise.py",
-    "src/hf_gradprune/reconstruction.py",
-    "src/hf_gradprune/oneshot.py",
-    "src/hf_gradprune/criteria.py",
-    "src/hf_gradprune/sparsity.py",
-    "src/hf_gradprune/importance.py",
+    "src/hf_gradprune/weights/blockwise.py",
+    "src/hf_gradprune/weights/reconstruction.py",
+    "src/hf_gradprune/structured/rounds.py",
+    "src/hf_gradprune/weights/pruning.py",
+    "src/hf_gradprune/weights/criteria.py",
+    "src/hf_gradprune/weights/sparsity.py",
+    "src/hf_gradprune/structured/importance.py",
+    "src/hf_gradprune/weights/scoring.py",
+    "src/hf_gradprune/core/batches.py",
 )
 #: label -> (sparsity, scope, pattern)
 PATTERNS = {

@@ -48,11 +48,13 @@ from common import (
 NAME = "overhead"
 #: The code whose change makes these results stale (``benchmarks/figures.py`` warns).
 MEASURES = (
-    "src/hf_gradprune/trainer.py",
-    "src/hf_gradprune/callback.py",
-    "src/hf_gradprune/importance.py",
-    "src/hf_gradprune/masks.py",
-    "src/hf_gradprune/sparsity.py",
+    "src/hf_gradprune/training/trainer.py",
+    "src/hf_gradprune/training/callback.py",
+    "src/hf_gradprune/structured/importance.py",
+    "src/hf_gradprune/weights/scoring.py",
+    "src/hf_gradprune/core/batches.py",
+    "src/hf_gradprune/core/masks.py",
+    "src/hf_gradprune/weights/sparsity.py",
 )
 
 

@@ -49,9 +49,9 @@ from matplotlib.figure import Figure
 from transformers import DataCollatorWithPadding, Trainer
 
 from hf_gradprune import PruningArguments, PruningTrainer, flops_ratio, prune_to_flops, prune_weights
-from hf_gradprune.distillation import Distiller, frozen_copy
-from hf_gradprune.masks import apply_masks, compute_sparsity, get_masks
+from hf_gradprune.core.masks import apply_masks, compute_sparsity, get_masks
 from hf_gradprune.testing import load_rotten_tomatoes
+from hf_gradprune.training.distillation import Distiller, frozen_copy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
@@ -75,13 +75,15 @@ from structured_speed import timed
 NAME = "recovery"
 #: The code whose change makes these results stale (``benchmarks/figures.py`` warns).
 MEASURES = (
-    "src/hf_gradprune/trainer.py",
-    "src/hf_gradprune/callback.py",
-    "src/hf_gradprune/distillation.py",
-    "src/hf_gradprune/planning.py",
-    "src/hf_gradprune/importance.py",
-    "src/hf_gradprune/surgery.py",
-    "src/hf_gradprune/mask_tuning.py",
+    "src/hf_gradprune/training/trainer.py",
+    "src/hf_gradprune/training/callback.py",
+    "src/hf_gradprune/training/distillation.py",
+    "src/hf_gradprune/training/planning.py",
+    "src/hf_gradprune/structured/importance.py",
+    "src/hf_gradprune/weights/scoring.py",
+    "src/hf_gradprune/core/batches.py",
+    "src/hf_gradprune/structured/surgery.py",
+    "src/hf_gradprune/structured/mask_tuning.py",
 )
 SEQ_LEN = 128
 MINILM_DISTILL = {"distill_alpha": 0.5, "distill_temperature": 2.0, "distill_hidden_states": True}

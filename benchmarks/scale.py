@@ -36,8 +36,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from hf_gradprune import compute_weight_importance, compute_weight_masks, load_pruned, save_pruned
-from hf_gradprune.adapters import weight_input_dims
-from hf_gradprune.masks import apply_masks, compute_sparsity, get_masks
+from hf_gradprune.core.adapters import weight_input_dims
+from hf_gradprune.core.masks import apply_masks, compute_sparsity, get_masks
 from hf_gradprune.testing import load_rotten_tomatoes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,13 +55,16 @@ from common import (
 NAME = "scale" + ("_mmap_threshold" if os.environ.get("MALLOC_MMAP_THRESHOLD_") else "")
 #: The code whose change makes these results stale (``benchmarks/figures.py`` warns).
 MEASURES = (
-    "src/hf_gradprune/oneshot.py",
-    "src/hf_gradprune/blockwise.py",
-    "src/hf_gradprune/criteria.py",
-    "src/hf_gradprune/sparsity.py",
-    "src/hf_gradprune/importance.py",
-    "src/hf_gradprune/checkpoint.py",
-    "src/hf_gradprune/masks.py",
+    "src/hf_gradprune/structured/rounds.py",
+    "src/hf_gradprune/weights/pruning.py",
+    "src/hf_gradprune/weights/blockwise.py",
+    "src/hf_gradprune/weights/criteria.py",
+    "src/hf_gradprune/weights/sparsity.py",
+    "src/hf_gradprune/structured/importance.py",
+    "src/hf_gradprune/weights/scoring.py",
+    "src/hf_gradprune/core/batches.py",
+    "src/hf_gradprune/io/checkpoint.py",
+    "src/hf_gradprune/core/masks.py",
 )
 #: The passes measured each in a fresh process that loads the model from safetensors: (criterion,
 #: reconstruction, block by block, scoring passes), the rows of ``benchmarks/llm_blockwise.py``, and ``obd``

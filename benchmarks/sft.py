@@ -37,7 +37,7 @@ from matplotlib.figure import Figure
 from trl import SFTConfig, SFTTrainer
 
 from hf_gradprune import PruningArguments, PruningMixin, prune_weights
-from hf_gradprune.masks import apply_masks, compute_sparsity, get_masks
+from hf_gradprune.core.masks import apply_masks, compute_sparsity, get_masks
 from hf_gradprune.testing import load_rotten_tomatoes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,12 +46,13 @@ from common import CACHE, RESULTS, SEED, load_causal_lm_example, results_header,
 NAME = "sft"
 #: The code whose change makes these results stale (``benchmarks/figures.py`` warns).
 MEASURES = (
-    "src/hf_gradprune/trainer.py",
-    "src/hf_gradprune/distillation.py",
-    "src/hf_gradprune/oneshot.py",
-    "src/hf_gradprune/blockwise.py",
-    "src/hf_gradprune/reconstruction.py",
-    "src/hf_gradprune/criteria.py",
+    "src/hf_gradprune/training/trainer.py",
+    "src/hf_gradprune/training/distillation.py",
+    "src/hf_gradprune/structured/rounds.py",
+    "src/hf_gradprune/weights/pruning.py",
+    "src/hf_gradprune/weights/blockwise.py",
+    "src/hf_gradprune/weights/reconstruction.py",
+    "src/hf_gradprune/weights/criteria.py",
 )
 SEQ_LEN = 128
 DISTILL = {"distill_alpha": 0.5, "distill_temperature": 1.0}

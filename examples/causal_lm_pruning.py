@@ -54,8 +54,8 @@ from hf_gradprune import (
     prune_to_flops,
     prune_weights,
 )
-from hf_gradprune.adapters import weight_input_dims
-from hf_gradprune.masks import apply_masks, compute_sparsity, get_masks, remove_masks
+from hf_gradprune.core.adapters import weight_input_dims
+from hf_gradprune.core.masks import apply_masks, compute_sparsity, get_masks, remove_masks
 from hf_gradprune.testing import load_rotten_tomatoes, smollm2_gguf
 
 CRITERIA = ("magnitude", "wanda", "gradient", "taylor", "fisher", "combined", "obd", "gblm")

@@ -27,9 +27,9 @@ from torch import nn
 from transformers import EvalPrediction, PrinterCallback, Trainer, TrainingArguments, set_seed
 
 from hf_gradprune import PruningArguments, PruningTrainer
-from hf_gradprune.criteria import needs_calibration
-from hf_gradprune.masks import compute_sparsity, get_masks
+from hf_gradprune.core.masks import compute_sparsity, get_masks
 from hf_gradprune.testing import load_mnist_5k
+from hf_gradprune.weights.criteria import needs_calibration
 
 CRITERIA = ("magnitude", "gradient", "taylor", "combined", "obd")
 SPARSITIES = (0.5, 0.8, 0.9)

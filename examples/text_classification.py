@@ -44,7 +44,7 @@ from hf_gradprune import (
     get_adapter,
     load_pruned,
 )
-from hf_gradprune.masks import compute_sparsity
+from hf_gradprune.core.masks import compute_sparsity
 from hf_gradprune.metrics import load_metric
 from hf_gradprune.testing import load_rotten_tomatoes, minilm_path
 

@@ -19,7 +19,7 @@ Each rank writes into OUT_DIR:
 - in ``heads`` and ``fsdp`` modes, ``error_rank{R}.txt`` with the message of the ``ValueError`` (then
   re-raised).
 
-``HF_GRADPRUNE_TEST_NO_ALLREDUCE=1`` replaces ``hf_gradprune.importance.all_reduce_sum`` by the identity
+``HF_GRADPRUNE_TEST_NO_ALLREDUCE=1`` replaces ``all_reduce_sum`` of the scoring modules by the identity
 before training, so each rank selects from its own shard only: the control that shows the test can fail.
 """
 
@@ -38,10 +38,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `tests.helpers`
 
-import hf_gradprune.importance
+import hf_gradprune.structured.importance
+import hf_gradprune.weights.scoring
 from hf_gradprune import GradientPruningCallback, PruningArguments, PruningRecord, PruningTrainer
-from hf_gradprune.callback import take_batches
-from hf_gradprune.masks import get_masks, save_masks
+from hf_gradprune.core.masks import get_masks, save_masks
+from hf_gradprune.training.callback import take_batches
 from tests.helpers import VOCAB, build_tiny, leave_process_group
 
 NUM_ROWS, LENGTH, IMPORTANCE_BATCHES, MAX_STEPS = 64, 16, 2, 8
@@ -99,7 +100,8 @@ class Recorder(TrainerCallback):
 def main() -> None:
     out, mode = Path(sys.argv[1]), sys.argv[2]
     if os.environ.get("HF_GRADPRUNE_TEST_NO_ALLREDUCE") == "1":
-        hf_gradprune.importance.all_reduce_sum = lambda tensor: tensor
+        for scoring in (hf_gradprune.structured.importance, hf_gradprune.weights.scoring):
+            scoring.all_reduce_sum = lambda tensor: tensor
     sharding = {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}} if mode == "fsdp" else {}
     args = TrainingArguments(
         **sharding,

@@ -49,10 +49,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `tests.helpers`
 
-import hf_gradprune.importance
+import hf_gradprune.structured.importance
+import hf_gradprune.weights.scoring
 from hf_gradprune import GradientPruningCallback, PruningArguments, PruningTrainer
-from hf_gradprune.masks import get_masks, save_masks
-from hf_gradprune.sharding import local_part
+from hf_gradprune.core.masks import get_masks, save_masks
+from hf_gradprune.core.sharding import local_part
 from tests.helpers import VOCAB, build_tiny, leave_process_group
 
 NUM_ROWS, LENGTH, MAX_STEPS, KILL_STEP = 64, 12, 6, 4
@@ -95,8 +96,9 @@ def main() -> None:
     trainer_kind, *precision = rest or ["pruning"]
     sharded = run != "single"
     if run == "control":  # each rank scores on its own examples only
-        hf_gradprune.importance.sum_into_shard = local_part
-        hf_gradprune.importance.all_reduce_sum = lambda tensor: tensor
+        hf_gradprune.weights.scoring.sum_into_shard = local_part
+        for scoring in (hf_gradprune.structured.importance, hf_gradprune.weights.scoring):
+            scoring.all_reduce_sum = lambda tensor: tensor
     config = {"fsdp_version": 2}
     if (
         family == "bert"

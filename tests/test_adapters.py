@@ -4,7 +4,7 @@ import pytest
 from transformers import OPTConfig, OPTForCausalLM
 
 from hf_gradprune import get_adapter, register_adapter, supported_model_types
-from hf_gradprune.adapters import ArchitectureAdapter, weight_dims
+from hf_gradprune.core.adapters import ArchitectureAdapter, weight_dims
 
 from .helpers import build_tiny
 

@@ -21,8 +21,8 @@ from hf_gradprune import (
     find_target_modules,
     save_pruned,
 )
-from hf_gradprune.adapters import weight_input_dims
-from hf_gradprune.masks import MASKS_FILENAME, apply_masks, get_masks, load_masks
+from hf_gradprune.core.adapters import weight_input_dims
+from hf_gradprune.core.masks import MASKS_FILENAME, apply_masks, get_masks, load_masks
 from hf_gradprune.testing import load_mnist_5k
 
 from .helpers import run_fresh
@@ -156,7 +156,7 @@ def test_head_pruning_on_a_model_without_adapter_is_a_clear_error(digits, tmp_pa
 RELOAD = """
 import importlib.util, json, sys, torch
 from hf_gradprune import load_pruned
-from hf_gradprune.masks import get_masks
+from hf_gradprune.core.masks import get_masks
 spec = importlib.util.spec_from_file_location("image_classification_cnn", sys.argv[1])
 example = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(example)

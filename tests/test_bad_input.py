@@ -19,7 +19,7 @@ from hf_gradprune import (
     prune_units,
     prune_weights,
 )
-from hf_gradprune.masks import compute_sparsity, get_masks
+from hf_gradprune.core.masks import compute_sparsity, get_masks
 
 from .helpers import build_tiny, tiny_batch, tiny_dataset
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from hf_gradprune import PruningArguments, PruningTrainer, prune_weights
-from hf_gradprune.adapters import get_adapter
-from hf_gradprune.masks import get_masks
+from hf_gradprune.core.adapters import get_adapter
+from hf_gradprune.core.masks import get_masks
 
 from .helpers import build_tiny, quiet_cpu_args, tiny_batch, tiny_dataset
 

@@ -13,7 +13,7 @@ from transformers import PretrainedConfig, PreTrainedModel, TrainingArguments
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_gradprune import PruningArguments, PruningRecord, PruningTrainer, load_pruned, register_adapter
-from hf_gradprune.adapters import ArchitectureAdapter, Rows, Structure, ffn_neurons
+from hf_gradprune.core.adapters import ArchitectureAdapter, Rows, Structure, ffn_neurons
 
 SOURCE = Path(__file__).resolve().parents[1] / "src" / "hf_gradprune"
 
@@ -136,19 +136,20 @@ def test_a_structure_declared_through_the_adapter_alone_is_pruned_under_a_flops_
 #: Where a structure's name may appear in code: the adapters (the declarations), the record (its stored
 #: keys), the flags (their aliases), and the functions named for one structure or keeping its figure.
 ALLOWED = {
-    "record.py": None,
-    "arguments.py": None,
-    "surgery.py": {"prune_heads"},
-    "gates.py": {"UnitGates.__init__", "HeadGates.__init__"},
-    "importance.py": {"compute_unit_importance", "compute_head_importance"},
-    "selection.py": {"select_heads_to_prune"},
-    "oneshot.py": {"prune_to_flops", "prune_in_rounds", "prune_layers_by_importance"},  # report keys
-    "callback.py": {
+    "core/record.py": None,
+    "training/arguments.py": None,
+    "structured/surgery.py": {"prune_heads"},
+    "structured/gates.py": {"UnitGates.__init__", "HeadGates.__init__"},
+    "structured/importance.py": {"compute_unit_importance", "compute_head_importance"},
+    "structured/selection.py": {"select_heads_to_prune"},
+    # the report keys of prune_in_rounds and prune_layers_by_importance
+    "structured/rounds.py": {"prune_to_flops", "prune_in_rounds", "prune_layers_by_importance"},
+    "training/callback.py": {
         "GradientPruningCallback.head_importance",
         "GradientPruningCallback.resume_from",
         "GradientPruningCallback.prune_structures_now",
     },
-    "cards.py": {"unit_sizes_figure"},
+    "io/cards.py": {"unit_sizes_figure"},
 }
 
 
@@ -187,7 +188,7 @@ def test_no_generic_module_tests_a_structure_by_name():
     misplaced = []
     for path in sorted(SOURCE.rglob("*.py")):
         module = path.relative_to(SOURCE).as_posix()
-        if module.startswith("adapters/") or (module in ALLOWED and ALLOWED[module] is None):
+        if module.startswith("core/adapters/") or (module in ALLOWED and ALLOWED[module] is None):
             continue
         allowed = ALLOWED.get(module, set())
         misplaced += [f"{module}:{line} {scope} {name}" for line, scope, name in structure_names_in_code(path)

@@ -16,7 +16,7 @@ from hf_gradprune import (
     prune_to_flops,
     prune_units,
 )
-from hf_gradprune.mask_tuning import TOP_K
+from hf_gradprune.structured.mask_tuning import TOP_K
 
 from .helpers import (
     build_tiny,

@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from hf_gradprune.adapters import find_target_modules
-from hf_gradprune.masks import load_masks
+from hf_gradprune.core.adapters import find_target_modules
+from hf_gradprune.core.masks import load_masks
 
 from .helpers import build_tiny
 

@@ -14,7 +14,7 @@ import torch
 from transformers import Trainer
 
 from hf_gradprune import GradientPruningCallback, PruningArguments, PruningTrainer, load_pruned, save_pruned
-from hf_gradprune.masks import get_masks
+from hf_gradprune.core.masks import get_masks
 
 from .helpers import RAMP_PRUNING, build_tiny, quiet_cpu_args, run_fresh, tiny_batch, tiny_dataset
 from .resume_worker import PlainModel
@@ -66,7 +66,7 @@ def test_weight_pruned_model_of_no_family_resumes_after_sigkill_as_if_uninterrup
 RELOAD = """
 import sys, torch
 from hf_gradprune import load_pruned
-from hf_gradprune.masks import get_masks
+from hf_gradprune.core.masks import get_masks
 model = load_pruned(sys.argv[1])
 with torch.no_grad():
     logits = model(**torch.load(sys.argv[2])).logits
@@ -208,7 +208,7 @@ def test_weights_only_checkpoint_of_no_family_reloads(tmp_path):
     from .resume_worker import build
 
     model = build("vit")
-    from hf_gradprune.masks import apply_masks
+    from hf_gradprune.core.masks import apply_masks
 
     name = "classifier.weight"
     apply_masks(model, {name: torch.rand(model.get_parameter(name).shape) > 0.5})
@@ -222,7 +222,7 @@ def test_rng_state_is_the_trainers_own_without_pickle_and_restores_every_generat
     import numpy as np
     from transformers.trainer_pt_utils import safe_globals
 
-    from hf_gradprune.checkpoint import load_state
+    from hf_gradprune.io.checkpoint import load_state
 
     trainer = PruningTrainer(
         model=build_tiny("bert"),

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from hf_gradprune import load_pruned
-from hf_gradprune.masks import compute_sparsity
+from hf_gradprune.core.masks import compute_sparsity
 from hf_gradprune.testing import LocalHub
 from hf_gradprune.testing.hub import _Store
-from hf_gradprune.trainer import TRAINING_ARGS_JSON
+from hf_gradprune.training.trainer import TRAINING_ARGS_JSON
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 

@@ -16,7 +16,7 @@ from hf_gradprune import (
     prune_to_flops,
     prune_units,
 )
-from hf_gradprune.masks import apply_masks
+from hf_gradprune.core.masks import apply_masks
 
 from .helpers import build_tiny, logits, quiet_cpu_args, run_fresh, tiny_batch, tiny_dataset
 

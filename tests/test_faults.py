@@ -13,8 +13,8 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from hf_gradprune import PruningRecord, load_pruned, save_pruned
-from hf_gradprune.checkpoint import PENDING_SAVE, finish_interrupted_save
-from hf_gradprune.masks import get_masks
+from hf_gradprune.core.masks import get_masks
+from hf_gradprune.io.checkpoint import PENDING_SAVE, finish_interrupted_save
 
 WORKER = Path(__file__).with_name("fault_worker.py")
 
@@ -169,7 +169,7 @@ def test_resume_from_nothing_says_what_is_missing_as_the_trainer_does(tmp_path, 
 
 def pruned_masked_folder(tmp_path: Path) -> tuple[Path, BertForSequenceClassification]:
     from hf_gradprune import prune_heads
-    from hf_gradprune.masks import apply_masks
+    from hf_gradprune.core.masks import apply_masks
 
     model = small_bert(0)
     prune_heads(model, {0: [1], 1: [0, 2]})
@@ -248,7 +248,7 @@ def test_load_without_the_masks_file_of_a_record_without_counts_is_an_error(tmp_
 
 
 def test_load_of_masks_from_another_save_is_an_error(tmp_path):
-    from hf_gradprune.masks import save_masks
+    from hf_gradprune.core.masks import save_masks
 
     folder, _ = pruned_masked_folder(tmp_path)
     name = "bert.encoder.layer.0.intermediate.dense.weight"
@@ -300,7 +300,7 @@ def test_load_of_pickled_weights_needs_opt_in_and_never_runs_their_code(tmp_path
 
 
 def test_a_save_without_masks_removes_an_earlier_saves_masks_file(tmp_path):
-    from hf_gradprune.masks import remove_masks
+    from hf_gradprune.core.masks import remove_masks
 
     folder, model = pruned_masked_folder(tmp_path)
     assert (folder / "pruning_masks.safetensors").is_file()

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
 from hf_gradprune import prune_heads
-from hf_gradprune.cards import create_pruning_model_card, save_head_importance_heatmap
+from hf_gradprune.io.cards import create_pruning_model_card, save_head_importance_heatmap
 from hf_gradprune.testing import LocalHub
 
 TOKEN = "secret"
@@ -103,7 +103,7 @@ def pruned_folder(tmp_path: Path, name: str, repo_id: str, seed: int = 0) -> tup
 PUSH_AND_DOWNLOAD = """
 from pathlib import Path
 from huggingface_hub import HfApi, snapshot_download
-from hf_gradprune.hub import push_folder_to_hub
+from hf_gradprune.io.hub import push_folder_to_hub
 
 info = push_folder_to_hub(args["folder"], args["repo_id"], token=args["push_token"])
 local = snapshot_download(args["repo_id"], revision=info.oid, local_dir=args["download"])
@@ -144,7 +144,7 @@ def test_push_folder_to_hub_snapshot_download_gives_identical_files(hub: LocalHu
 
 PUSH_TWICE = """
 from huggingface_hub import HfApi
-from hf_gradprune.hub import push_folder_to_hub
+from hf_gradprune.io.hub import push_folder_to_hub
 
 first = push_folder_to_hub(args["first"], args["repo_id"])
 second = push_folder_to_hub(args["second"], args["repo_id"], commit_message="Second pruning run")
@@ -197,7 +197,7 @@ def test_push_folder_to_hub_twice_keeps_the_first_commit_loadable(hub: LocalHub,
 
 PUSH_WITHOUT_TOKEN = """
 from huggingface_hub import get_token
-from hf_gradprune.hub import push_folder_to_hub
+from hf_gradprune.io.hub import push_folder_to_hub
 
 assert get_token() is None
 try:
@@ -220,7 +220,7 @@ def test_push_folder_to_hub_without_a_token_raises_and_creates_nothing(hub: Loca
 
 
 def test_push_folder_to_hub_rejects_a_folder_without_weights(tmp_path: Path) -> None:
-    from hf_gradprune.hub import push_folder_to_hub
+    from hf_gradprune.io.hub import push_folder_to_hub
 
     folder = tmp_path / "not-a-model"
     folder.mkdir()
@@ -232,7 +232,7 @@ def test_push_folder_to_hub_rejects_a_folder_without_weights(tmp_path: Path) -> 
 
 
 PUSH = """
-from hf_gradprune.hub import push_folder_to_hub
+from hf_gradprune.io.hub import push_folder_to_hub
 
 emit(push_folder_to_hub(args["folder"], args["repo_id"]).oid)
 """
@@ -257,7 +257,7 @@ def test_pushed_card_snippet_loads_the_model_when_pasted(hub: LocalHub, tmp_path
 PUSH_CUT_SHORT = """
 from huggingface_hub import HfApi, hf_hub_download
 from safetensors.torch import load_file
-from hf_gradprune.hub import push_folder_to_hub
+from hf_gradprune.io.hub import push_folder_to_hub
 
 def main_weight():
     path = hf_hub_download(args["repo_id"], "model.safetensors", force_download=True)

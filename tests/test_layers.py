@@ -21,12 +21,12 @@ from hf_gradprune import (
     prune_units,
     save_pruned,
 )
-from hf_gradprune.adapters import get_adapter
-from hf_gradprune.gates import LayerGates
-from hf_gradprune.importance import compute_layer_importance
-from hf_gradprune.masks import apply_masks, get_masks
-from hf_gradprune.selection import select_units_under_budget
-from hf_gradprune.surgery import prune_layers
+from hf_gradprune.core.adapters import get_adapter
+from hf_gradprune.core.masks import apply_masks, get_masks
+from hf_gradprune.structured.gates import LayerGates
+from hf_gradprune.structured.importance import compute_layer_importance
+from hf_gradprune.structured.selection import select_units_under_budget
+from hf_gradprune.structured.surgery import prune_layers
 
 from .helpers import (
     DECODER,

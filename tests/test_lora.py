@@ -19,7 +19,7 @@ from hf_gradprune import (
     prune_weights,
     save_pruned,
 )
-from hf_gradprune.masks import get_masks
+from hf_gradprune.core.masks import get_masks
 
 from .helpers import build_tiny, logits, tiny_batch, tiny_dataset
 

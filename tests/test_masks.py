@@ -9,9 +9,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import BertForSequenceClassification
 
-from hf_gradprune.adapters import find_target_modules, weight_input_dims
-from hf_gradprune.importance import compute_weight_importance
-from hf_gradprune.masks import (
+from hf_gradprune.core.adapters import find_target_modules, weight_input_dims
+from hf_gradprune.core.masks import (
     MASKS_FILENAME,
     apply_masks,
     compute_sparsity,
@@ -22,7 +21,8 @@ from hf_gradprune.masks import (
     remove_masks,
     save_masks,
 )
-from hf_gradprune.sparsity import compute_weight_masks
+from hf_gradprune.weights.scoring import compute_weight_importance
+from hf_gradprune.weights.sparsity import compute_weight_masks
 
 from .helpers import build_tiny, tiny_batch
 

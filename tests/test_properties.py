@@ -31,8 +31,9 @@ from hf_gradprune import (
     prune_weights,
     save_pruned,
 )
-from hf_gradprune.arguments import LIVE_WEIGHT_METHODS, SPARSITY_SCOPES
-from hf_gradprune.masks import MASKS_FILENAME, apply_masks, compute_sparsity, get_masks
+from hf_gradprune.core.choices import SPARSITY_SCOPES
+from hf_gradprune.core.masks import MASKS_FILENAME, apply_masks, compute_sparsity, get_masks
+from hf_gradprune.training.arguments import LIVE_WEIGHT_METHODS
 
 from .helpers import build_tiny, tiny_batch
 

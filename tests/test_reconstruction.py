@@ -10,11 +10,11 @@ import torch
 import transformers
 
 from hf_gradprune import PruningArguments, PruningTrainer, load_pruned, prune_weights
-from hf_gradprune.adapters import find_target_modules, get_adapter, weight_dims
-from hf_gradprune.blockwise import _gather, capture_block_inputs, prune_blockwise
-from hf_gradprune.masks import get_masks
-from hf_gradprune.reconstruction import add_to_hessian, least_squares_update, sparsegpt_prune
-from hf_gradprune.sparsity import outlier_ratio, owl_sparsities
+from hf_gradprune.core.adapters import find_target_modules, get_adapter, weight_dims
+from hf_gradprune.core.masks import get_masks
+from hf_gradprune.weights.blockwise import _gather, capture_block_inputs, prune_blockwise
+from hf_gradprune.weights.reconstruction import add_to_hessian, least_squares_update, sparsegpt_prune
+from hf_gradprune.weights.sparsity import outlier_ratio, owl_sparsities
 
 from .helpers import DECODER, build_tiny, logits, quiet_cpu_args, tiny_batch, tiny_dataset
 

@@ -11,10 +11,10 @@ import torch
 from transformers import Trainer
 
 from hf_gradprune import GradientPruningCallback, PruningArguments, PruningRecord, PruningTrainer
-from hf_gradprune.distillation import Distiller, frozen_copy, output_divergence
-from hf_gradprune.mask_tuning import TOP_K
-from hf_gradprune.masks import apply_masks, is_masked
-from hf_gradprune.surgery import prune_layers
+from hf_gradprune.core.masks import apply_masks, is_masked
+from hf_gradprune.structured.mask_tuning import TOP_K
+from hf_gradprune.structured.surgery import prune_layers
+from hf_gradprune.training.distillation import Distiller, frozen_copy, output_divergence
 
 from .helpers import build_tiny, quiet_cpu_args, tiny_batch, tiny_dataset
 

@@ -18,8 +18,8 @@ from hf_gradprune import (
     rescale_units,
     select_units_under_budget,
 )
-from hf_gradprune.adapters import EmptyPart, weight_dims
-from hf_gradprune.flops import unit_macs
+from hf_gradprune.core.adapters import EmptyPart, weight_dims
+from hf_gradprune.structured.flops import unit_macs
 
 from .helpers import build_tiny, fresh_reload_logits, logits, quiet_cpu_args, tiny_batch, tiny_dataset
 

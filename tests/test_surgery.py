@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from hf_gradprune import PruningRecord, get_adapter, prune_heads
-from hf_gradprune.adapters import weight_dims
-from hf_gradprune.masks import apply_masks, get_masks
+from hf_gradprune.core.adapters import weight_dims
+from hf_gradprune.core.masks import apply_masks, get_masks
 
 from .helpers import build_tiny, logits, removable, tiny_batch
 

@@ -165,7 +165,7 @@ LOAD_EVERY_COMMIT = """
 import json, sys, torch
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from hf_gradprune import load_pruned
-from hf_gradprune.masks import get_masks
+from hf_gradprune.core.masks import get_masks
 repo = sys.argv[1]
 api, snapshots = HfApi(), []
 for commit in api.list_repo_commits(repo):

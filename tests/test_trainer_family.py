@@ -29,9 +29,9 @@ from hf_gradprune import (
     PruningRecord,
     load_pruned,
 )
-from hf_gradprune.distillation import frozen_copy
-from hf_gradprune.lora import merge_and_unload
-from hf_gradprune.masks import get_masks
+from hf_gradprune.core.masks import get_masks
+from hf_gradprune.training.distillation import frozen_copy
+from hf_gradprune.training.lora import merge_and_unload
 
 from .sft_worker import PruningSFTTrainer, reviews, sft_tokenizer, tiny_llama
 

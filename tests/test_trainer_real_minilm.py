@@ -6,7 +6,7 @@ import torch
 from transformers import DataCollatorWithPadding, TrainingArguments
 
 from hf_gradprune import PruningArguments, PruningRecord, PruningTrainer
-from hf_gradprune.masks import get_masks
+from hf_gradprune.core.masks import get_masks
 
 from .helpers import load_minilm
 

@@ -7,7 +7,7 @@ from datasets import Dataset
 from transformers import TrainingArguments
 
 from hf_gradprune import PruningArguments, PruningRecord, PruningTrainer
-from hf_gradprune.masks import get_masks
+from hf_gradprune.core.masks import get_masks
 from hf_gradprune.testing import load_rotten_tomatoes
 
 from .helpers import fresh_reload_logits, logits

@@ -8,8 +8,13 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from hf_gradprune import PruningArguments, prune_weights, register_weight_criterion
-from hf_gradprune.adapters import find_target_modules, get_adapter, weight_input_dims, weight_layer_groups
-from hf_gradprune.importance import compute_weight_importance
+from hf_gradprune.core.adapters import (
+    find_target_modules,
+    get_adapter,
+    weight_input_dims,
+    weight_layer_groups,
+)
+from hf_gradprune.weights.scoring import compute_weight_importance
 
 from .helpers import build_tiny, quiet_cpu_args, tiny_batch, tiny_dataset
 
@@ -249,9 +254,9 @@ def test_compute_weight_importance_causal_lm_without_labels_uses_input_ids():
     labelled = {**batch, "labels": batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)}
     unlabelled = {k: v for k, v in batch.items() if k != "labels"}
     expected = compute_weight_importance(model, [labelled], method="fisher", show_progress=False)
-    from hf_gradprune import importance
+    from hf_gradprune.core import batches
 
-    importance._warn_label_free.cache_clear()
+    batches._warn_label_free.cache_clear()
     with pytest.warns(UserWarning, match=r"without `labels` on a causal LM: using labels = input_ids"):
         got = compute_weight_importance(model, [unlabelled], method="fisher", show_progress=False)
     for name, score in got.items():
@@ -295,7 +300,7 @@ def test_squared_gradients_skip_examples_without_loss():
 @pytest.fixture
 def square_of_gradient_sum():
     """A criterion registered for one test: ``(Σ g)²``, which no built-in criterion is."""
-    from hf_gradprune.criteria import WEIGHT_CRITERIA
+    from hf_gradprune.weights.criteria import WEIGHT_CRITERIA
 
     criterion = register_weight_criterion(
         "sum_squared", {"sum"}, lambda module, sums, alpha: sums["sum"] ** 2
@@ -339,7 +344,7 @@ def test_register_weight_criterion_refuses_duplicates_and_unknown_needs():
 @pytest.fixture
 def toy_criterion():
     """A criterion registered after import that needs no data: |w|³ (ranks as magnitude does)."""
-    from hf_gradprune.criteria import WEIGHT_CRITERIA
+    from hf_gradprune.weights.criteria import WEIGHT_CRITERIA
 
     register_weight_criterion(
         "toy_cube", set(), lambda module, sums, alpha: module.weight.detach().float().abs() ** 3
@@ -359,7 +364,7 @@ def test_registered_criterion_runs_from_the_command_line(toy_criterion, tmp_path
     from transformers import HfArgumentParser, Trainer
 
     from hf_gradprune import GradientPruningCallback
-    from hf_gradprune.masks import get_masks
+    from hf_gradprune.core.masks import get_masks
 
     (args,) = HfArgumentParser(PruningArguments).parse_args_into_dataclasses(
         ["--weight_sparsity", "0.5", "--weight_importance", toy_criterion, "--sparsity_scope", "per_row"]

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from hf_gradprune.sparsity import compute_weight_masks, parse_sparsity_pattern, sparsity_at_step
+from hf_gradprune.weights.sparsity import compute_weight_masks, parse_sparsity_pattern, sparsity_at_step
 
 
 @pytest.fixture
@@ -158,7 +158,7 @@ def test_compute_weight_masks_over_quantile_limit():
 
 
 def test_compute_weight_masks_of_50m_elements_are_exact_and_stay_exact_when_applied():
-    from hf_gradprune.masks import apply_masks, compute_sparsity
+    from hf_gradprune.core.masks import apply_masks, compute_sparsity
 
     generator = torch.Generator().manual_seed(0)
     layer = torch.nn.Linear(10_000, 5_000, bias=False)  # 50M weights

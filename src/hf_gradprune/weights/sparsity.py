@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from .arguments import SPARSITY_SCHEDULES, SPARSITY_SCOPES, check_choice
-from .sharding import is_sharded, local_part, lowest_across_shards, row_shard_group, shard_like
+from ..core.choices import SPARSITY_SCHEDULES, SPARSITY_SCOPES, check_choice
+from ..core.sharding import is_sharded, local_part, lowest_across_shards, row_shard_group, shard_like
 
 
 def parse_sparsity_pattern(pattern: str) -> tuple[int, int] | None:
@@ -73,7 +73,7 @@ def _buckets(
     if groups is None:
         raise ValueError(
             "`groups` is required with scope='per_layer': map every score name to its layer key, "
-            "e.g. with `hf_gradprune.adapters.weight_layer_groups(model)`."
+            "e.g. with `hf_gradprune.core.adapters.weight_layer_groups(model)`."
         )
     missing = [name for name in scores if name not in groups]
     if missing:
@@ -200,18 +200,18 @@ def compute_weight_masks(
 
     Args:
         scores (`Mapping[str, torch.Tensor]`): parameter name to scores of the weight's shape, higher is more
-            important, as from :func:`hf_gradprune.importance.compute_weight_importance`.
+            important, as from :func:`hf_gradprune.weights.scoring.compute_weight_importance`.
         sparsity (`float`, *optional*): fraction in [0, 1) to prune; with an N:M pattern ``None`` or
             ``1 - N/M``.
         scope (`str`, *optional*, defaults to `"per_tensor"`): one of ``SPARSITY_SCOPES``.
         pattern (`str`, *optional*, defaults to `"unstructured"`): ``"unstructured"`` or ``"N:M"``.
         groups (`Mapping[str, str]`, *optional*): parameter name to layer key (e.g. ``"layer.3"``), required
-            by ``scope="per_layer"``; :func:`hf_gradprune.adapters.weight_layer_groups` gives it.
+            by ``scope="per_layer"``; :func:`hf_gradprune.core.adapters.weight_layer_groups` gives it.
         input_dims (`Mapping[str, int | Sequence[int]]`, *optional*): parameter name to the dimension(s)
             holding one output's inputs, for ``per_row`` and N:M; names not given use the last dimension,
             right for ``nn.Linear`` (out, in) but not for GPT-2's ``Conv1D`` (in, out, so ``0``) or a
-            convolution (out, in, *kernel, so ``(1, 2, 3)``): :func:`hf_gradprune.adapters.weight_input_dims`
-            gives them all.
+            convolution (out, in, *kernel, so ``(1, 2, 3)``):
+            :func:`hf_gradprune.core.adapters.weight_input_dims` gives them all.
 
     Returns:
         `dict[str, torch.Tensor]`: parameter name to a bool mask of its score's shape and device, in

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import get_adapter, input_channel_dim, weight_dims
+from ..core.adapters import get_adapter, input_channel_dim, weight_dims
+from ..core.batches import check_finite, frozen_for_probe, prepare_batch
+from ..core.masks import apply_masks, masks_of
 from .criteria import WEIGHT_CRITERIA
-from .importance import check_finite, frozen_for_probe, prepare_batch
-from .masks import apply_masks, masks_of
 from .reconstruction import add_to_hessian, least_squares_update, sparsegpt_prune, tune_block
 from .sparsity import masks_keeping, outlier_ratio, owl_sparsities, parse_sparsity_pattern
 
@@ -267,9 +267,10 @@ def prune_blockwise(
     example (Wanda++'s regional gradients: ``gblm`` so is its regional gradient score), never the model's
     own loss, which would need the whole model; ``sparsegpt`` chooses and updates with the layer Hessians.
     Then ``reconstruction``: ``least_squares`` updates each layer's kept weights to restore its outputs on
-    its inputs (:func:`hf_gradprune.reconstruction.least_squares_update`), ``adam`` takes ``adam_epochs``
-    passes of Adam steps on the block's output error against the dense model's outputs (Wanda++'s regional
-    optimization), ``least_squares_adam`` both. Masks stay exact; masks already on the model are kept (ANDed).
+    its inputs (:func:`hf_gradprune.weights.reconstruction.least_squares_update`), ``adam`` takes
+    ``adam_epochs`` passes of Adam steps on the block's output error against the dense model's outputs
+    (Wanda++'s regional optimization), ``least_squares_adam`` both. Masks stay exact; masks already on the
+    model are kept (ANDed).
 
     Args:
         model (`nn.Module`): a model of a registered family.
@@ -281,14 +282,15 @@ def prune_blockwise(
             (the block).
         pattern (`str`, *optional*, defaults to `"unstructured"`): ``unstructured`` or ``N:M``.
         reconstruction (`str`, *optional*, defaults to `"none"`): one of
-            :data:`hf_gradprune.arguments.RECONSTRUCTIONS`.
+            :data:`hf_gradprune.core.choices.RECONSTRUCTIONS`.
         gblm_alpha (`float`, *optional*, defaults to 100.0): the gradient weight of ``gblm``.
         adam_epochs (`int`, *optional*, defaults to 5): passes over the batches with ``adam``.
         adam_lr (`float`, *optional*, defaults to 1e-4): Adam's learning rate with ``adam`` (better than
             1e-5 on SmolLM2-135M; a step moves a weight by about this much, so scale it with the weights).
         allocation (`str`, *optional*, defaults to `"uniform"`): ``"uniform"`` (every block pruned to
             ``sparsity``) or ``"owl"`` (OWL: blocks whose Wanda scores in the dense model hold more outliers
-            keep more, :func:`hf_gradprune.sparsity.owl_sparsities`, one more pass; unstructured only).
+            keep more, :func:`hf_gradprune.weights.sparsity.owl_sparsities`, one more pass; unstructured
+            only).
         show_progress (`bool`, *optional*, defaults to `True`): a progress bar over blocks.
 
     Returns:

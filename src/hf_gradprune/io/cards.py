@@ -31,11 +31,11 @@ from matplotlib.ticker import MaxNLocator
 from torch import nn
 from transformers.modelcard import TASK_MAPPING
 
-from ._version import __version__
-from .adapters import Structure, find_adapter, find_target_modules, get_adapter
-from .flops import block_flops
-from .masks import grouped_sparsity
-from .record import PruningRecord
+from .._version import __version__
+from ..core.adapters import Structure, find_adapter, find_target_modules, get_adapter
+from ..core.masks import grouped_sparsity
+from ..core.record import PruningRecord
+from ..structured.flops import block_flops
 
 TEMPLATE_PATH = Path(__file__).parent / "model_cards" / "pruned_model.md"
 CARD_TAGS = ("pruning", "hf-gradprune")

@@ -13,7 +13,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from ._version import __version__
+from .._version import __version__
 
 CONFIG_KEY = "hf_gradprune"
 LEGACY_KEY = "pruned_heads"

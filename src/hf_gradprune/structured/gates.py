@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .adapters import HEADS, Structure, WholeLayers, get_adapter
-from .record import PruningRecord
+from ..core.adapters import HEADS, Structure, WholeLayers, get_adapter
+from ..core.record import PruningRecord
 
 if TYPE_CHECKING:
     from typing_extensions import Self

@@ -10,15 +10,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-from .adapters.base import FFN, HEADS, LAYERS
-from .criteria import WEIGHT_CRITERIA, needs_calibration
-
-HEAD_NORMALIZATIONS = ("layer_sum", "l2", "none")
-HEAD_ACCUMULATIONS = ("fisher", "sum_of_abs", "abs_of_sum")
-LAYER_IMPORTANCES = ("fisher", "block_influence")
-MASK_TUNING_METHODS = ("distillation", "least_squares")
-#: What chooses the pruned weights besides a criterion: SparseGPT (which also updates the kept ones).
-WEIGHT_SOLVERS = ("sparsegpt",)
+from ..core.adapters.base import FFN, HEADS, LAYERS
+from ..core.choices import (
+    HEAD_ACCUMULATIONS,
+    HEAD_NORMALIZATIONS,
+    LAYER_IMPORTANCES,
+    MASK_TUNING_METHODS,
+    RECONSTRUCTIONS,
+    SPARSITY_ALLOCATIONS,
+    SPARSITY_SCHEDULES,
+    SPARSITY_SCOPES,
+    WEIGHT_SOLVERS,
+)
+from ..weights.criteria import WEIGHT_CRITERIA, needs_calibration
 
 
 class LiveChoices(Sequence[str]):
@@ -40,20 +44,9 @@ class LiveChoices(Sequence[str]):
 
 #: Every ``--weight_importance``: the registered criteria and the solvers, as they stand.
 LIVE_WEIGHT_METHODS = LiveChoices(lambda: (*WEIGHT_CRITERIA, *WEIGHT_SOLVERS))
-#: How the kept weights of a block are updated once its masks are chosen (layer by layer only).
-RECONSTRUCTIONS = ("none", "least_squares", "adam", "least_squares_adam")
-SPARSITY_ALLOCATIONS = ("uniform", "owl")
-SPARSITY_SCOPES = ("per_tensor", "per_row", "per_layer", "global")
-SPARSITY_SCHEDULES = ("one_shot", "linear", "cubic")
 #: What ``X | None`` and ``Optional[X]`` annotations resolve to.
 UNIONS = (types.UnionType, typing.Union)
 PATTERN_FORM = re.compile(r"^(unstructured|(\d+):(\d+))$")
-
-
-def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    """Raise a ``ValueError`` naming ``name`` and the allowed values unless ``value`` is one of them."""
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, allowed))}, got {value!r}.")
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,9 @@ states, of a frozen teacher (by default the model as it was before the first cut
 
 The loss is ``(1 − α) · task + α · (T² · KL(teacher ‖ student) + hidden)``: the KL runs over the outputs at
 temperature ``T``, one row per example or per real token (a causal LM's vocabulary is reduced to the
-teacher's :data:`~hf_gradprune.mask_tuning.TOP_K` most likely tokens plus the rest's mass, as mask tuning
-does, so memory stays bounded); ``hidden`` is the mean squared error of each kept layer's output against
-the teacher's layer it was (whole layers removed are skipped through the pruning record).
+teacher's :data:`~hf_gradprune.structured.mask_tuning.TOP_K` most likely tokens plus the rest's mass, as mask
+tuning does, so memory stays bounded); ``hidden`` is the mean squared error of each kept layer's output
+against the teacher's layer it was (whole layers removed are skipped through the pruning record).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .mask_tuning import TOP_K, coarse
-from .masks import is_masked, remove_masks
-from .record import PruningRecord
+from ..core.masks import is_masked, remove_masks
+from ..core.record import PruningRecord
+from ..structured.mask_tuning import TOP_K, coarse
 
 
 def output_divergence(

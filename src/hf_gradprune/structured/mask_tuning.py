@@ -37,9 +37,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import ArchitectureAdapter, Structure, get_adapter, weight_dims
-from .importance import all_reduce_mean, all_reduce_sum, frozen_for_probe, gate_probe, prepare_batch
-from .record import PruningRecord
+from ..core.adapters import ArchitectureAdapter, Structure, get_adapter, weight_dims
+from ..core.batches import all_reduce_mean, all_reduce_sum, frozen_for_probe, prepare_batch
+from ..core.record import PruningRecord
+from .importance import gate_probe
 
 logger = logging.getLogger(__name__)
 #: Scales outside this range are not applied (the least-squares problem was ill-posed).

@@ -14,7 +14,7 @@ def register_adapter(adapter: ArchitectureAdapter) -> ArchitectureAdapter:
     """Register ``adapter`` for each of its ``model_types``; a type registered twice is refused.
 
     Example:
-        >>> from hf_gradprune.adapters import ArchitectureAdapter, attention_heads, register_adapter
+        >>> from hf_gradprune.core.adapters import ArchitectureAdapter, attention_heads, register_adapter
         >>> register_adapter(ArchitectureAdapter(model_types=("my_bert",), layers="encoder.layer",
         ...     structures=(attention_heads(query="attn.q", key="attn.k", value="attn.v",
         ...                                 output="attn.out"),)))  # doctest: +SKIP

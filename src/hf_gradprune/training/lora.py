@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .masks import get_masks, mask_of, reapply_masks
+from ..core.masks import get_masks, mask_of, reapply_masks
 
 _HOOK = "_hf_gradprune_lora_hook"
 """Attribute of a LoRA layer: the id of the forward hook :func:`mask_lora_updates` registered on it."""
@@ -71,7 +71,7 @@ def mask_lora_updates(model: nn.Module) -> list[RemovableHandle]:
     Example:
         >>> import torch
         >>> from peft import LoraConfig, get_peft_model
-        >>> from hf_gradprune.masks import apply_masks
+        >>> from hf_gradprune.core.masks import apply_masks
         >>> base = torch.nn.Sequential(torch.nn.Linear(4, 4))
         >>> apply_masks(base, {"0.weight": torch.eye(4, dtype=torch.bool)})
         >>> lora = get_peft_model(base, LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
@@ -108,7 +108,7 @@ def merge_and_unload(model: nn.Module, **merge_kwargs: Any) -> nn.Module:
 
     peft adds ``B @ A`` to each base weight; the product is dense, so a plain merge brings the pruned
     entries back (2:4 and unstructured sparsity are lost). The masks live on the base layers (applied with
-    :func:`hf_gradprune.masks.apply_masks` or restored by :func:`hf_gradprune.load_pruned` before
+    :func:`hf_gradprune.core.masks.apply_masks` or restored by :func:`hf_gradprune.load_pruned` before
     ``get_peft_model``), which peft puts back in place when it unloads; they are applied again right after
     the merge, so the merged model has exactly the pruned zeros and keeps its masks if it trains on.
 
@@ -126,7 +126,7 @@ def merge_and_unload(model: nn.Module, **merge_kwargs: Any) -> nn.Module:
     Example:
         >>> import torch
         >>> from peft import LoraConfig, get_peft_model
-        >>> from hf_gradprune.masks import apply_masks
+        >>> from hf_gradprune.core.masks import apply_masks
         >>> base = torch.nn.Sequential(torch.nn.Linear(4, 4))
         >>> apply_masks(base, {"0.weight": torch.eye(4, dtype=torch.bool)})
         >>> lora = get_peft_model(base, LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))

@@ -17,14 +17,9 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .adapters import HEADS, find_target_modules, get_adapter, weight_layer_groups
-from .arguments import PruningArguments
-from .checkpoint import fit_to_checkpoint
-from .distillation import frozen_copy
-from .flops import flops_ratio, measure_speedup
-from .importance import prepare_batch
-from .lora import is_peft_model, mask_lora_updates
-from .masks import (
+from ..core.adapters import HEADS, find_target_modules, get_adapter, weight_layer_groups
+from ..core.batches import prepare_batch
+from ..core.masks import (
     MASKS_FILENAME,
     apply_masks,
     get_masks,
@@ -33,11 +28,17 @@ from .masks import (
     reapply_masks,
     save_masks,
 )
-from .oneshot import prune_in_rounds, prune_layers_by_importance, prune_weights
+from ..core.record import PruningRecord
+from ..core.sharding import is_sharded, local_part
+from ..io.checkpoint import fit_to_checkpoint
+from ..structured.flops import flops_ratio, measure_speedup
+from ..structured.rounds import prune_in_rounds, prune_layers_by_importance
+from ..structured.surgery import prune_to_record
+from ..weights.pruning import prune_weights
+from .arguments import PruningArguments
+from .distillation import frozen_copy
+from .lora import is_peft_model, mask_lora_updates
 from .planning import PruningPlan
-from .record import PruningRecord
-from .sharding import is_sharded, local_part
-from .surgery import prune_to_record
 
 logger = logging.getLogger(__name__)
 
@@ -578,7 +579,7 @@ class GradientPruningCallback(TrainerCallback):
             or not self._pending_logs.keys() & {"prune/flops_ratio"}
         ):
             return
-        from .cards import head_importance_figure, unit_sizes_figure
+        from ..io.cards import head_importance_figure, unit_sizes_figure
 
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
@@ -601,7 +602,7 @@ class GradientPruningCallback(TrainerCallback):
 def _tag_pruned(model: nn.Module) -> None:
     """Tag a transformers model as pruned: ``Trainer.push_to_hub`` (trl's too) merges a model's tags into
     the card it writes, so a plain ``Trainer`` with the callback publishes a card that says so."""
-    from .cards import CARD_TAGS
+    from ..io.cards import CARD_TAGS
 
     if callable(getattr(model, "add_model_tags", None)):
         model.add_model_tags(list(CARD_TAGS))

@@ -31,10 +31,10 @@ from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy
 from transformers.utils.hub import PushInProgress
 
-from .arguments import PruningArguments
-from .callback import PRUNING_METRICS, GradientPruningCallback
-from .cards import create_pruning_model_card, save_head_importance_heatmap
-from .checkpoint import (
+from ..core.masks import MASKS_FILENAME, get_masks
+from ..core.record import PruningRecord
+from ..io.cards import create_pruning_model_card, save_head_importance_heatmap
+from ..io.checkpoint import (
     finish_interrupted_save,
     has_state,
     load_pruned,
@@ -45,11 +45,11 @@ from .checkpoint import (
     saving_into,
     stored_shapes,
 )
+from ..io.export import check_exportable, export_vanilla
+from ..io.hub import push_folder_to_hub, resolve_token, staged_copy
+from .arguments import PruningArguments
+from .callback import PRUNING_METRICS, GradientPruningCallback
 from .distillation import DistillationParts, Distiller, frozen_copy
-from .export import check_exportable, export_vanilla
-from .hub import push_folder_to_hub, resolve_token, staged_copy
-from .masks import MASKS_FILENAME, get_masks
-from .record import PruningRecord
 
 TRAINING_ARGS_JSON = "training_args.json"
 #: Where a run saves the copy of the model it distils from (``--distill_alpha`` without a teacher path).

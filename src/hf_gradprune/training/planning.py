@@ -9,12 +9,12 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .adapters import Structure, get_adapter
+from ..core.adapters import Structure, get_adapter
+from ..structured.flops import check_flops_target, flops_in_rounds, neuron_multiples
+from ..structured.importance import normalize_per_layer
+from ..structured.selection import select_units_to_prune
+from ..weights.sparsity import sparsity_at_step
 from .arguments import PruningArguments
-from .flops import check_flops_target, flops_in_rounds, neuron_multiples
-from .importance import normalize_per_layer
-from .selection import select_units_to_prune
-from .sparsity import sparsity_at_step
 
 #: Units to remove in a round: structure name to layer to unit indices (``"layers"``: whole layers).
 Choice = dict[str, dict[int, list[int]]]
@@ -131,7 +131,8 @@ class PruningPlan:
         self, model: nn.Module, step: int, rounds: int
     ) -> Callable[[Mapping[str, torch.Tensor], int], Choice]:
         """The ``choose`` of :func:`hf_gradprune.prune_in_rounds` for ``step``'s cut in ``rounds`` rounds: the
-        FLOPs budget's (:func:`hf_gradprune.flops.flops_in_rounds`), or the count and fraction flags'."""
+        FLOPs budget's (:func:`hf_gradprune.structured.flops.flops_in_rounds`), or the count and fraction
+        flags'."""
         args = self.args
         if args.prunes_by_flops:
             multiples = neuron_multiples(model, args.prune_ffn_multiple_of)

@@ -26,9 +26,9 @@ from transformers.models.auto.auto_factory import _BaseAutoModelClass
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
 
-from .masks import MASKS_FILENAME, apply_masks, get_masks, load_masks, masks_from_zeros, save_masks
-from .record import PruningRecord, strip_record
-from .surgery import prune_to_record, prune_units
+from ..core.masks import MASKS_FILENAME, apply_masks, get_masks, load_masks, masks_from_zeros, save_masks
+from ..core.record import PruningRecord, strip_record
+from ..structured.surgery import prune_to_record, prune_units
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -511,7 +511,7 @@ def save_pruned(model: nn.Module, save_directory: str | os.PathLike, **save_pret
     Example:
         >>> import tempfile, torch
         >>> from torch import nn
-        >>> from hf_gradprune.masks import apply_masks
+        >>> from hf_gradprune.core.masks import apply_masks
         >>> cnn = nn.Sequential(nn.Conv2d(1, 2, 3))
         >>> apply_masks(cnn, {"0.weight": torch.rand(2, 1, 3, 3) > 0.5})
         >>> with tempfile.TemporaryDirectory() as folder:

@@ -9,7 +9,8 @@ whole block, computes what it did before.
 - :func:`tune_block`: Adam steps on a block's output error against the dense block's outputs with the masks
   held, the "regional optimization" of Wanda++ (Yang et al., 2025).
 
-The Hessians, inputs and outputs come from :mod:`hf_gradprune.blockwise`, which runs them block by block.
+The Hessians, inputs and outputs come from :mod:`hf_gradprune.weights.blockwise`, which runs them block by
+block.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .masks import reapply_masks
+from ..core.masks import reapply_masks
 
 
 def add_to_hessian(hessian: torch.Tensor, count: list[int], inputs: torch.Tensor) -> None:
@@ -209,7 +210,7 @@ def tune_block(
 ) -> tuple[float, float]:
     """Adam steps on the block's output error ``‖block(xᵢ) − yᵢ‖²`` (mean over entries) for ``weights``,
     every other parameter frozen; masked entries get no gradient and stay zero (their masks are applied
-    first, :func:`hf_gradprune.masks.apply_masks`).
+    first, :func:`hf_gradprune.core.masks.apply_masks`).
 
     Args:
         block (`nn.Module`): the block; left in eval mode.

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .adapters.layout import per_input_channel
+from ..core.adapters.layout import per_input_channel
 
 #: What a calibration pass can gather for a criterion.
 CALIBRATION_SUMS = ("sum", "square", "inputs")

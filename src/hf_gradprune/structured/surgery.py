@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .adapters import (
+from ..core.adapters import (
     GROUP,
     HEADS,
     UNIT,
@@ -20,8 +20,8 @@ from .adapters import (
     refresh_features,
     weight_dims,
 )
-from .masks import apply_masks, get_masks, note_masks
-from .record import PruningRecord
+from ..core.masks import apply_masks, get_masks, note_masks
+from ..core.record import PruningRecord
 
 #: Config keys holding one entry per layer (transformers' convention), cut with the layers.
 PER_LAYER_CONFIG_KEYS = ("layer_types",)
@@ -197,10 +197,10 @@ def prune_units(
     """Remove units of any structure (attention heads, FFN neurons) structurally, in original indices.
 
     Each structure's row layers lose the rows of removed units and its output layer their columns (see
-    :class:`hf_gradprune.adapters.Structure`). Under grouped-query attention only whole key/value groups of
-    heads may go (``head_dim`` and the query-per-kv ratio stay). Module attributes holding counts are
-    updated, weight masks (:func:`hf_gradprune.masks.apply_masks`) are cut with their weights, and the record
-    in ``model.config`` is extended so that :func:`hf_gradprune.load_pruned` can rebuild the shapes.
+    :class:`hf_gradprune.core.adapters.Structure`). Under grouped-query attention only whole key/value groups
+    of heads may go (``head_dim`` and the query-per-kv ratio stay). Module attributes holding counts are
+    updated, weight masks (:func:`hf_gradprune.core.masks.apply_masks`) are cut with their weights, and the
+    record in ``model.config`` is extended so that :func:`hf_gradprune.load_pruned` can rebuild the shapes.
     Indices are those of the original model, so calls compose. All input is checked before anything
     changes.
 

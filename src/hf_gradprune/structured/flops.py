@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import UNIT, get_adapter, weight_dims
-from .record import PruningRecord
+from ..core.adapters import UNIT, get_adapter, weight_dims
+from ..core.record import PruningRecord
 from .selection import select_units_under_budget
 
 KERNEL_MULTIPLE = 64
@@ -121,9 +121,10 @@ def select_units_for_flops(
     the original.
 
     Units of every scored structure are ranked together by importance per multiply-add they cost
-    (:func:`hf_gradprune.selection.select_units_under_budget`), so the scores must share one scale: the
-    Fisher information of the gates (``compute_unit_importance(..., accumulate="fisher")``, not normalised).
-    With ``"layers"`` scored too, each layer is a candidate that costs its multiply-adds as it stands.
+    (:func:`hf_gradprune.structured.selection.select_units_under_budget`), so the scores must share one scale:
+    the Fisher information of the gates (``compute_unit_importance(..., accumulate="fisher")``, not
+    normalised). With ``"layers"`` scored too, each layer is a candidate that costs its multiply-adds as it
+    stands.
 
     Args:
         model (`nn.Module`): a model of a registered family, possibly pruned already.

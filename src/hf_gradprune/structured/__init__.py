@@ -1,0 +1,2 @@
+"""Structured pruning: gates, unit importance, selection, the FLOPs budget, surgery, rounds and mask
+tuning."""

@@ -1,0 +1,1 @@
+"""Weight pruning: criteria, weight scoring, sparsity patterns, block-by-block pruning and reconstruction."""

@@ -1,0 +1,50 @@
+"""The package's wings, and the 0.2 module names that keep working for one release."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+#: Each 0.2 module and one name it held, with the module that holds the name now.
+MOVED = [
+    ("masks", "get_masks", "core.masks"),
+    ("adapters", "register_adapter", "core.adapters.registry"),
+    ("adapters.base", "Structure", "core.adapters.base"),
+    ("importance", "batch_loss", "core.batches"),
+    ("importance", "compute_unit_importance", "structured.importance"),
+    ("importance", "compute_weight_importance", "weights.scoring"),
+    ("oneshot", "prune_to_flops", "structured.rounds"),
+    ("oneshot", "prune_weights", "weights.pruning"),
+    ("arguments", "PruningArguments", "training.arguments"),
+    ("arguments", "HEAD_ACCUMULATIONS", "core.choices"),
+    ("trainer", "PruningTrainer", "training.trainer"),
+    ("cards", "create_pruning_model_card", "io.cards"),
+]
+
+
+@pytest.mark.parametrize(("old", "name", "new"), MOVED)
+def test_a_module_name_of_0_2_gives_the_same_objects(old, name, new):
+    assert getattr(importlib.import_module(f"hf_gradprune.{old}"), name) is getattr(
+        importlib.import_module(f"hf_gradprune.{new}"), name
+    )
+
+
+def test_a_moved_module_is_one_module_under_both_names_in_a_fresh_process():
+    # In a fresh process, the old name first: no second copy of the module (its registry) is made.
+    code = (
+        "import hf_gradprune.adapters.base as old, hf_gradprune.core.adapters.base as new\n"
+        "from hf_gradprune import masks\n"
+        "import hf_gradprune.core.masks as real\n"
+        "assert old is new and masks is real and real.__spec__.name == 'hf_gradprune.core.masks'\n"
+        "from hf_gradprune.importance import gate_probe, limited\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_an_unknown_name_of_a_split_module_is_an_attribute_error():
+    importance = importlib.import_module("hf_gradprune.importance")
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        importance.nothing  # noqa: B018
