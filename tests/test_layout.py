@@ -48,3 +48,30 @@ def test_an_unknown_name_of_a_split_module_is_an_attribute_error():
     importance = importlib.import_module("hf_gradprune.importance")
     with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
         importance.nothing  # noqa: B018
+
+
+#: What each wing may import from the package: only the wings below it.
+BELOW = {
+    "core": set(),
+    "structured": {"core"},
+    "weights": {"core"},
+    "io": {"core", "structured", "weights"},
+    "training": {"core", "structured", "weights", "io"},
+}
+
+
+def test_each_wing_imports_only_from_the_wings_below_it():
+    import ast
+    from pathlib import Path
+
+    package = Path(importlib.import_module("hf_gradprune").__file__).parent
+    upward = []
+    for wing, allowed in BELOW.items():
+        for path in sorted((package / wing).rglob("*.py")):
+            depth = len(path.relative_to(package).parts) - 1  # folders below the package
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.level > depth and node.module:
+                    target = node.module.split(".")[0] if node.level == depth + 1 else None
+                    if target in BELOW and target != wing and target not in allowed:
+                        upward.append(f"{path.relative_to(package)}:{node.lineno} imports {node.module}")
+    assert upward == []
