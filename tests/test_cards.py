@@ -20,11 +20,8 @@ import hf_gradprune
 from hf_gradprune import load_pruned, prune_heads
 from hf_gradprune.core.adapters import find_target_modules
 from hf_gradprune.core.masks import apply_masks
-from hf_gradprune.io.cards import (
-    create_pruning_model_card,
-    head_importance_figure,
-    save_head_importance_heatmap,
-)
+from hf_gradprune.io.cards import create_pruning_model_card
+from hf_gradprune.io.figures import head_importance_figure, save_head_importance_heatmap
 from hf_gradprune.training.arguments import PruningArguments
 
 from .helpers import build_tiny

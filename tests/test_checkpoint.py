@@ -9,7 +9,7 @@ from transformers import BertForSequenceClassification
 
 from hf_gradprune import load_pruned, prune_heads
 from hf_gradprune.core.masks import MASKS_FILENAME, apply_masks, get_masks, save_masks
-from hf_gradprune.io.checkpoint import load_state, save_state
+from hf_gradprune.training.state import load_state, save_state
 
 from .helpers import build_tiny, fresh_reload_logits, logits, removable, tiny_batch
 

@@ -222,7 +222,7 @@ def test_rng_state_is_the_trainers_own_without_pickle_and_restores_every_generat
     import numpy as np
     from transformers.trainer_pt_utils import safe_globals
 
-    from hf_gradprune.io.checkpoint import load_state
+    from hf_gradprune.training.state import load_state
 
     trainer = PruningTrainer(
         model=build_tiny("bert"),

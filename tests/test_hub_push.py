@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
 from hf_gradprune import prune_heads
-from hf_gradprune.io.cards import create_pruning_model_card, save_head_importance_heatmap
+from hf_gradprune.io.cards import create_pruning_model_card
+from hf_gradprune.io.figures import save_head_importance_heatmap
 from hf_gradprune.testing import LocalHub
 
 TOKEN = "secret"

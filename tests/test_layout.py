@@ -22,6 +22,9 @@ MOVED = [
     ("arguments", "HEAD_ACCUMULATIONS", "core.choices"),
     ("trainer", "PruningTrainer", "training.trainer"),
     ("cards", "create_pruning_model_card", "io.cards"),
+    ("cards", "save_head_importance_heatmap", "io.figures"),
+    ("checkpoint", "load_pruned", "io.checkpoint"),
+    ("checkpoint", "save_state", "training.state"),
 ]
 
 

@@ -27,10 +27,8 @@ _MODULES = {
     ),
     "training.arguments": ("PruningArguments",),
     "training.callback": ("GradientPruningCallback",),
-    "io.cards": (
-        "create_pruning_model_card",
-        "save_head_importance_heatmap",
-    ),
+    "io.cards": ("create_pruning_model_card",),
+    "io.figures": ("save_head_importance_heatmap",),
     "io.checkpoint": (
         "load_pruned",
         "save_pruned",
@@ -112,8 +110,8 @@ _MOVED = {
     "arguments": ("training.arguments", "core.choices"),
     "blockwise": ("weights.blockwise",),
     "callback": ("training.callback",),
-    "cards": ("io.cards",),
-    "checkpoint": ("io.checkpoint",),
+    "cards": ("io.cards", "io.figures"),
+    "checkpoint": ("io.checkpoint", "training.state"),
     "criteria": ("weights.criteria",),
     "distillation": ("training.distillation",),
     "export": ("io.export",),

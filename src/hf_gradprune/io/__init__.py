@@ -1,1 +1,1 @@
-"""Saving and sharing: strict checkpoints, vanilla exports, model cards and Hub pushes."""
+"""Saving and sharing: strict checkpoints, vanilla exports, model cards and their figures, Hub pushes."""

@@ -1,2 +1,2 @@
-"""Pruning inside the Trainer: the flags, the plan of a run, the callback, the trainer mixin, distillation
-and LoRA."""
+"""Pruning inside the Trainer: the flags, the plan of a run, the callback, the trainer mixin and its training
+state without pickle, distillation and LoRA."""

@@ -579,7 +579,7 @@ class GradientPruningCallback(TrainerCallback):
             or not self._pending_logs.keys() & {"prune/flops_ratio"}
         ):
             return
-        from ..io.cards import head_importance_figure, unit_sizes_figure
+        from ..io.figures import head_importance_figure, unit_sizes_figure
 
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter

@@ -33,23 +33,22 @@ from transformers.utils.hub import PushInProgress
 
 from ..core.masks import MASKS_FILENAME, get_masks
 from ..core.record import PruningRecord
-from ..io.cards import create_pruning_model_card, save_head_importance_heatmap
+from ..io.cards import create_pruning_model_card
 from ..io.checkpoint import (
     finish_interrupted_save,
-    has_state,
     load_pruned,
-    load_state,
     read_state_dict,
     save_pruned,
-    save_state,
     saving_into,
     stored_shapes,
 )
 from ..io.export import check_exportable, export_vanilla
+from ..io.figures import save_head_importance_heatmap
 from ..io.hub import push_folder_to_hub, resolve_token, staged_copy
 from .arguments import PruningArguments
 from .callback import PRUNING_METRICS, GradientPruningCallback
 from .distillation import DistillationParts, Distiller, frozen_copy
+from .state import has_state, load_state, save_state
 
 TRAINING_ARGS_JSON = "training_args.json"
 #: Where a run saves the copy of the model it distils from (``--distill_alpha`` without a teacher path).
