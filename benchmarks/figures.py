@@ -184,14 +184,15 @@ def stale_results(results: Path = RESULTS, root: Path = ROOT) -> list[Finding]:
             continue
         commit, date = data.get("commit"), data.get("date")
         if commit:
-            changed = _git(root, "log", "--format=%h", f"{commit}..HEAD", "--", *measures)
+            since = [f"{commit}..HEAD"]
         elif date:  # written before results recorded their commit: the commits made after its date
-            changed = _git(root, "log", "--format=%h", f"--since={date}", "--", *measures)
+            since = [f"--since={date}"]
         else:
             warnings.append(Finding(path.name, "records neither its commit nor its date"))
             continue
+        changed = _changes(root, since, measures)
         if changed:
-            count = len(changed.splitlines())
+            count = len(changed)
             warnings.append(
                 Finding(
                     path.name, f"{count} later commit(s) changed what it measures ({', '.join(measures)})"
@@ -221,6 +222,16 @@ def _measures(script: Path) -> list[str]:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "MEASURES" for t in node.targets):
             return list(ast.literal_eval(node.value))
     return []
+
+
+def _changes(root: Path, since: list[str], paths: list[str]) -> set[str]:
+    """The commits in ``since`` that changed ``paths``, each file followed through its renames (a module that
+    moved is still the code it was)."""
+    changed: set[str] = set()
+    for path in paths:
+        follow = ["--follow"] if (root / path).is_file() else []
+        changed.update(_git(root, "log", "--format=%h", *follow, *since, "--", path).split())
+    return changed
 
 
 def _git(root: Path, *command: str) -> str:

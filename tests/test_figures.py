@@ -111,6 +111,13 @@ def test_a_results_file_older_than_the_code_it_measures_is_a_warning(figures, tm
     later = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)).isoformat()
     variant.write_text(json.dumps({"benchmark": "speed_mmap_threshold", "date": later}))
     assert [w.where for w in figures.stale_results(results.parent, tmp_path)] == ["speed.json"]
+    # A measured module that moved is followed through the move: the change before it still counts.
+    (tmp_path / "pkg").mkdir()
+    git("mv", "measured.py", "pkg/measured.py")
+    (tmp_path / "benchmarks" / "speed.py").write_text('MEASURES = ("pkg/measured.py",)\n')
+    git("commit", "-qam", "moved")
+    (warning,) = figures.stale_results(results.parent, tmp_path)
+    assert "2 later commit(s) changed what it measures (pkg/measured.py)" in str(warning)
 
 
 def test_the_documents_of_this_repository_pass(figures):
