@@ -6,10 +6,11 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
 import torch
 from datasets import Dataset
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel, TrainingArguments
+from transformers import HfArgumentParser, PretrainedConfig, PreTrainedModel, TrainingArguments
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_gradprune import PruningArguments, PruningRecord, PruningTrainer, load_pruned, register_adapter
@@ -131,6 +132,39 @@ def test_a_structure_declared_through_the_adapter_alone_is_pruned_under_a_flops_
     ]
     x = torch.randn(4, 8)
     torch.testing.assert_close(again(x).logits, model.eval()(x).logits)
+
+
+def two_mlp_run(tmp_path, pruning: PruningArguments) -> TwoMlpForClassification:
+    torch.manual_seed(0)
+    model = TwoMlpForClassification(TwoMlpConfig())
+    generator = torch.Generator().manual_seed(0)
+    data = Dataset.from_dict(
+        {
+            "x": torch.randn(64, 8, generator=generator).tolist(),
+            "labels": torch.randint(0, 2, (64,), generator=generator).tolist(),
+        }
+    )
+    args = TrainingArguments(
+        str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=8, use_cpu=True, report_to=[],
+        disable_tqdm=True, save_strategy="no",
+    )  # fmt: skip
+    PruningTrainer(model=model, args=args, train_dataset=data, pruning_args=pruning).train()
+    return model
+
+
+def test_a_declared_structure_is_cut_by_a_fraction_from_the_command_line(tmp_path):
+    (pruning,) = HfArgumentParser(PruningArguments).parse_args_into_dataclasses(
+        ["--prune_units_fraction", "second_mlp=0.25,ffn=0.5", "--importance_batches", "1"]
+    )
+    model = two_mlp_run(tmp_path, pruning)
+    assert [(b.a.up.out_features, b.b.up.out_features) for b in model.body.layers] == [(12, 15)] * 3
+
+
+def test_a_fraction_of_a_structure_the_family_lacks_or_of_whole_layers_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"has no prunable structure 'experts'; it has 'ffn', 'second_mlp'"):
+        two_mlp_run(tmp_path, PruningArguments(prune_units_fraction="experts=0.5"))
+    with pytest.raises(ValueError, match=r"'layers' are whole layers: remove them with `--prune_layers`"):
+        two_mlp_run(tmp_path, PruningArguments(prune_units_fraction="layers=0.5"))
 
 
 #: Where a structure's name may appear in code: the adapters (the declarations), the record (its stored

@@ -136,6 +136,14 @@ class PruningArguments:
     prune_ffn_fraction: float | None = field(
         default=None, metadata={"help": "Fraction in [0, 1) of the FFN neurons to remove from every layer."}
     )
+    prune_units_fraction: str | None = field(
+        default=None,
+        metadata={
+            "help": "Fractions in [0, 1) of the units of any structure of the model's family to remove from "
+            "every layer, as name=fraction pairs, comma-separated (e.g. 'ffn=0.25' or a structure a family "
+            "declares in its adapter); heads and FFN neurons also have their own flags."
+        },
+    )
     target_flops_ratio: float | None = field(
         default=None,
         metadata={
@@ -409,12 +417,28 @@ class PruningArguments:
             raise ValueError(f"`--prune_layers` must be >= 0, got {self.prune_layers}.")
         if self.prune_ffn_fraction is not None and not 0.0 <= self.prune_ffn_fraction < 1.0:
             raise ValueError(f"`--prune_ffn_fraction` must be in [0, 1), got {self.prune_ffn_fraction}.")
+        named = self.unit_fractions
+        for flag, name in (
+            ("prune_heads_per_layer", HEADS),
+            ("prune_heads_fraction", HEADS),
+            ("prune_ffn_fraction", FFN),
+        ):
+            if getattr(self, flag) is not None and name in named:
+                raise ValueError(
+                    f"`--{flag}` and `--prune_units_fraction {name}=...` both ask for {name}: give one of "
+                    "them."
+                )
         if self.target_flops_ratio is not None:
             if not 0.0 < self.target_flops_ratio < 1.0:
                 raise ValueError(f"`--target_flops_ratio` must be in (0, 1), got {self.target_flops_ratio}.")
             given = [
                 flag
-                for flag in ("prune_heads_per_layer", "prune_heads_fraction", "prune_ffn_fraction")
+                for flag in (
+                    "prune_heads_per_layer",
+                    "prune_heads_fraction",
+                    "prune_ffn_fraction",
+                    "prune_units_fraction",
+                )
                 if getattr(self, flag) is not None
             ]
             if given:
@@ -455,11 +479,11 @@ class PruningArguments:
             raise ValueError(f"`--distill_temperature` must be > 0, got {self.distill_temperature}.")
         if self.flops_seq_len < 1:
             raise ValueError(f"`--flops_seq_len` must be >= 1, got {self.flops_seq_len}.")
-        if self.mask_tuning and not (self.prunes_heads or self.prunes_ffn):
+        if self.mask_tuning and not self.unit_structures:
             raise ValueError(
                 "`--mask_tuning` rescales kept heads and neurons after a structural cut: set "
-                "`--prune_heads_per_layer`, `--prune_heads_fraction`, `--prune_ffn_fraction` or "
-                "`--target_flops_ratio`."
+                "`--prune_heads_per_layer`, `--prune_heads_fraction`, `--prune_ffn_fraction`, "
+                "`--prune_units_fraction` or `--target_flops_ratio`."
             )
         layer_by_layer = self.layer_by_layer_flags
         if self.scoring_passes < 1:
@@ -508,8 +532,8 @@ class PruningArguments:
         if not self.prunes_structures and not self.prunes_weights:
             warnings.warn(
                 "PruningArguments prune nothing: set `--prune_layers`, `--prune_heads_per_layer`, "
-                "`--prune_heads_fraction`, `--prune_ffn_fraction`, `--target_flops_ratio` or "
-                "`--weight_sparsity`.",
+                "`--prune_heads_fraction`, `--prune_ffn_fraction`, `--prune_units_fraction`, "
+                "`--target_flops_ratio` or `--weight_sparsity`.",
                 stacklevel=3,
             )
 
@@ -549,8 +573,8 @@ class PruningArguments:
         distillation = ("distillation", "`--distill_alpha` above 0", self.distills)
         units = (
             "head and FFN neuron pruning",
-            "`--prune_heads_per_layer`, `--prune_heads_fraction`, `--prune_ffn_fraction` or "
-            "`--target_flops_ratio`",
+            "`--prune_heads_per_layer`, `--prune_heads_fraction`, `--prune_ffn_fraction`, "
+            "`--prune_units_fraction` or `--target_flops_ratio`",
             bool(self.unit_structures),
         )
         heads = (
@@ -584,7 +608,7 @@ class PruningArguments:
             "mask_tuning_method": ("mask tuning", "`--mask_tuning`", self.mask_tuning),
             "measure_speedup": (
                 "structural cuts",
-                "`--prune_layers`, `--prune_heads_*`, `--prune_ffn_fraction` or `--target_flops_ratio`",
+                "`--prune_layers`, `--prune_heads_*`, `--prune_*_fraction` or `--target_flops_ratio`",
                 self.prunes_structures,
             ),
             "weight_reconstruction": weights,
@@ -702,12 +726,47 @@ class PruningArguments:
             )
         if self.prune_ffn_fraction:
             targets[FFN] = UnitTarget(self.prune_ffn_fraction, True, False)
+        for name, fraction in self.unit_fractions.items():
+            if fraction:
+                targets[name] = UnitTarget(fraction, True, False)
         return targets
+
+    @property
+    def unit_fractions(self) -> dict[str, float]:
+        """``--prune_units_fraction`` as structure name to fraction (checked: identifiers, each once, in
+        [0, 1)).
+
+        Example:
+            >>> PruningArguments(prune_units_fraction="ffn=0.25, experts=0.5").unit_fractions
+            {'ffn': 0.25, 'experts': 0.5}
+        """
+        if not self.prune_units_fraction:
+            return {}
+        fractions: dict[str, float] = {}
+        for pair in self.prune_units_fraction.split(","):
+            name, _, value = pair.strip().partition("=")
+            try:
+                fraction = float(value)
+            except ValueError:
+                fraction = -1.0
+            if not name.strip().isidentifier() or name.strip() in fractions or not 0.0 <= fraction < 1.0:
+                raise ValueError(
+                    "`--prune_units_fraction` must be name=fraction pairs, comma-separated, each structure "
+                    f"once and each fraction in [0, 1) (e.g. 'ffn=0.25'), got {self.prune_units_fraction!r}."
+                )
+            fractions[name.strip()] = fraction
+        return fractions
 
     @property
     def prunes_structures(self) -> bool:
         """Whether any structural unit (layer, head, FFN neuron) is to be removed."""
-        return self.prunes_layers or self.prunes_heads or self.prunes_ffn or self._budget_cuts(LAYERS)
+        return (
+            self.prunes_layers
+            or self.prunes_heads
+            or self.prunes_ffn
+            or any(self.unit_fractions.values())
+            or self._budget_cuts(LAYERS)
+        )
 
     @property
     def layer_by_layer_flags(self) -> list[str]:

@@ -390,7 +390,9 @@ class GradientPruningCallback(TrainerCallback):
             self.note_already_pruned(model)
             self._warn_about_the_schedule(state.max_steps)
         if self._structure_steps_left(state.global_step):
-            get_adapter(model)  # heads and neurons need a registered family: a clear error now, not mid-run
+            # heads and neurons need a registered family, which has the structures the flags name: a clear
+            # error now, not mid-run
+            self.plan.check_structures(model)
             if args.world_size > 1:
                 raise ValueError(
                     "Structural pruning during multi-process training is not supported: DDP cannot follow "

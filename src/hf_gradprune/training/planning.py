@@ -55,13 +55,17 @@ class PruningPlan:
         self.args = args
 
     def check_structures(self, model: nn.Module) -> None:
-        """Refuse, before anything is cut, a structure the flags name that ``model``'s family does not have
-        (the error lists the family's structures)."""
+        """Refuse, before anything is cut, a model of no registered family, a structure the flags name that
+        ``model``'s family does not have (the error lists the family's structures), and whole layers asked
+        by a fraction of units per layer."""
         args = self.args
-        names = args.flops_structures if args.prunes_by_flops else args.unit_structures
         adapter = get_adapter(model)
-        for name in names:
-            adapter.structure(name)
+        for name in args.flops_structures if args.prunes_by_flops else args.unit_structures:
+            if adapter.structure(name).spans_layers and not args.prunes_by_flops:
+                raise ValueError(
+                    f"`--prune_units_fraction {name}=...` asks for a fraction of the units in each layer, "
+                    f"and {name!r} are whole layers: remove them with `--prune_layers`."
+                )
 
     def structure_step(self, step: int) -> bool:
         """Whether a structural cut falls on ``step``."""
