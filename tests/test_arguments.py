@@ -121,6 +121,7 @@ SWITCHES = {
     "prune_heads_fraction": 0.25,
     "prune_layers": 1,
     "prune_ffn_fraction": 0.25,
+    "prune_units_per_layer": "ffn=3",
     "prune_units_fraction": "ffn=0.25",
     "target_flops_ratio": 0.5,
     "weight_sparsity": 0.5,

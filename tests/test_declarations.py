@@ -152,9 +152,16 @@ def two_mlp_run(tmp_path, pruning: PruningArguments) -> TwoMlpForClassification:
     return model
 
 
-def test_a_declared_structure_is_cut_by_a_fraction_from_the_command_line(tmp_path):
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--prune_units_fraction", "second_mlp=0.25,ffn=0.5"],
+        ["--prune_units_per_layer", "second_mlp=5", "--prune_units_fraction", "ffn=0.5"],
+    ],
+)
+def test_a_declared_structure_is_cut_by_a_count_or_a_fraction_from_the_command_line(tmp_path, flags):
     (pruning,) = HfArgumentParser(PruningArguments).parse_args_into_dataclasses(
-        ["--prune_units_fraction", "second_mlp=0.25,ffn=0.5", "--importance_batches", "1"]
+        [*flags, "--importance_batches", "1"]
     )
     model = two_mlp_run(tmp_path, pruning)
     assert [(b.a.up.out_features, b.b.up.out_features) for b in model.body.layers] == [(12, 15)] * 3

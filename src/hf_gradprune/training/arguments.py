@@ -136,6 +136,14 @@ class PruningArguments:
     prune_ffn_fraction: float | None = field(
         default=None, metadata={"help": "Fraction in [0, 1) of the FFN neurons to remove from every layer."}
     )
+    prune_units_per_layer: str | None = field(
+        default=None,
+        metadata={
+            "help": "Units of any structure of the model's family to remove from every layer, as name=count "
+            "pairs, comma-separated (e.g. 'ffn=64' or a structure a family declares in its adapter; "
+            "key/value groups for grouped heads)."
+        },
+    )
     prune_units_fraction: str | None = field(
         default=None,
         metadata={
@@ -417,7 +425,14 @@ class PruningArguments:
             raise ValueError(f"`--prune_layers` must be >= 0, got {self.prune_layers}.")
         if self.prune_ffn_fraction is not None and not 0.0 <= self.prune_ffn_fraction < 1.0:
             raise ValueError(f"`--prune_ffn_fraction` must be in [0, 1), got {self.prune_ffn_fraction}.")
-        named = self.unit_fractions
+        counts = self.unit_counts
+        named = {**counts, **self.unit_fractions}
+        both = sorted(set(counts) & set(self.unit_fractions))
+        if both:
+            raise ValueError(
+                f"`--prune_units_per_layer` and `--prune_units_fraction` both ask for {both[0]}: give one of "
+                "them."
+            )
         for flag, name in (
             ("prune_heads_per_layer", HEADS),
             ("prune_heads_fraction", HEADS),
@@ -425,8 +440,7 @@ class PruningArguments:
         ):
             if getattr(self, flag) is not None and name in named:
                 raise ValueError(
-                    f"`--{flag}` and `--prune_units_fraction {name}=...` both ask for {name}: give one of "
-                    "them."
+                    f"`--{flag}` and `--prune_units_* {name}=...` both ask for {name}: give one of them."
                 )
         if self.target_flops_ratio is not None:
             if not 0.0 < self.target_flops_ratio < 1.0:
@@ -437,6 +451,7 @@ class PruningArguments:
                     "prune_heads_per_layer",
                     "prune_heads_fraction",
                     "prune_ffn_fraction",
+                    "prune_units_per_layer",
                     "prune_units_fraction",
                 )
                 if getattr(self, flag) is not None
@@ -483,7 +498,7 @@ class PruningArguments:
             raise ValueError(
                 "`--mask_tuning` rescales kept heads and neurons after a structural cut: set "
                 "`--prune_heads_per_layer`, `--prune_heads_fraction`, `--prune_ffn_fraction`, "
-                "`--prune_units_fraction` or `--target_flops_ratio`."
+                "`--prune_units_*` or `--target_flops_ratio`."
             )
         layer_by_layer = self.layer_by_layer_flags
         if self.scoring_passes < 1:
@@ -532,7 +547,7 @@ class PruningArguments:
         if not self.prunes_structures and not self.prunes_weights:
             warnings.warn(
                 "PruningArguments prune nothing: set `--prune_layers`, `--prune_heads_per_layer`, "
-                "`--prune_heads_fraction`, `--prune_ffn_fraction`, `--prune_units_fraction`, "
+                "`--prune_heads_fraction`, `--prune_ffn_fraction`, `--prune_units_*`, "
                 "`--target_flops_ratio` or `--weight_sparsity`.",
                 stacklevel=3,
             )
@@ -574,7 +589,7 @@ class PruningArguments:
         units = (
             "head and FFN neuron pruning",
             "`--prune_heads_per_layer`, `--prune_heads_fraction`, `--prune_ffn_fraction`, "
-            "`--prune_units_fraction` or `--target_flops_ratio`",
+            "`--prune_units_*` or `--target_flops_ratio`",
             bool(self.unit_structures),
         )
         heads = (
@@ -726,10 +741,32 @@ class PruningArguments:
             )
         if self.prune_ffn_fraction:
             targets[FFN] = UnitTarget(self.prune_ffn_fraction, True, False)
+        for name, count in self.unit_counts.items():
+            if count:
+                targets[name] = UnitTarget(count, False, False)
         for name, fraction in self.unit_fractions.items():
             if fraction:
                 targets[name] = UnitTarget(fraction, True, False)
         return targets
+
+    @property
+    def unit_counts(self) -> dict[str, int]:
+        """``--prune_units_per_layer`` as structure name to count (checked: identifiers, each once, >= 0).
+
+        Example:
+            >>> PruningArguments(prune_units_per_layer="ffn=64").unit_counts
+            {'ffn': 64}
+        """
+        return {
+            name: int(value)
+            for name, value in _pairs(
+                "prune_units_per_layer",
+                self.prune_units_per_layer,
+                lambda v: v.isdigit(),
+                "each count >= 0",
+                "'ffn=64'",
+            ).items()
+        }
 
     @property
     def unit_fractions(self) -> dict[str, float]:
@@ -740,22 +777,16 @@ class PruningArguments:
             >>> PruningArguments(prune_units_fraction="ffn=0.25, experts=0.5").unit_fractions
             {'ffn': 0.25, 'experts': 0.5}
         """
-        if not self.prune_units_fraction:
-            return {}
-        fractions: dict[str, float] = {}
-        for pair in self.prune_units_fraction.split(","):
-            name, _, value = pair.strip().partition("=")
-            try:
-                fraction = float(value)
-            except ValueError:
-                fraction = -1.0
-            if not name.strip().isidentifier() or name.strip() in fractions or not 0.0 <= fraction < 1.0:
-                raise ValueError(
-                    "`--prune_units_fraction` must be name=fraction pairs, comma-separated, each structure "
-                    f"once and each fraction in [0, 1) (e.g. 'ffn=0.25'), got {self.prune_units_fraction!r}."
-                )
-            fractions[name.strip()] = fraction
-        return fractions
+        return {
+            name: float(value)
+            for name, value in _pairs(
+                "prune_units_fraction",
+                self.prune_units_fraction,
+                _is_fraction,
+                "each fraction in [0, 1)",
+                "'ffn=0.25'",
+            ).items()
+        }
 
     @property
     def prunes_structures(self) -> bool:
@@ -764,6 +795,7 @@ class PruningArguments:
             self.prunes_layers
             or self.prunes_heads
             or self.prunes_ffn
+            or any(self.unit_counts.values())
             or any(self.unit_fractions.values())
             or self._budget_cuts(LAYERS)
         )
@@ -822,3 +854,27 @@ class PruningArguments:
             for f in fields(cls)
             if f.init
         }
+
+
+def _is_fraction(value: str) -> bool:
+    try:
+        return 0.0 <= float(value) < 1.0
+    except ValueError:
+        return False
+
+
+def _pairs(
+    flag: str, text: str | None, valid: Callable[[str], bool], rule: str, example: str
+) -> dict[str, str]:
+    """``name=value`` pairs of ``--flag``, comma-separated: each name an identifier given once, each value
+    ``valid`` (a ``ValueError`` names the flag, the ``rule`` and an ``example`` otherwise)."""
+    pairs: dict[str, str] = {}
+    for pair in (text or "").split(",") if text else []:
+        name, _, value = (part.strip() for part in pair.partition("="))
+        if not name.isidentifier() or name in pairs or not valid(value):
+            raise ValueError(
+                f"`--{flag}` must be name=value pairs, comma-separated, each structure once and {rule} "
+                f"(e.g. {example}), got {text!r}."
+            )
+        pairs[name] = value
+    return pairs
