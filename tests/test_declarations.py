@@ -99,7 +99,8 @@ register_adapter(
 )
 
 
-def test_a_structure_declared_through_the_adapter_alone_is_pruned_under_a_flops_budget(tmp_path):
+def two_mlp_run(tmp_path, pruning: PruningArguments, max_steps: int = 2) -> PruningTrainer:
+    """A ``PruningTrainer`` on a fresh two-MLP model and random rows, trained for ``max_steps``."""
     torch.manual_seed(0)
     model = TwoMlpForClassification(TwoMlpConfig())
     generator = torch.Generator().manual_seed(0)
@@ -110,15 +111,21 @@ def test_a_structure_declared_through_the_adapter_alone_is_pruned_under_a_flops_
         }
     )
     args = TrainingArguments(
-        str(tmp_path / "out"), max_steps=3, per_device_train_batch_size=8, use_cpu=True, report_to=[],
+        str(tmp_path / "out"), max_steps=max_steps, per_device_train_batch_size=8, use_cpu=True, report_to=[],
         disable_tqdm=True, save_strategy="no",
     )  # fmt: skip
+    trainer = PruningTrainer(model=model, args=args, train_dataset=data, pruning_args=pruning)
+    trainer.train()
+    return trainer
+
+
+def test_a_structure_declared_through_the_adapter_alone_is_pruned_under_a_flops_budget(tmp_path):
     pruning = PruningArguments(
         target_flops_ratio=0.4, prune_flops_structures="ffn,second_mlp,layers", importance_batches=2,
         flops_seq_len=1, prune_rounds=2,
     )  # fmt: skip
-    trainer = PruningTrainer(model=model, args=args, train_dataset=data, pruning_args=pruning)
-    trainer.train()
+    trainer = two_mlp_run(tmp_path, pruning, max_steps=3)
+    model = trainer.model
     record = PruningRecord.from_config(model.config)
     # Both structures of a block lost units, and whole layers (a structure of every family) ranked with them.
     assert record.pruned.get("second_mlp") and record.pruned.get("ffn") and record.removed_layers
@@ -134,24 +141,6 @@ def test_a_structure_declared_through_the_adapter_alone_is_pruned_under_a_flops_
     torch.testing.assert_close(again(x).logits, model.eval()(x).logits)
 
 
-def two_mlp_run(tmp_path, pruning: PruningArguments) -> TwoMlpForClassification:
-    torch.manual_seed(0)
-    model = TwoMlpForClassification(TwoMlpConfig())
-    generator = torch.Generator().manual_seed(0)
-    data = Dataset.from_dict(
-        {
-            "x": torch.randn(64, 8, generator=generator).tolist(),
-            "labels": torch.randint(0, 2, (64,), generator=generator).tolist(),
-        }
-    )
-    args = TrainingArguments(
-        str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=8, use_cpu=True, report_to=[],
-        disable_tqdm=True, save_strategy="no",
-    )  # fmt: skip
-    PruningTrainer(model=model, args=args, train_dataset=data, pruning_args=pruning).train()
-    return model
-
-
 @pytest.mark.parametrize(
     "flags",
     [
@@ -163,7 +152,7 @@ def test_a_declared_structure_is_cut_by_a_count_or_a_fraction_from_the_command_l
     (pruning,) = HfArgumentParser(PruningArguments).parse_args_into_dataclasses(
         [*flags, "--importance_batches", "1"]
     )
-    model = two_mlp_run(tmp_path, pruning)
+    model = two_mlp_run(tmp_path, pruning).model
     assert [(b.a.up.out_features, b.b.up.out_features) for b in model.body.layers] == [(12, 15)] * 3
 
 
