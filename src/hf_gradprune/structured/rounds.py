@@ -76,7 +76,8 @@ def prune_in_rounds(
     if rounds < 1:
         raise ValueError(f"`rounds` must be a positive number of rounds, got {rounds}.")
     check_choice("mask_tuning_method", mask_tuning_method, MASK_TUNING_METHODS)
-    renumbering = [name for name in structures if get_adapter(model).structure(name).spans_layers]
+    adapter = get_adapter(model)
+    renumbering = [name for name in structures if adapter.structure(name).spans_layers]
     if mask_tuning and mask_tuning_method == "least_squares" and renumbering:
         raise ValueError(
             "`mask_tuning_method='least_squares'` fits each layer's outputs to the same layer of the model "

@@ -795,8 +795,7 @@ class PruningArguments:
             self.prunes_layers
             or self.prunes_heads
             or self.prunes_ffn
-            or any(self.unit_counts.values())
-            or any(self.unit_fractions.values())
+            or bool(self.unit_targets)
             or self._budget_cuts(LAYERS)
         )
 
@@ -869,7 +868,7 @@ def _pairs(
     """``name=value`` pairs of ``--flag``, comma-separated: each name an identifier given once, each value
     ``valid`` (a ``ValueError`` names the flag, the ``rule`` and an ``example`` otherwise)."""
     pairs: dict[str, str] = {}
-    for pair in (text or "").split(",") if text else []:
+    for pair in text.split(",") if text else []:
         name, _, value = (part.strip() for part in pair.partition("="))
         if not name.isidentifier() or name in pairs or not valid(value):
             raise ValueError(

@@ -60,11 +60,15 @@ class PruningPlan:
         by a fraction of units per layer."""
         args = self.args
         adapter = get_adapter(model)
-        for name in args.flops_structures if args.prunes_by_flops else args.unit_structures:
-            if adapter.structure(name).spans_layers and not args.prunes_by_flops:
+        if args.prunes_by_flops:
+            for name in args.flops_structures:
+                adapter.structure(name)
+            return
+        for name in args.unit_structures:
+            if adapter.structure(name).spans_layers:
                 raise ValueError(
-                    f"`--prune_units_fraction {name}=...` asks for a fraction of the units in each layer, "
-                    f"and {name!r} are whole layers: remove them with `--prune_layers`."
+                    f"`--prune_units_* {name}=...` asks for units in each layer, and {name!r} are whole "
+                    "layers: remove them with `--prune_layers`."
                 )
 
     def structure_step(self, step: int) -> bool:

@@ -26,6 +26,11 @@ HEADS, FFN = "heads", "ffn"
 LAYERS = "layers"
 
 
+def config_int(config: PretrainedConfig, value: str | Callable[[PretrainedConfig], int]) -> int:
+    """A count a declaration gives as a config key or as a function of the config."""
+    return int(value(config) if callable(value) else getattr(config, value))
+
+
 def get_submodule(root: nn.Module, path: str) -> nn.Module:
     """Return the module at dotted ``path`` below ``root`` (``""`` is ``root`` itself)."""
     return root.get_submodule(path) if path else root
@@ -116,7 +121,7 @@ class Structure:
 
     def score_shape(self, num_layers: int, config: PretrainedConfig) -> tuple[int, ...]:
         """The shape of its scores and gates: ``(num_layers, units per layer)``, in original unit indices."""
-        return (num_layers, int(self.units(config) if callable(self.units) else getattr(config, self.units)))
+        return (num_layers, config_int(config, self.units))
 
 
 @dataclass(frozen=True)
@@ -301,18 +306,14 @@ class ArchitectureAdapter:
             f"{', '.join(repr(s.name) for s in self.prunable)}."
         )
 
-    @staticmethod
-    def _config_int(config: PretrainedConfig, value: str | Callable[[PretrainedConfig], int]) -> int:
-        return int(value(config) if callable(value) else getattr(config, value))
-
     def num_units(self, structure: Structure | str, config: PretrainedConfig) -> int:
         """Units of ``structure`` per layer in the unpruned model."""
         structure = self.structure(structure) if isinstance(structure, str) else structure
-        return self._config_int(config, structure.units)
+        return config_int(config, structure.units)
 
     def unit_width(self, structure: Structure, config: PretrainedConfig) -> int:
         """Rows (and output-layer columns) of one unit, as the structure declares (heads: the head width)."""
-        return 1 if structure.width is None else self._config_int(config, structure.width)
+        return 1 if structure.width is None else config_int(config, structure.width)
 
     def group_size(self, structure: Structure, config: PretrainedConfig) -> int:
         """Units that leave together, as the structure declares (query heads per key/value head), else 1."""
