@@ -33,7 +33,9 @@ MEASURES = (
     "src/hf_gradprune/weights/sparsity.py",
     "src/hf_gradprune/core/masks.py",
     "src/hf_gradprune/training/trainer.py",
+    "src/hf_gradprune/training/checkpoints.py",
     "src/hf_gradprune/training/callback.py",
+    "src/hf_gradprune/training/reporting.py",
 )
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "image_classification_cnn.py"
 

@@ -50,6 +50,8 @@ MEASURES = (
     "src/hf_gradprune/core/masks.py",
     "src/hf_gradprune/weights/criteria.py",
     "src/hf_gradprune/io/checkpoint.py",
+    "src/hf_gradprune/io/folders.py",
+    "src/hf_gradprune/io/saving.py",
 )
 SEQ_LEN = 128
 

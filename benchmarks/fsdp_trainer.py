@@ -45,11 +45,15 @@ NAME = "fsdp_trainer" + ("_mmap_threshold" if os.environ.get("MALLOC_MMAP_THRESH
 #: The code whose change makes these results stale (``benchmarks/figures.py`` warns).
 MEASURES = (
     "src/hf_gradprune/training/trainer.py",
+    "src/hf_gradprune/training/checkpoints.py",
     "src/hf_gradprune/training/callback.py",
+    "src/hf_gradprune/training/reporting.py",
     "src/hf_gradprune/core/sharding.py",
     "src/hf_gradprune/weights/sparsity.py",
     "src/hf_gradprune/core/masks.py",
     "src/hf_gradprune/io/checkpoint.py",
+    "src/hf_gradprune/io/folders.py",
+    "src/hf_gradprune/io/saving.py",
 )
 #: Resident memory above the process's start, as multiples of the float32 model: the peak through loading
 #: and (FSDP2) sharding, at train begin, the peak from there through scoring and through the training steps.

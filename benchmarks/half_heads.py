@@ -58,8 +58,10 @@ MEASURES = (
     "src/hf_gradprune/core/batches.py",
     "src/hf_gradprune/structured/gates.py",
     "src/hf_gradprune/structured/mask_tuning.py",
+    "src/hf_gradprune/structured/least_squares_tuning.py",
     "src/hf_gradprune/structured/selection.py",
     "src/hf_gradprune/structured/surgery.py",
+    "src/hf_gradprune/structured/cutting.py",
 )
 REMOVED = 6
 

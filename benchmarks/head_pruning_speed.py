@@ -53,6 +53,7 @@ MEASURES = (
     "src/hf_gradprune/core/batches.py",
     "src/hf_gradprune/structured/selection.py",
     "src/hf_gradprune/structured/surgery.py",
+    "src/hf_gradprune/structured/cutting.py",
     "src/hf_gradprune/weights/sparsity.py",
     "src/hf_gradprune/core/masks.py",
     "src/hf_gradprune/weights/criteria.py",

@@ -50,6 +50,7 @@ MEASURES = (
     "src/hf_gradprune/structured/gates.py",
     "src/hf_gradprune/structured/selection.py",
     "src/hf_gradprune/structured/surgery.py",
+    "src/hf_gradprune/structured/cutting.py",
 )
 CRITERIA = ("fisher", "sum_of_abs", "abs_of_sum")
 FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)

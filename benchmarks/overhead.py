@@ -49,7 +49,9 @@ NAME = "overhead"
 #: The code whose change makes these results stale (``benchmarks/figures.py`` warns).
 MEASURES = (
     "src/hf_gradprune/training/trainer.py",
+    "src/hf_gradprune/training/checkpoints.py",
     "src/hf_gradprune/training/callback.py",
+    "src/hf_gradprune/training/reporting.py",
     "src/hf_gradprune/structured/importance.py",
     "src/hf_gradprune/weights/scoring.py",
     "src/hf_gradprune/core/batches.py",

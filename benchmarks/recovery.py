@@ -76,13 +76,16 @@ NAME = "recovery"
 #: The code whose change makes these results stale (``benchmarks/figures.py`` warns).
 MEASURES = (
     "src/hf_gradprune/training/trainer.py",
+    "src/hf_gradprune/training/checkpoints.py",
     "src/hf_gradprune/training/callback.py",
+    "src/hf_gradprune/training/reporting.py",
     "src/hf_gradprune/training/distillation.py",
     "src/hf_gradprune/training/planning.py",
     "src/hf_gradprune/structured/importance.py",
     "src/hf_gradprune/weights/scoring.py",
     "src/hf_gradprune/core/batches.py",
     "src/hf_gradprune/structured/surgery.py",
+    "src/hf_gradprune/structured/cutting.py",
     "src/hf_gradprune/structured/mask_tuning.py",
 )
 SEQ_LEN = 128

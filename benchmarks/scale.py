@@ -64,6 +64,8 @@ MEASURES = (
     "src/hf_gradprune/weights/scoring.py",
     "src/hf_gradprune/core/batches.py",
     "src/hf_gradprune/io/checkpoint.py",
+    "src/hf_gradprune/io/folders.py",
+    "src/hf_gradprune/io/saving.py",
     "src/hf_gradprune/core/masks.py",
 )
 #: The passes measured each in a fresh process that loads the model from safetensors: (criterion,

@@ -47,6 +47,7 @@ NAME = "sft"
 #: The code whose change makes these results stale (``benchmarks/figures.py`` warns).
 MEASURES = (
     "src/hf_gradprune/training/trainer.py",
+    "src/hf_gradprune/training/checkpoints.py",
     "src/hf_gradprune/training/distillation.py",
     "src/hf_gradprune/structured/rounds.py",
     "src/hf_gradprune/weights/pruning.py",

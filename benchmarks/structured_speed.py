@@ -72,6 +72,7 @@ MEASURES = (
     "src/hf_gradprune/structured/selection.py",
     "src/hf_gradprune/structured/flops.py",
     "src/hf_gradprune/structured/surgery.py",
+    "src/hf_gradprune/structured/cutting.py",
 )
 SEQ_LEN = 128
 

@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import hf_gradprune.structured.importance
 import hf_gradprune.weights.scoring
 from hf_gradprune import GradientPruningCallback, PruningArguments, PruningRecord, PruningTrainer
+from hf_gradprune.core.batches import take_batches
 from hf_gradprune.core.masks import get_masks, save_masks
-from hf_gradprune.training.callback import take_batches
 from tests.helpers import VOCAB, build_tiny, leave_process_group
 
 NUM_ROWS, LENGTH, IMPORTANCE_BATCHES, MAX_STEPS = 64, 16, 2, 8

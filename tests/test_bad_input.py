@@ -105,17 +105,17 @@ def test_fp16_on_cpu_trains_with_exact_masks(tmp_path):
 def test_deepspeed_is_refused_with_the_reason():
     # TrainingArguments(deepspeed=...) needs the deepspeed package, not installed here: the refusal that
     # PruningTrainer and the callback's on_init_end make is checked directly. FSDP: test_distributed.py.
-    from hf_gradprune import GradientPruningCallback
+    from hf_gradprune.training.run_checks import refuse_sharded_training
 
-    callback = GradientPruningCallback(PruningArguments(weight_sparsity=0.5))
-    callback.refuse_sharded_training(None, deepspeed=False)
-    callback.refuse_sharded_training(2, deepspeed=False)
+    args = PruningArguments(weight_sparsity=0.5)
+    refuse_sharded_training(args, None, deepspeed=False)
+    refuse_sharded_training(args, 2, deepspeed=False)
     with pytest.raises(
         ValueError, match=r"does not support DeepSpeed training: .* Train with FSDP2 .* or DDP"
     ):
-        callback.refuse_sharded_training(None, deepspeed=True)
+        refuse_sharded_training(args, None, deepspeed=True)
     with pytest.raises(ValueError, match=r"supports FSDP2 only, got fsdp_version=1: .*'fsdp_version': 2"):
-        callback.refuse_sharded_training(1, deepspeed=False)
+        refuse_sharded_training(args, 1, deepspeed=False)
 
 
 @pytest.mark.parametrize(
@@ -130,15 +130,15 @@ def test_deepspeed_is_refused_with_the_reason():
     ],
 )
 def test_fsdp2_refuses_what_reads_whole_parameters_naming_the_flag(flags, named):
-    from hf_gradprune import GradientPruningCallback
+    from hf_gradprune.training.run_checks import refuse_sharded_training
 
-    callback = GradientPruningCallback(PruningArguments(**flags))
-    callback.refuse_sharded_training(None, deepspeed=False)
+    args = PruningArguments(**flags)
+    refuse_sharded_training(args, None, deepspeed=False)
     # PruningTrainer cuts structures at step 0 before the model is sharded: allowed, mask tuning too.
     step0 = PruningArguments(target_flops_ratio=0.5, mask_tuning=True, weight_sparsity=0.5, prune_steps="0")
-    GradientPruningCallback(step0).refuse_sharded_training(2, deepspeed=False)
+    refuse_sharded_training(step0, 2, deepspeed=False)
     with pytest.raises(ValueError, match=r"Under FSDP2 hf_gradprune prunes weights in one shot") as error:
-        callback.refuse_sharded_training(2, deepspeed=False)
+        refuse_sharded_training(args, 2, deepspeed=False)
     assert f"not yet {named}" in str(error.value) and "docs/scaling.md" in str(error.value)
 
 

@@ -168,6 +168,7 @@ def test_a_fraction_of_a_structure_the_family_lacks_or_of_whole_layers_is_refuse
 ALLOWED = {
     "core/record.py": None,
     "training/arguments.py": None,
+    "training/argument_checks.py": None,
     "structured/surgery.py": {"prune_heads"},
     "structured/gates.py": {"UnitGates.__init__", "HeadGates.__init__"},
     "structured/importance.py": {"compute_unit_importance", "compute_head_importance"},

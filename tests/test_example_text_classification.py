@@ -12,7 +12,7 @@ from hf_gradprune import load_pruned
 from hf_gradprune.core.masks import compute_sparsity
 from hf_gradprune.testing import LocalHub
 from hf_gradprune.testing.hub import _Store
-from hf_gradprune.training.trainer import TRAINING_ARGS_JSON
+from hf_gradprune.training.checkpoints import TRAINING_ARGS_JSON
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 

@@ -14,7 +14,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from hf_gradprune import PruningRecord, load_pruned, save_pruned
 from hf_gradprune.core.masks import get_masks
-from hf_gradprune.io.checkpoint import PENDING_SAVE, finish_interrupted_save
+from hf_gradprune.io.saving import PENDING_SAVE, finish_interrupted_save
 
 WORKER = Path(__file__).with_name("fault_worker.py")
 

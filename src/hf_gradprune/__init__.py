@@ -62,9 +62,11 @@ _MODULES = {
     ),
     "structured.mask_tuning": (
         "Teacher",
-        "capture_targets",
         "capture_teacher",
         "distill_unit_scales",
+    ),
+    "structured.least_squares_tuning": (
+        "capture_targets",
         "rescale_units",
     ),
     "structured.rounds": (
@@ -109,9 +111,16 @@ _MOVED = {
     "adapters": ("core.adapters",),
     "arguments": ("training.arguments", "core.choices"),
     "blockwise": ("weights.blockwise",),
-    "callback": ("training.callback",),
-    "cards": ("io.cards", "io.figures"),
-    "checkpoint": ("io.checkpoint", "training.state"),
+    "callback": (
+        "training.callback",
+        "training.run_checks",
+        "training.reporting",
+        "training.pruning_state",
+        "core.batches",
+        "weights.pruning",
+    ),
+    "cards": ("io.cards", "io.card_tables", "io.figures"),
+    "checkpoint": ("io.checkpoint", "io.saving", "io.folders", "training.state"),
     "criteria": ("weights.criteria",),
     "distillation": ("training.distillation",),
     "export": ("io.export",),
@@ -120,7 +129,7 @@ _MOVED = {
     "hub": ("io.hub",),
     "importance": ("structured.importance", "weights.scoring", "core.batches"),
     "lora": ("training.lora",),
-    "mask_tuning": ("structured.mask_tuning",),
+    "mask_tuning": ("structured.mask_tuning", "structured.least_squares_tuning"),
     "masks": ("core.masks",),
     "oneshot": ("structured.rounds", "weights.pruning"),
     "planning": ("training.planning",),
@@ -129,8 +138,8 @@ _MOVED = {
     "selection": ("structured.selection",),
     "sharding": ("core.sharding",),
     "sparsity": ("weights.sparsity",),
-    "surgery": ("structured.surgery",),
-    "trainer": ("training.trainer",),
+    "surgery": ("structured.surgery", "structured.cutting"),
+    "trainer": ("training.trainer", "training.checkpoints", "training.publishing"),
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -168,3 +169,21 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor.div_(dist.get_world_size())
     return tensor
+
+
+def take_batches(dataloader: Iterable, count: int) -> list[Any]:
+    """The first ``count`` batches of a fresh pass over ``dataloader``, leaving the training RNG untouched.
+
+    An accelerate-prepared loader is read through its ``base_dataloader``, so the Trainer's own epoch
+    iterator and accelerate's gradient-state bookkeeping are not disturbed.
+    """
+    loader = getattr(dataloader, "base_dataloader", dataloader)
+    with torch.random.fork_rng(devices=[]):
+        batches = list(itertools.islice(iter(loader), count))
+    if len(batches) < count:
+        warnings.warn(
+            f"`--importance_batches` is {count} but the training data gives {len(batches)} batch(es) per "
+            f"pass: importance is computed on those {len(batches)}.",
+            stacklevel=2,
+        )
+    return batches

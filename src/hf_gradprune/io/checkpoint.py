@@ -1,5 +1,4 @@
-"""Checkpoint I/O: save and strictly reload models pruned to uneven shapes (any ``nn.Module``), and
-training state without pickle."""
+"""Checkpoint I/O: save and strictly reload models pruned to uneven shapes (any ``nn.Module``)."""
 
 from __future__ import annotations
 
@@ -7,222 +6,37 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import transformers
-from huggingface_hub import snapshot_download
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_NAME
+from transformers.utils import SAFE_WEIGHTS_NAME
 
 from ..core.masks import MASKS_FILENAME, apply_masks, get_masks, load_masks, masks_from_zeros, save_masks
 from ..core.record import PruningRecord, strip_record
 from ..structured.surgery import prune_to_record, prune_units
+from .folders import (
+    check_has_model,
+    read_checked,
+    read_state_dict,
+    resolve_folder,
+    stored_shapes,
+    weight_files,
+)
+from .saving import finish_interrupted_save, saving_into
 
 logger = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
 HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download")
 LOAD_KWARGS = ("dtype", "subfolder")
-PICKLED_WEIGHTS = "pytorch_model.bin"
-PARTIAL_PREFIX = ".saving-"
-PENDING_SAVE = ".pending-save"
-"""A complete new set of files being moved into a folder; its presence means that move was cut short."""
-
-
-def finish_interrupted_save(folder: str | os.PathLike) -> bool:
-    """Complete a save into ``folder`` that was killed while moving its files into place.
-
-    :func:`saving_into` writes every file into a temporary folder, renames it to ``.pending-save`` (one
-    atomic step: from then on the new set is whole) and moves its files into ``folder``. A process killed
-    before the rename leaves the previous files untouched; one killed during the moves leaves the rest in
-    ``.pending-save``, and this moves them. Stale temporary folders of dead processes are removed.
-
-    Returns:
-        `bool`: whether an interrupted save was completed.
-    """
-    folder = Path(folder)
-    for partial in folder.glob(f"{PARTIAL_PREFIX}*"):
-        pid = partial.name.removeprefix(PARTIAL_PREFIX).split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(partial, ignore_errors=True)
-    pending = folder / PENDING_SAVE
-    if not pending.is_dir():
-        return False
-    logger.warning("Completing an interrupted save in %s (files left in %s).", folder, PENDING_SAVE)
-    _move_files(pending, folder)
-    return True
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _move_files(source: Path, folder: Path) -> None:
-    """Move every file below ``source`` to the same place below ``folder`` (``os.replace``), then drop it."""
-    for path in sorted(source.rglob("*")):
-        if path.is_file():
-            target = folder / path.relative_to(source)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, target)
-    shutil.rmtree(source)
-
-
-@contextlib.contextmanager
-def saving_into(folder: str | os.PathLike, owned: Iterable[str] = ()) -> Iterator[Path]:
-    """A temporary folder to write a save into; on success its files replace those of ``folder``.
-
-    The other files of ``folder`` stay, but for those named in ``owned`` (files this kind of save answers
-    for, such as the masks file): one the save does not write is an earlier save's, and is removed. A
-    process killed while writing leaves ``folder`` as it was; one
-    killed while the files move is completed by :func:`finish_interrupted_save` (``load_pruned``, the
-    next save and resuming call it). An exception removes the temporary folder and leaves ``folder`` as it
-    was.
-
-    Example:
-        >>> import tempfile
-        >>> with tempfile.TemporaryDirectory() as folder:
-        ...     with saving_into(folder) as partial:
-        ...         _ = (partial / "config.json").write_text("{}")
-        ...     sorted(p.name for p in Path(folder).iterdir())
-        ['config.json']
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    finish_interrupted_save(folder)
-    partial = Path(tempfile.mkdtemp(dir=folder, prefix=f"{PARTIAL_PREFIX}{os.getpid()}-"))
-    try:
-        yield partial
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    pending = folder / PENDING_SAVE
-    os.replace(partial, pending)
-    written = {path.relative_to(pending).as_posix() for path in pending.rglob("*") if path.is_file()}
-    _move_files(pending, folder)
-    for name in set(owned) - written:
-        (folder / name).unlink(missing_ok=True)
-
-
-def _check_has_model(folder: Path) -> None:
-    """A folder without ``config.json`` holds no saved transformers model: say what it holds instead."""
-    if (folder / CONFIG_NAME).is_file():
-        return
-    held = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
-    weights = [name for name in held if name.endswith(".safetensors") and name != MASKS_FILENAME]
-    if not held:
-        what = "it is empty"
-    elif MASKS_FILENAME in held and not weights:
-        what = f"it holds only weight masks ({MASKS_FILENAME}), not the model they mask"
-    else:
-        what = f"it holds {held}"
-    raise ValueError(
-        f"`path_or_repo_id` {os.fspath(folder)!r} holds no saved model: there is no {CONFIG_NAME} ({what}). "
-        "Pass the folder given to `save_pretrained` or `save_pruned`, or, for a model that is not a "
-        "transformers model, build it and pass it as `model=`."
-    )
-
-
-def resolve_folder(path_or_repo_id: str | os.PathLike, subfolder: str = "", **hub_kwargs: Any) -> Path:
-    """A local folder as is; otherwise a Hub repo id downloaded with ``huggingface_hub.snapshot_download``
-    (only ``subfolder`` when given); then ``subfolder`` inside it."""
-    if not isinstance(subfolder, str):
-        raise TypeError(
-            f"`subfolder` must be a str such as 'last-checkpoint', got {type(subfolder).__name__}."
-        )
-    path = Path(path_or_repo_id)
-    subfolder = subfolder.strip("/")
-    if not path.is_dir():
-        text = os.fspath(path_or_repo_id)
-        if path.exists() or path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1:
-            raise FileNotFoundError(
-                f"`path_or_repo_id` {text!r} is not a folder (a Hub repo id looks like 'user/name'): "
-                "pass the folder given to `save_pretrained`."
-            )
-        patterns = [f"{subfolder}/*"] if subfolder else None
-        path = Path(snapshot_download(text, allow_patterns=patterns, **hub_kwargs))
-    if subfolder and not (path / subfolder).is_dir():
-        raise FileNotFoundError(
-            f"`subfolder` {subfolder!r} is not a folder of {os.fspath(path_or_repo_id)!r}; its folders are "
-            f"{sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith('.'))}."
-        )
-    return path / subfolder if subfolder else path
-
-
-def _readable(path: Path, read: Callable[[Path], _T]) -> _T:
-    """``read(path)``; a damaged or truncated safetensors file is a ``ValueError`` that names it."""
-    try:
-        return read(path)
-    except (SafetensorError, OSError) as error:
-        raise ValueError(
-            f"{path.name} in {path.parent.name!r} is damaged or truncated ({error}); nothing was loaded: "
-            "save the model again, or download it again with `force_download=True`."
-        ) from error
-
-
-def _read_header(path: Path) -> None:
-    with safe_open(path, framework="pt"):  # checks the header against the file's length, reads no tensor
-        pass
-
-
-def _weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
-    """The weight files of ``folder`` (safetensors, single or sharded; ``pytorch_model.bin`` only with
-    ``allow_pickle``), every safetensors header checked; no tensor is read."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [shard for shard in shards if not (folder / shard).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"{index.name} in {folder.name!r} lists shards that are not there: {missing}; nothing was "
-                "loaded: copy or download the whole folder."
-            )
-    elif (folder / SAFE_WEIGHTS_NAME).is_file():
-        shards = [SAFE_WEIGHTS_NAME]
-    elif (folder / PICKLED_WEIGHTS).is_file():
-        if not allow_pickle:
-            raise ValueError(
-                f"{folder.name!r} has only {PICKLED_WEIGHTS}, a pickle, which can run code when read: "
-                "hf_gradprune reads safetensors. Pass `allow_pickle=True` if you trust its source (it is "
-                "then read with torch.load(weights_only=True)), or convert it to model.safetensors."
-            )
-        return [folder / PICKLED_WEIGHTS]
-    else:
-        raise FileNotFoundError(
-            f"No model.safetensors in {folder.name!r}: hf_gradprune reads safetensors checkpoints only "
-            "(save with `model.save_pretrained(path)`)."
-        )
-    for shard in shards:
-        _readable(folder / shard, _read_header)
-    return [folder / shard for shard in shards]
-
-
-def read_state_dict(folder: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """All tensors of the safetensors weights in ``folder`` (single file or sharded); with ``allow_pickle``,
-    a folder with only ``pytorch_model.bin`` is read by ``torch.load(weights_only=True)``."""
-    files = _weight_files(folder, allow_pickle)
-    if files[0].name == PICKLED_WEIGHTS:
-        return torch.load(files[0], map_location="cpu", weights_only=True)
-    state: dict[str, torch.Tensor] = {}
-    for path in files:
-        state.update(_readable(path, load_file))
-    return state
 
 
 def _architecture_class(config: PretrainedConfig) -> type[PreTrainedModel]:
@@ -289,7 +103,7 @@ def _check_masks_file(folder: Path, record: PruningRecord) -> dict[str, torch.Te
                 "`PruningTrainer.save_model()`, or pass `apply_weight_masks=False` for inference only."
             )
         return None
-    masks = _readable(path, load_masks)
+    masks = read_checked(path, load_masks)
     if record.weight_masks and len(masks) != record.weight_masks:
         raise ValueError(
             f"{MASKS_FILENAME} in {folder.name!r} holds {len(masks)} masks, config.json says "
@@ -348,15 +162,6 @@ def replay_record(model: nn.Module, record: PruningRecord) -> None:
     """Cut ``model`` (built unpruned) to the shapes of ``record``, and store the record in its config."""
     prune_units(model, record.pruned, allow_empty=True)
     record.save_to_config(model.config)
-
-
-def stored_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
-    """The shape of every tensor of ``folder``'s safetensors weights, read from the headers alone."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for path in _weight_files(folder, allow_pickle=False):
-        with safe_open(path, framework="pt") as weights:
-            shapes.update({key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()})  # noqa: SIM118
-    return shapes
 
 
 def fit_to_checkpoint(
@@ -464,7 +269,7 @@ def load_pruned(
         if dtype is not None:
             model.to(dtype)
     else:
-        _check_has_model(folder)
+        check_has_model(folder)
         config = _read_config(folder, model_class)
         record = PruningRecord.from_config(config)
         _check_architecture(config, model_class)
@@ -478,7 +283,7 @@ def load_pruned(
             if model.can_generate() and (folder / "generation_config.json").is_file():
                 model.generation_config = GenerationConfig.from_pretrained(folder)
         else:
-            _weight_files(folder, allow_pickle)  # the same checks (damage, pickle) before transformers reads
+            weight_files(folder, allow_pickle)  # the same checks (damage, pickle) before transformers reads
             cls = model_class or _architecture_class(config)
             model = cls.from_pretrained(
                 folder, use_safetensors=not allow_pickle, **({"dtype": dtype} if dtype else {})

@@ -22,7 +22,8 @@ from ..core.adapters import get_adapter
 from ..core.masks import MASKS_FILENAME
 from ..core.record import PruningRecord, strip_record
 from .cards import create_pruning_model_card
-from .checkpoint import load_strict, saving_into
+from .checkpoint import load_strict
+from .saving import saving_into
 
 
 def _unsayable(model: nn.Module, name: str) -> ValueError:
@@ -98,7 +99,7 @@ def export_vanilla(model: nn.Module, save_directory: str | os.PathLike, **card_k
     weights, with their pruned zeros, are first loaded strictly into a model built from that config, so the
     folder is proven to load with plain ``from_pretrained``; weight masks are not written (their zeros are in
     the weights). The model card (``README.md``) says how the model was pruned and loads it with
-    transformers alone. Written whole or not at all (:func:`hf_gradprune.io.checkpoint.saving_into`).
+    transformers alone. Written whole or not at all (:func:`hf_gradprune.io.saving.saving_into`).
 
     Args:
         model (`nn.Module`): a transformers model of a registered family, cut the same in every layer.

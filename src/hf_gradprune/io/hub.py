@@ -13,7 +13,7 @@ from pathlib import Path
 from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi, get_token
 from huggingface_hub.errors import RevisionNotFoundError
 
-from .checkpoint import PARTIAL_PREFIX, PENDING_SAVE
+from .saving import PARTIAL_PREFIX, PENDING_SAVE
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ from ..core.choices import (
 )
 from .flops import check_flops_target, flops_in_rounds, neuron_multiples
 from .importance import compute_layer_importance, compute_unit_importance
-from .mask_tuning import capture_targets, capture_teacher, distill_unit_scales, rescale_units
+from .least_squares_tuning import capture_targets, rescale_units
+from .mask_tuning import capture_teacher, distill_unit_scales
 from .surgery import prune_layers, remove_chosen
 
 #: What mask tuning keeps of the unpruned model, and what fits the scales to it, by method.

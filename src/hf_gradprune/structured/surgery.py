@@ -1,92 +1,27 @@
-"""Structural surgery: remove units of any structure (heads, FFN neurons) by cutting rows and columns, and
-whole layers by deleting blocks."""
+"""Structural surgery: remove units of any structure (heads, FFN neurons) and whole layers from a model, every
+input checked before anything changes, the record, config, weight masks and optimizer kept in step.
+
+Units go by cutting rows and columns (:mod:`hf_gradprune.structured.cutting`), whole layers by deleting
+blocks.
+"""
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from ..core.adapters import (
-    GROUP,
-    HEADS,
-    UNIT,
-    ArchitectureAdapter,
-    Structure,
-    get_adapter,
-    refresh_features,
-    weight_dims,
-)
+from ..core.adapters import HEADS, ArchitectureAdapter, Structure, get_adapter
 from ..core.masks import apply_masks, get_masks, note_masks
 from ..core.record import PruningRecord
+from .cutting import Replacement, cut_masks, cut_structure, drop_from_optimizer, remap_optimizer
 
 #: Config keys holding one entry per layer (transformers' convention), cut with the layers.
 PER_LAYER_CONFIG_KEYS = ("layer_types",)
 #: The attribute by which transformers' modules know their block's position (the cache slot they use).
 LAYER_INDEX_ATTR = "layer_idx"
-
-
-class Replacement(NamedTuple):
-    """A parameter swapped by surgery: ``new == old.index_select(dim, keep)``."""
-
-    old: nn.Parameter
-    new: nn.Parameter
-    dim: int
-    keep: torch.Tensor
-
-
-def _replace(module: nn.Module, name: str, dim: int, keep: torch.Tensor) -> Replacement:
-    old = getattr(module, name)
-    new = nn.Parameter(old.detach().index_select(dim, keep).clone(), requires_grad=old.requires_grad)
-    setattr(module, name, new)
-    return Replacement(old, new, dim, keep)
-
-
-def cut_linear(module: nn.Module, keep: torch.Tensor, side: str) -> list[Replacement]:
-    """Keep only the ``keep`` outputs (``side="out"``) or inputs (``side="in"``) of a layer, in place.
-
-    Works on ``nn.Linear``, transformers' ``Conv1D`` and convolutions (output or input channels). The module
-    object, its hooks, dtype, device and ``requires_grad`` stay; its parameters are new tensors.
-
-    Returns:
-        `list[Replacement]`: the swapped parameters, for :func:`remap_optimizer`.
-    """
-    out_dim, in_dim = weight_dims(module)
-    keep = keep.to(module.weight.device)
-    replaced = [_replace(module, "weight", out_dim if side == "out" else in_dim, keep)]
-    if side == "out" and module.bias is not None:
-        replaced.append(_replace(module, "bias", 0, keep))
-    refresh_features(module)
-    return replaced
-
-
-def remap_optimizer(optimizer: torch.optim.Optimizer, replacements: Sequence[Replacement]) -> None:
-    """Point ``optimizer`` at the new parameters; state of kept rows is kept, state of removed rows dropped.
-
-    Works in place on the optimizer (and on an accelerate ``AcceleratedOptimizer`` wrapping one), so a
-    learning-rate scheduler holding it stays valid.
-    """
-    inner = getattr(optimizer, "optimizer", optimizer)
-    swap = {id(r.old): r for r in replacements}
-    for group in inner.param_groups:
-        group["params"] = [swap[id(p)].new if id(p) in swap else p for p in group["params"]]
-    for r in replacements:
-        state = inner.state.pop(r.old, None)
-        if state is not None:
-            inner.state[r.new] = {
-                k: v.index_select(r.dim, r.keep.to(v.device))
-                if torch.is_tensor(v) and v.shape == r.old.shape
-                else v
-                for k, v in state.items()
-            }
-
-
-def _rows(positions: Sequence[int], width: int) -> torch.Tensor:
-    """Row indices of the units at ``positions`` in a run of ``width``-wide units."""
-    return torch.tensor([p * width + i for p in positions for i in range(width)], dtype=torch.long)
 
 
 def _check_not_shared(
@@ -155,39 +90,6 @@ def _validate(
     return new
 
 
-def _cut_structure(
-    model: nn.Module,
-    adapter: ArchitectureAdapter,
-    structure: Structure,
-    layer: int,
-    before: list[int],
-    after: list[int],
-) -> list[Replacement]:
-    """Cut the rows and columns of the units in ``before`` but not in ``after`` from one block."""
-    width = adapter.unit_width(structure, model.config)
-    group = adapter.group_size(structure, model.config)
-    kept_groups_before = sorted({u // group for u in before})
-    kept_groups_after = sorted({u // group for u in after})
-    runs = {
-        UNIT: (len(before) * width, _rows([before.index(u) for u in after], width)),
-        GROUP: (
-            len(kept_groups_before) * width,
-            _rows([kept_groups_before.index(g) for g in kept_groups_after], width),
-        ),
-    }
-    replaced: list[Replacement] = []
-    for rows in structure.rows:
-        offset, parts = 0, []
-        for segment in rows.segments:
-            length, keep = runs[segment]
-            parts.append(keep + offset)
-            offset += length
-        replaced += cut_linear(adapter.module(model, layer, rows.path), torch.cat(parts), "out")
-    replaced += cut_linear(adapter.module(model, layer, structure.output), runs[UNIT][1], "in")
-    adapter.set_unit_count(model, layer, structure, len(after))
-    return replaced
-
-
 def prune_units(
     model: nn.Module,
     units_to_prune: Mapping[str, Mapping[int, Sequence[int]]],
@@ -209,7 +111,7 @@ def prune_units(
         units_to_prune (`Mapping[str, Mapping[int, Sequence[int]]]`): structure name (``"heads"``, ``"ffn"``)
             to layer index to original unit indices.
         optimizer (`torch.optim.Optimizer`, *optional*): an optimizer over ``model``'s parameters, remapped
-            in place to the new parameters (see :func:`remap_optimizer`).
+            in place to the new parameters (see :func:`~hf_gradprune.structured.cutting.remap_optimizer`).
         allow_empty (`bool`, *optional*, defaults to `False`): let a layer lose every unit of a structure
             (its layers then have zero rows; the block still runs, adding only the output layer's bias).
 
@@ -268,11 +170,11 @@ def _prune_units(
         for layer, fresh in new.items():
             before = record.kept(structure.name, layer, num_units)
             after = [u for u in before if u not in fresh]
-            replaced += _cut_structure(model, adapter, structure, layer, before, after)
+            replaced += cut_structure(model, adapter, structure, layer, before, after)
             record.add(structure.name, layer, fresh)
     record.save_to_config(config)
     if masks:
-        apply_masks(model, _cut_masks(masks, names, replaced))
+        apply_masks(model, cut_masks(masks, names, replaced))
     if optimizer is not None:
         remap_optimizer(optimizer, replaced)
     return record
@@ -292,7 +194,7 @@ def prune_heads(
         model (`nn.Module`): a model of a registered family.
         heads_to_prune (`Mapping[int, Sequence[int]]`): layer index to original query-head indices.
         optimizer (`torch.optim.Optimizer`, *optional*): an optimizer over ``model``'s parameters, remapped
-            in place to the new parameters (see :func:`remap_optimizer`).
+            in place to the new parameters (see :func:`~hf_gradprune.structured.cutting.remap_optimizer`).
 
     Returns:
         `PruningRecord`: the model's updated record.
@@ -307,18 +209,6 @@ def prune_heads(
         24
     """
     return _prune_units(model, {HEADS: heads_to_prune}, optimizer, False, "heads_to_prune")
-
-
-def _cut_masks(
-    masks: dict[str, torch.Tensor], names: dict[int, str], replaced: Sequence[Replacement]
-) -> dict[str, torch.Tensor]:
-    """Weight masks with the rows/columns surgery removed from their parameters removed too."""
-    cut = dict(masks)
-    for r in replaced:
-        name = names[id(r.old)]
-        if name in cut:
-            cut[name] = cut[name].index_select(r.dim, r.keep.to(cut[name].device))
-    return cut
 
 
 def _check_layers(
@@ -350,16 +240,6 @@ def _check_layers(
             f"({list(range(depth - len(positions), depth))}), or prune heads or neurons instead."
         )
     return positions
-
-
-def _drop_from_optimizer(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter]) -> None:
-    """Take ``params`` and their state out of ``optimizer`` (in place, as :func:`remap_optimizer`)."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    gone = {id(p) for p in params}
-    for group in inner.param_groups:
-        group["params"] = [p for p in group["params"] if id(p) not in gone]
-    for param in params:
-        inner.state.pop(param, None)
 
 
 def prune_layers(
@@ -414,7 +294,7 @@ def prune_layers(
     record.save_to_config(config)
     note_masks(model)  # masks of the removed layers went with them
     if optimizer is not None:
-        _drop_from_optimizer(optimizer, removed)
+        drop_from_optimizer(optimizer, removed)
     return PruningRecord.from_config(config)
 
 

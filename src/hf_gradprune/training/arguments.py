@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import re
-import types
-import typing
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
@@ -23,6 +19,8 @@ from ..core.choices import (
     WEIGHT_SOLVERS,
 )
 from ..weights.criteria import WEIGHT_CRITERIA, needs_calibration
+from .argument_checks import validate
+from .flag_values import UnitTarget, implied_sparsity, parse_steps, parse_unit_counts, parse_unit_fractions
 
 
 class LiveChoices(Sequence[str]):
@@ -44,34 +42,6 @@ class LiveChoices(Sequence[str]):
 
 #: Every ``--weight_importance``: the registered criteria and the solvers, as they stand.
 LIVE_WEIGHT_METHODS = LiveChoices(lambda: (*WEIGHT_CRITERIA, *WEIGHT_SOLVERS))
-#: What ``X | None`` and ``Optional[X]`` annotations resolve to.
-UNIONS = (types.UnionType, typing.Union)
-PATTERN_FORM = re.compile(r"^(unstructured|(\d+):(\d+))$")
-
-
-@dataclass(frozen=True)
-class UnitTarget:
-    """How many units of one structure a run removes from within layers, and how they are ranked.
-
-    Args:
-        amount (`float`): units (key/value groups) to remove per layer when ``fraction`` is false, else the
-            fraction of them to remove.
-        fraction (`bool`): ``amount`` is a fraction of the units.
-        across_layers (`bool`): the units are ranked across layers (scores normalised per layer by
-            ``normalize``), not layer by layer.
-        normalize (`str`): per-layer normalisation before ranking across layers.
-    """
-
-    amount: float
-    fraction: bool
-    across_layers: bool
-    normalize: str = "none"
-
-    def total(self, units_per_layer: int, num_layers: int) -> float:
-        """Units to remove in all (across layers) or from every layer, of ``units_per_layer`` per layer."""
-        if not self.fraction:
-            return self.amount
-        return self.amount * units_per_layer * (num_layers if self.across_layers else 1)
 
 
 @dataclass
@@ -347,338 +317,19 @@ class PruningArguments:
     )
 
     def __post_init__(self) -> None:
-        self.prune_steps = ",".join(str(s) for s in self._parse_steps(self.prune_steps))
-        self._validate_args()
-
-    @staticmethod
-    def _parse_steps(value: str | int | list[int]) -> list[int]:
-        items = value if isinstance(value, list) else str(value).split(",")
-        try:
-            steps = sorted({int(str(s).strip()) for s in items if str(s).strip()})
-        except ValueError:
-            raise ValueError(
-                f"`--prune_steps` must be comma-separated non-negative integers such as 0,500, got {value!r}."
-            ) from None
-        if not steps or steps[0] < 0:
-            raise ValueError(f"`--prune_steps` needs at least one step, all >= 0, got {value!r}.")
-        return steps
-
-    def _check_types(self) -> None:
-        """Every field of the type its annotation says (``None`` only where it allows it): a ``TypeError``
-        naming the flag before any value is compared."""
-        hints = typing.get_type_hints(type(self))
-        for item in fields(self):
-            value = getattr(self, item.name)
-            members = (
-                typing.get_args(hints[item.name]) if typing.get_origin(hints[item.name]) in UNIONS else ()
-            )
-            optional = type(None) in members
-            kind = next((m for m in members if m is not type(None)), hints[item.name])
-            if value is None and optional:
-                continue
-            base = typing.get_origin(kind) or kind
-            accepted = (int, float) if base is float else (base,)
-            entries_ok = base is not list or (
-                isinstance(value, list) and all(isinstance(entry, str) for entry in value)
-            )
-            if isinstance(value, bool) != (base is bool) or not isinstance(value, accepted) or not entries_ok:
-                name = "list of str" if base is list else base.__name__
-                allowed = f"{name} or None" if optional else name
-                article = "an" if name == "int" else "a"
-                raise TypeError(f"`--{item.name}` must be {article} {allowed}, got {value!r}.")
-
-    def _validate_args(self) -> None:
-        self._check_types()
-        choices = {
-            "head_importance_normalize": HEAD_NORMALIZATIONS,
-            "head_importance_accumulate": HEAD_ACCUMULATIONS,
-            "layer_importance": LAYER_IMPORTANCES,
-            "mask_tuning_method": MASK_TUNING_METHODS,
-            "weight_importance": tuple(LIVE_WEIGHT_METHODS),
-            "weight_reconstruction": RECONSTRUCTIONS,
-            "weight_sparsity_allocation": SPARSITY_ALLOCATIONS,
-            "sparsity_scope": SPARSITY_SCOPES,
-            "sparsity_schedule": SPARSITY_SCHEDULES,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"`--{name}` must be one of {', '.join(allowed)}, got {getattr(self, name)!r}."
-                )
-        if self.prune_heads_per_layer is not None and self.prune_heads_fraction is not None:
-            raise ValueError(
-                "Give at most one of `--prune_heads_per_layer` and `--prune_heads_fraction`, got "
-                f"{self.prune_heads_per_layer} and {self.prune_heads_fraction}."
-            )
-        if self.prune_heads_per_layer is not None and self.prune_heads_per_layer < 0:
-            raise ValueError(f"`--prune_heads_per_layer` must be >= 0, got {self.prune_heads_per_layer}.")
-        if self.prune_heads_fraction is not None and not 0.0 <= self.prune_heads_fraction < 1.0:
-            raise ValueError(f"`--prune_heads_fraction` must be in [0, 1), got {self.prune_heads_fraction}.")
-        if self.prune_min_heads_per_layer < 0 or (
-            self.prune_min_heads_per_layer == 0 and not self.allow_empty_layers
-        ):
-            raise ValueError(
-                f"`--prune_min_heads_per_layer` must be >= 1 (0 with --allow_empty_layers), got "
-                f"{self.prune_min_heads_per_layer}."
-            )
-        if self.prune_layers is not None and self.prune_layers < 0:
-            raise ValueError(f"`--prune_layers` must be >= 0, got {self.prune_layers}.")
-        if self.prune_ffn_fraction is not None and not 0.0 <= self.prune_ffn_fraction < 1.0:
-            raise ValueError(f"`--prune_ffn_fraction` must be in [0, 1), got {self.prune_ffn_fraction}.")
-        counts = self.unit_counts
-        named = {**counts, **self.unit_fractions}
-        both = sorted(set(counts) & set(self.unit_fractions))
-        if both:
-            raise ValueError(
-                f"`--prune_units_per_layer` and `--prune_units_fraction` both ask for {both[0]}: give one of "
-                "them."
-            )
-        for flag, name in (
-            ("prune_heads_per_layer", HEADS),
-            ("prune_heads_fraction", HEADS),
-            ("prune_ffn_fraction", FFN),
-        ):
-            if getattr(self, flag) is not None and name in named:
-                raise ValueError(
-                    f"`--{flag}` and `--prune_units_* {name}=...` both ask for {name}: give one of them."
-                )
-        if self.target_flops_ratio is not None:
-            if not 0.0 < self.target_flops_ratio < 1.0:
-                raise ValueError(f"`--target_flops_ratio` must be in (0, 1), got {self.target_flops_ratio}.")
-            given = [
-                flag
-                for flag in (
-                    "prune_heads_per_layer",
-                    "prune_heads_fraction",
-                    "prune_ffn_fraction",
-                    "prune_units_per_layer",
-                    "prune_units_fraction",
-                )
-                if getattr(self, flag) is not None
-            ]
-            if given:
-                raise ValueError(
-                    f"`--target_flops_ratio` chooses heads and FFN neurons itself: leave out "
-                    f"{', '.join('`--' + flag + '`' for flag in given)}."
-                )
-        self._validate_flops_structures()
-        if self.prune_ffn_multiple_of is not None:
-            if self.prune_ffn_multiple_of < 1:
-                raise ValueError(f"`--prune_ffn_multiple_of` must be >= 1, got {self.prune_ffn_multiple_of}.")
-            if self.target_flops_ratio is None:
-                raise ValueError(
-                    "`--prune_ffn_multiple_of` shapes a FLOPs budget: set `--target_flops_ratio`."
-                )
-        global_choice = [
-            flag for flag in ("target_flops_ratio", "prune_heads_fraction") if getattr(self, flag) is not None
-        ]
-        if self.export_vanilla and global_choice and not self.uniform_per_layer:
-            raise ValueError(
-                f"`--export_vanilla` needs the same cut in every layer, and `--{global_choice[0]}` chooses "
-                "per layer: add `--uniform_per_layer`."
-            )
-        if self.uniform_per_layer and not global_choice:
-            warnings.warn(
-                "`--uniform_per_layer` shapes `--target_flops_ratio` and `--prune_heads_fraction`, and "
-                "neither is set: it is ignored (`--prune_heads_per_layer` and `--prune_ffn_fraction` are "
-                "uniform).",
-                stacklevel=3,
-            )
-        if self.prune_rounds < 1:
-            raise ValueError(f"`--prune_rounds` must be >= 1, got {self.prune_rounds}.")
-        if not 0.0 <= self.distill_alpha <= 1.0:
-            raise ValueError(
-                f"`--distill_alpha` must be in [0, 1] (0: no distillation), got {self.distill_alpha}."
-            )
-        if not self.distill_temperature > 0.0:
-            raise ValueError(f"`--distill_temperature` must be > 0, got {self.distill_temperature}.")
-        if self.flops_seq_len < 1:
-            raise ValueError(f"`--flops_seq_len` must be >= 1, got {self.flops_seq_len}.")
-        if self.mask_tuning and not self.unit_structures:
-            raise ValueError(
-                "`--mask_tuning` rescales kept heads and neurons after a structural cut: set "
-                "`--prune_heads_per_layer`, `--prune_heads_fraction`, `--prune_ffn_fraction`, "
-                "`--prune_units_*` or `--target_flops_ratio`."
-            )
-        layer_by_layer = self.layer_by_layer_flags
-        if self.scoring_passes < 1:
-            raise ValueError(f"`--scoring_passes` must be >= 1, got {self.scoring_passes}.")
-        if self.scoring_passes > 1 and (layer_by_layer or self.sparsity_scope == "global"):
-            reason = f"`{layer_by_layer[0]}`" if layer_by_layer else "`--sparsity_scope global`"
-            raise ValueError(
-                f"`--scoring_passes {self.scoring_passes}` splits one-shot scoring over groups of layers; "
-                f"{reason} cannot be split that way (block by block already holds one block's statistics "
-                "at a time): leave `--scoring_passes` at 1."
-            )
-        if layer_by_layer and self.sparsity_scope == "global":
-            raise ValueError(
-                f"`{layer_by_layer[0]}` scores each layer on a different model: use `--sparsity_scope` "
-                "per_row, per_tensor or per_layer, not global."
-            )
-        if self.weight_importance == "sparsegpt" and self.sparsity_scope == "per_layer":
-            raise ValueError(
-                "`--weight_importance sparsegpt` chooses per row or per block of columns: use "
-                "`--sparsity_scope` per_row or per_tensor."
-            )
-        if self.gblm_alpha < 0:
-            raise ValueError(f"`--gblm_alpha` must be >= 0, got {self.gblm_alpha}.")
-        if not 0.0 <= self.weight_sparsity < 1.0:
-            raise ValueError(f"`--weight_sparsity` must be in [0, 1), got {self.weight_sparsity}.")
-        self._validate_pattern()
-        if self.importance_batches < 1:
-            raise ValueError(f"`--importance_batches` must be >= 1, got {self.importance_batches}.")
-        if self.sparsity_schedule != "one_shot":
-            end = self.sparsity_schedule_end
-            if end is None or end <= self.sparsity_schedule_start or self.sparsity_schedule_start < 0:
-                raise ValueError(
-                    f"`--sparsity_schedule {self.sparsity_schedule}` needs 0 <= `--sparsity_schedule_start` "
-                    f"< `--sparsity_schedule_end`, got start={self.sparsity_schedule_start} and end={end}."
-                )
-            if self.sparsity_schedule_frequency < 1:
-                raise ValueError(
-                    f"`--sparsity_schedule_frequency` must be >= 1, got {self.sparsity_schedule_frequency}."
-                )
-        if self.weight_sparsity_allocation == "owl" and self.sparsity_pattern != "unstructured":
-            raise ValueError(
-                f"`--weight_sparsity_allocation owl` spreads an unstructured sparsity over the blocks; "
-                f"`--sparsity_pattern {self.sparsity_pattern}` fixes it in every block: use one or the other."
-            )
-        self._warn_flags_of_features_off()
-        if not self.prunes_structures and not self.prunes_weights:
-            warnings.warn(
-                "PruningArguments prune nothing: set `--prune_layers`, `--prune_heads_per_layer`, "
-                "`--prune_heads_fraction`, `--prune_ffn_fraction`, `--prune_units_*`, "
-                "`--target_flops_ratio` or `--weight_sparsity`.",
-                stacklevel=3,
-            )
-
-    def _validate_flops_structures(self) -> None:
-        names = self.flops_structures
-        if not names or len(set(names)) < len(names) or not all(name.isidentifier() for name in names):
-            raise ValueError(
-                f"`--prune_flops_structures` must name structures once each, comma-separated ({HEADS}, "
-                f"{FFN}, {LAYERS} or another structure of the model's family), got "
-                f"{self.prune_flops_structures!r}."
-            )
-        if self.prunes_by_flops and LAYERS in names:
-            if self.uniform_per_layer:
-                raise ValueError(
-                    "`--uniform_per_layer` ranks one slice of every layer at a time, which a whole layer is "
-                    "not: leave `layers` out of `--prune_flops_structures`, or `--uniform_per_layer` off."
-                )
-            if self.mask_tuning and self.mask_tuning_method == "least_squares":
-                raise ValueError(
-                    "`--mask_tuning_method least_squares` fits each layer to the same layer before the cut, "
-                    "which removing whole layers renumbers: use `distillation` with `layers` in "
-                    "`--prune_flops_structures`."
-                )
-
-    def _warn_flags_of_features_off(self) -> None:
-        """One policy for a flag whose feature is off: a warning naming the flag and what turns it on."""
-        weights = (
-            "weight pruning",
-            "`--weight_sparsity` or an N:M `--sparsity_pattern`",
-            self.prunes_weights,
-        )
-        ramp = (
-            "a sparsity ramp",
-            "`--sparsity_schedule linear` or `cubic`",
-            self.sparsity_schedule != "one_shot",
-        )
-        distillation = ("distillation", "`--distill_alpha` above 0", self.distills)
-        units = (
-            "head and FFN neuron pruning",
-            "`--prune_heads_per_layer`, `--prune_heads_fraction`, `--prune_ffn_fraction`, "
-            "`--prune_units_*` or `--target_flops_ratio`",
-            bool(self.unit_structures),
-        )
-        heads = (
-            "head pruning",
-            "`--prune_heads_per_layer`, `--prune_heads_fraction` or `--target_flops_ratio`",
-            self.prunes_heads,
-        )
-        features = {
-            "prune_min_heads_per_layer": heads,
-            "head_importance_normalize": heads,
-            "head_importance_accumulate": units,
-            "uniform_per_layer": units,
-            "allow_empty_layers": units,
-            "prune_rounds": units,
-            "mask_tuning": units,
-            "weight_importance": weights,
-            "sparsity_scope": weights,
-            "sparsity_schedule": weights,
-            "prune_steps": (
-                "a structural cut or one-shot weight pruning (a ramp follows `--sparsity_schedule_*`)",
-                "structures to prune, or `--weight_sparsity` with `--sparsity_schedule one_shot`",
-                self.prunes_structures or (self.prunes_weights and self.sparsity_schedule == "one_shot"),
-            ),
-            "importance_batches": (
-                "scoring on training batches",
-                "structures to prune, or a `--weight_importance` that reads data",
-                self.prunes_structures or (self.prunes_weights and self.weights_read_data),
-            ),
-            "layer_importance": ("layer pruning", "`--prune_layers`", self.prunes_layers),
-            "prune_flops_structures": ("a FLOPs budget", "`--target_flops_ratio`", self.prunes_by_flops),
-            "mask_tuning_method": ("mask tuning", "`--mask_tuning`", self.mask_tuning),
-            "measure_speedup": (
-                "structural cuts",
-                "`--prune_layers`, `--prune_heads_*`, `--prune_*_fraction` or `--target_flops_ratio`",
-                self.prunes_structures,
-            ),
-            "weight_reconstruction": weights,
-            "weight_sparsity_allocation": weights,
-            "sequential_calibration": weights,
-            "scoring_passes": weights,
-            "prune_target_modules": weights,
-            "gblm_alpha": (
-                "the gblm criterion",
-                "`--weight_importance gblm`",
-                self.weight_importance == "gblm",
-            ),
-            "distill_temperature": distillation,
-            "distill_hidden_states": distillation,
-            "teacher_model_name_or_path": distillation,
-            "sparsity_schedule_start": ramp,
-            "sparsity_schedule_end": ramp,
-            "sparsity_schedule_frequency": ramp,
-        }
-        defaults = self.defaults()
-        for flag, (feature, switch, on) in features.items():
-            value = getattr(self, flag)
-            if not on and value != defaults[flag]:
-                warnings.warn(
-                    f"`--{flag} {value}` shapes {feature}, which is off: it is ignored (set {switch}).",
-                    stacklevel=4,
-                )
-
-    def _validate_pattern(self) -> None:
-        match = PATTERN_FORM.match(self.sparsity_pattern)
-        n_m = match and match.group(2) and (int(match.group(2)), int(match.group(3)))
-        if not match or (n_m and not 0 < n_m[0] < n_m[1]):
-            raise ValueError(
-                f"`--sparsity_pattern` must be `unstructured` or N:M with 0 < N < M (e.g. 2:4), "
-                f"got {self.sparsity_pattern!r}."
-            )
-        if n_m:
-            implied = 1 - n_m[0] / n_m[1]
-            if self.weight_sparsity == 0.0:
-                self.weight_sparsity = implied
-            elif abs(self.weight_sparsity - implied) > 1e-9:
-                raise ValueError(
-                    f"`--sparsity_pattern {self.sparsity_pattern}` implies `--weight_sparsity` {implied:g}, "
-                    f"got {self.weight_sparsity}; leave `--weight_sparsity` unset or set it to {implied:g}."
-                )
-            if self.sparsity_schedule != "one_shot":
-                raise ValueError(
-                    f"`--sparsity_pattern {self.sparsity_pattern}` is applied at once: use "
-                    f"`--sparsity_schedule one_shot`, got {self.sparsity_schedule!r}."
-                )
+        """Normalise (sorted ``prune_steps``, the sparsity an N:M pattern implies), then check it all once."""
+        self.prune_steps = ",".join(str(step) for step in parse_steps(self.prune_steps))
+        implied = implied_sparsity(self.sparsity_pattern)
+        # False is not unset: the type check refuses it
+        unset = self.weight_sparsity == 0.0 and not isinstance(self.weight_sparsity, bool)
+        if implied is not None and unset:
+            self.weight_sparsity = implied
+        validate(self)
 
     @property
     def prune_step_list(self) -> list[int]:
         """``prune_steps`` as sorted integers."""
-        return self._parse_steps(self.prune_steps)
+        return parse_steps(self.prune_steps)
 
     @property
     def flops_structures(self) -> list[str]:
@@ -757,16 +408,7 @@ class PruningArguments:
             >>> PruningArguments(prune_units_per_layer="ffn=64").unit_counts
             {'ffn': 64}
         """
-        return {
-            name: int(value)
-            for name, value in _pairs(
-                "prune_units_per_layer",
-                self.prune_units_per_layer,
-                lambda v: v.isdigit(),
-                "each count >= 0",
-                "'ffn=64'",
-            ).items()
-        }
+        return parse_unit_counts(self.prune_units_per_layer)
 
     @property
     def unit_fractions(self) -> dict[str, float]:
@@ -777,16 +419,7 @@ class PruningArguments:
             >>> PruningArguments(prune_units_fraction="ffn=0.25, experts=0.5").unit_fractions
             {'ffn': 0.25, 'experts': 0.5}
         """
-        return {
-            name: float(value)
-            for name, value in _pairs(
-                "prune_units_fraction",
-                self.prune_units_fraction,
-                _is_fraction,
-                "each fraction in [0, 1)",
-                "'ffn=0.25'",
-            ).items()
-        }
+        return parse_unit_fractions(self.prune_units_fraction)
 
     @property
     def prunes_structures(self) -> bool:
@@ -853,27 +486,3 @@ class PruningArguments:
             for f in fields(cls)
             if f.init
         }
-
-
-def _is_fraction(value: str) -> bool:
-    try:
-        return 0.0 <= float(value) < 1.0
-    except ValueError:
-        return False
-
-
-def _pairs(
-    flag: str, text: str | None, valid: Callable[[str], bool], rule: str, example: str
-) -> dict[str, str]:
-    """``name=value`` pairs of ``--flag``, comma-separated: each name an identifier given once, each value
-    ``valid`` (a ``ValueError`` names the flag, the ``rule`` and an ``example`` otherwise)."""
-    pairs: dict[str, str] = {}
-    for pair in text.split(",") if text else []:
-        name, _, value = (part.strip() for part in pair.partition("="))
-        if not name.isidentifier() or name in pairs or not valid(value):
-            raise ValueError(
-                f"`--{flag}` must be name=value pairs, comma-separated, each structure once and {rule} "
-                f"(e.g. {example}), got {text!r}."
-            )
-        pairs[name] = value
-    return pairs

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import functools
-import itertools
-import json
 import logging
 import os
 import warnings
@@ -17,62 +15,43 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..core.adapters import HEADS, find_target_modules, get_adapter, weight_layer_groups
-from ..core.batches import prepare_batch
+from ..core.adapters import HEADS, get_adapter
+from ..core.batches import prepare_batch, take_batches
 from ..core.masks import (
     MASKS_FILENAME,
     apply_masks,
     get_masks,
-    grouped_sparsity,
     load_masks,
     reapply_masks,
-    save_masks,
 )
 from ..core.record import PruningRecord
-from ..core.sharding import is_sharded, local_part
 from ..io.checkpoint import fit_to_checkpoint
-from ..structured.flops import flops_ratio, measure_speedup
+from ..structured.flops import measure_speedup
 from ..structured.rounds import prune_in_rounds, prune_layers_by_importance
 from ..structured.surgery import prune_to_record
-from ..weights.pruning import prune_weights
+from ..weights.pruning import prune_weights, zero_pruned_optimizer_state
 from .arguments import PruningArguments
 from .distillation import frozen_copy
-from .lora import is_peft_model, mask_lora_updates
+from .lora import mask_lora_updates
 from .planning import PruningPlan
+from .pruning_state import STATE_FILENAME, read_pruning_state, write_pruning_state
+from .reporting import (
+    PRUNING_METRICS,
+    TensorBoardFigures,
+    sparsity_logs,
+    structure_logs,
+    tag_pruned,
+    target_weight_names,
+)
+from .run_checks import (
+    already_pruned_warning,
+    fsdp_version,
+    refuse_sharded_training,
+    refuse_structures_under_lora,
+    warn_about_the_schedule,
+)
 
 logger = logging.getLogger(__name__)
-
-STATE_FILENAME = "pruning_state.json"
-PRUNING_METRICS = "prune/"
-"""The prefix of every metric the pruning logs."""
-#: Pruning arguments that may change between a checkpoint and its resumed run: they do not decide what is
-#: pruned, only how well it is estimated or how much memory scoring takes (``--scoring_passes``: the same
-#: masks in any number of passes).
-HARMLESS_ON_RESUME = frozenset({"importance_batches", "measure_speedup", "scoring_passes"})
-
-
-def fsdp_version(args: TrainingArguments) -> int | None:
-    """The FSDP version ``args`` ask for (``fsdp_config["fsdp_version"]``, default 1); ``None``: no FSDP."""
-    config = args.fsdp_config or {}  # TrainingArguments strips the "fsdp_" of its keys
-    return int(config.get("version", config.get("fsdp_version", 1))) if args.fsdp else None
-
-
-def take_batches(dataloader: Iterable, count: int) -> list[Any]:
-    """The first ``count`` batches of a fresh pass over ``dataloader``, leaving the training RNG untouched.
-
-    An accelerate-prepared loader is read through its ``base_dataloader``, so the Trainer's own epoch
-    iterator and accelerate's gradient-state bookkeeping are not disturbed.
-    """
-    loader = getattr(dataloader, "base_dataloader", dataloader)
-    with torch.random.fork_rng(devices=[]):
-        batches = list(itertools.islice(iter(loader), count))
-    if len(batches) < count:
-        warnings.warn(
-            f"`--importance_batches` is {count} but the training data gives {len(batches)} batch(es) per "
-            f"pass: importance is computed on those {len(batches)}.",
-            stacklevel=2,
-        )
-    return batches
 
 
 class GradientPruningCallback(TrainerCallback):
@@ -125,7 +104,7 @@ class GradientPruningCallback(TrainerCallback):
         self._noted_pruned = False
         self._structures_done_before_training = False
         self._pending_logs: dict[str, float] = {}
-        self._writer = None
+        self._figures = TensorBoardFigures()
         #: Set by ``PruningTrainer``, whose loss holds the distillation term (a callback cannot).
         self.distillation_in_loss = False
         #: Called with ``"before"`` right before each cut (structural, or one-shot weights) and ``"after"``
@@ -158,7 +137,7 @@ class GradientPruningCallback(TrainerCallback):
         names = args.flops_structures if args.prunes_by_flops else args.unit_structures
         report = self._prune_units(model, batches, step, names, optimizer) if names else {}
         logs = {k: v for k, v in report.items() if k.startswith(PRUNING_METRICS)}
-        logs.update(self.structure_logs(model))
+        logs.update(structure_logs(model, self.pruning_args.flops_seq_len))
         cut = layers or report.get("units") or report.get("layers")
         return self._speedup_logs(reference if cut else None, model, batches, logs)
 
@@ -254,7 +233,7 @@ class GradientPruningCallback(TrainerCallback):
         batches = take_batches(dataloader, self.pruning_args.importance_batches)
         self._around_cut("before")
         self._pending_logs.update(self.prune_structures_now(model, batches, 0))
-        _tag_pruned(model)
+        tag_pruned(model)
         self._structures_done_before_training = True
         if self.plan.weight_sparsity_at(0, self.weight_sparsity) is None:
             self._around_cut("after")
@@ -275,100 +254,13 @@ class GradientPruningCallback(TrainerCallback):
         if self._noted_pruned:
             return
         self._noted_pruned = True
-        record = PruningRecord.from_config(getattr(model, "config", None))
-        masked = len(get_masks(model))
-        if record.is_empty() and not masked:
-            return
-        args = self.pruning_args
-        found = [
-            f"{name}: {sum(map(len, layers.values()))} removed" for name, layers in record.pruned.items()
-        ]
-        found += [f"{masked} masked weight tensors"] if masked else []
-        message = (
-            f"The model is already pruned ({', '.join(found)}). Head and FFN counts and fractions remove "
-            "that many more; `--target_flops_ratio` counts from the original model; weight masks are "
-            "recomputed at `--weight_sparsity` over all weights, the zeros included."
-        )
-        if args.prunes_by_flops and getattr(model, "config", None) is not None and not record.is_empty():
-            now = flops_ratio(model, args.flops_seq_len)
-            if now <= args.target_flops_ratio:
-                message += f" Its FLOPs are already {now:.1%} of the original: no head or neuron will go."
-        warnings.warn(message, stacklevel=3)
-
-    def _warn_about_the_schedule(self, max_steps: int) -> None:
-        """Prune steps and ramp ends at or past the end of training never happen: say so at train begin."""
-        args = self.pruning_args
-        steps = args.prune_step_list if args.prunes_structures or args.sparsity_schedule == "one_shot" else []
-        late = [step for step in steps if step >= max_steps]
-        if late and (args.prunes_structures or args.prunes_weights):
-            warnings.warn(
-                f"`--prune_steps` {late} are at or past the end of training (max_steps={max_steps}): those "
-                "cuts never happen. Set steps below max_steps.",
-                stacklevel=3,
-            )
-        if (
-            args.prunes_weights
-            and args.sparsity_schedule != "one_shot"
-            and args.sparsity_schedule_end >= max_steps
-        ):
-            start, every = args.sparsity_schedule_start, args.sparsity_schedule_frequency
-            last = start + (max_steps - 1 - start) // every * every  # the ramp's last update in training
-            final = (self.plan.weight_sparsity_at(last) if last >= start else None) or 0.0
-            warnings.warn(
-                f"`--sparsity_schedule_end` {args.sparsity_schedule_end} is at or past the end of training "
-                f"(max_steps={max_steps}): the weights end at sparsity {final:.3g}, not the "
-                f"`--weight_sparsity` {args.weight_sparsity}. End the ramp before max_steps.",
-                stacklevel=3,
-            )
-
-    def refuse_sharded_training(self, fsdp_version: int | None, deepspeed: bool) -> None:
-        """What does not run sharded is refused with the reason: DeepSpeed, FSDP 1, and under FSDP2 what
-        reads whole parameters or copies the model (``fsdp_version``: ``None`` without FSDP)."""
-        if deepspeed:
-            raise ValueError(
-                "hf_gradprune does not support DeepSpeed training: its weight masks and gradient hooks, "
-                "importance and head/neuron surgery work on whole parameters or on FSDP2's shards, which "
-                "DeepSpeed partitions otherwise (the masks would not match the partitions). Train with FSDP2 "
-                "(`--fsdp full_shard --fsdp_config '{\"fsdp_version\": 2}'`) or DDP. See docs/scaling.md."
-            )
-        if fsdp_version is None:
-            return
-        if fsdp_version != 2:
-            raise ValueError(
-                f"hf_gradprune supports FSDP2 only, got fsdp_version={fsdp_version}: FSDP 1 flattens the "
-                "parameters that masks and importance address by name. Set `fsdp_config={'fsdp_version': 2}` "
-                "(`--fsdp_config '{\"fsdp_version\": 2}'`). See docs/scaling.md."
-            )
-        args = self.pruning_args
-        later = args.prunes_structures and any(step > 0 for step in args.prune_step_list)
-        structures = f"heads, FFN neurons or layers after step 0 (`--prune_steps {args.prune_steps}`)"
-        unsupported = [
-            *(["--distill_alpha"] if args.distills else []),
-            *args.layer_by_layer_flags,
-            *([f"--scoring_passes {args.scoring_passes}"] if args.scoring_passes > 1 else []),
-            *(["--export_vanilla"] if args.export_vanilla else []),
-            *([structures] if later else []),
-        ]
-        if unsupported:
-            raise ValueError(
-                "Under FSDP2 hf_gradprune prunes weights in one shot (every `--weight_importance` but "
-                "sparsegpt, every scope and N:M pattern) and cuts heads, FFN neurons and layers at step 0 "
-                f"with PruningTrainer (before the model is sharded), not yet {', '.join(unsupported)}: they "
-                "read whole parameters, change shapes after sharding or copy the model on every rank. Train "
-                "with DDP, or prune in one process first and fine-tune the pruned model with its masks under "
-                "FSDP2. See docs/scaling.md."
-            )
+        message = already_pruned_warning(model, self.pruning_args)
+        if message is not None:
+            warnings.warn(message, stacklevel=3)
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        self.refuse_sharded_training(fsdp_version(args), bool(args.deepspeed))
-        if self.pruning_args.prunes_structures and is_peft_model(kwargs.get("model")):
-            raise ValueError(
-                "Heads, FFN neurons and layers are not cut under LoRA (`peft_config`): the adapters' "
-                "matrices would have to be cut with their layers. Cut first (without `peft_config`, then "
-                "save the smaller model), then train LoRA on it. Weight pruning (`--weight_sparsity`) works "
-                "under LoRA: the base weights are masked and so is the LoRA update, so `merge_and_unload` "
-                "keeps the zeros."
-            )
+        refuse_sharded_training(self.pruning_args, fsdp_version(args), bool(args.deepspeed))
+        refuse_structures_under_lora(self.pruning_args, kwargs.get("model"))
         if kwargs.get("model") is not None and self._load_hook is None:
             # A plain Trainer loads a checkpoint's weights before `on_train_begin`: shapes first.
             hook = functools.partial(fit_to_checkpoint, args.output_dir)
@@ -388,7 +280,7 @@ class GradientPruningCallback(TrainerCallback):
         self._progress = self.show_progress and not args.disable_tqdm and state.is_local_process_zero
         if state.global_step == 0:
             self.note_already_pruned(model)
-            self._warn_about_the_schedule(state.max_steps)
+            warn_about_the_schedule(self.plan, state.max_steps)
         if self._structure_steps_left(state.global_step):
             # heads and neurons need a registered family, which has the structures the flags name: a clear
             # error now, not mid-run
@@ -435,12 +327,12 @@ class GradientPruningCallback(TrainerCallback):
                 self._pending_logs.update(self.prune_structures_now(model, batches, step, optimizer))
             if sparsity is not None:
                 self.prune_weights_now(model, batches, sparsity, optimizer=optimizer)
-                self._pending_logs.update(self.sparsity_logs(model))
-            _tag_pruned(model)
+                self._pending_logs.update(sparsity_logs(model, self.pruning_args.prune_target_modules))
+            tag_pruned(model)
             if cut or self.pruning_args.sparsity_schedule == "one_shot":
                 self._around_cut("after")
-        if self._pending_logs:
-            self._write_figures(args, state, model)
+        if "prune/flops_ratio" in self._pending_logs:
+            self._figures.write(args, state, model, self.head_importance)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self._pending_logs:
@@ -473,28 +365,19 @@ class GradientPruningCallback(TrainerCallback):
             self.save_pruning_state(kwargs["model"], folder)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self._figures.close()
 
     # --- state ------------------------------------------------------------------------------------
     def save_pruning_state(self, model: nn.Module, folder: str | os.PathLike) -> None:
         """Write the masks and the schedule position into ``folder`` (each file atomically)."""
-        folder = Path(folder)
-        masks = get_masks(model)
-        if masks:
-            save_masks(masks, folder / MASKS_FILENAME)
         heads = self.head_importance
-        state = {
+        facts = {
             "weight_sparsity": self.weight_sparsity,
             "speedup": self.speedup,
-            "pruning_args": self.pruning_args.to_dict(),
             "evaluations": self.evaluations,
             "head_importance": None if heads is None else heads.tolist(),
         }
-        partial = folder / f".{STATE_FILENAME}.tmp"
-        partial.write_text(json.dumps(state, indent=2, sort_keys=True))
-        os.replace(partial, folder / STATE_FILENAME)
+        write_pruning_state(Path(folder), get_masks(model), self.pruning_args, facts)
 
     def resume_from(self, checkpoint: str | os.PathLike, model: nn.Module | None = None) -> None:
         """Read the masks, schedule position and card facts of ``checkpoint``; the masks are applied at train
@@ -509,9 +392,8 @@ class GradientPruningCallback(TrainerCallback):
         ``trainer.train(resume_from_checkpoint=checkpoint)``.
         """
         folder = Path(checkpoint)
-        if (folder / STATE_FILENAME).is_file():
-            saved = json.loads((folder / STATE_FILENAME).read_text())
-            self._check_resumed_args(saved.get("pruning_args", {}), folder)
+        saved = read_pruning_state(folder, self.pruning_args)
+        if saved is not None:
             self.weight_sparsity = saved["weight_sparsity"]
             self.speedup = saved.get("speedup")
             self.evaluations = saved.get("evaluations", {})
@@ -523,100 +405,7 @@ class GradientPruningCallback(TrainerCallback):
             self._restored_masks = load_masks(folder / MASKS_FILENAME)
         self._resumed = True
 
-    def _check_resumed_args(self, saved: dict[str, Any], folder: Path) -> None:
-        current = self.pruning_args.to_dict()
-        # A flag newer than the checkpoint was at its default then.
-        saved = {**PruningArguments.defaults(), **saved}
-        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-        harmful = [k for k in changed if k not in HARMLESS_ON_RESUME]
-        if harmful:
-            details = "; ".join(f"`--{k}` {saved.get(k)!r} -> {current.get(k)!r}" for k in harmful)
-            raise ValueError(
-                f"Cannot resume from {folder.name!r} with other pruning arguments: {details}. They change "
-                "what is pruned: resume with the checkpoint's arguments, or start a new run."
-            )
-        if changed:
-            details = "; ".join(f"`--{k}` {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
-            warnings.warn(
-                f"Resuming from {folder.name!r} with changed pruning arguments: {details}.", stacklevel=3
-            )
-
     # --- logging ----------------------------------------------------------------------------------
     def target_weight_names(self, model: nn.Module) -> list[str]:
         """Parameter names of the weights ``--prune_target_modules`` selects in ``model``."""
-        return [f"{n}.weight" for n in find_target_modules(model, self.pruning_args.prune_target_modules)]
-
-    def sparsity_logs(self, model: nn.Module) -> dict[str, float]:
-        """Real zero fractions of the target weights: overall and per block (per module without adapter)."""
-        counts = grouped_sparsity(model, weight_layer_groups(model, self.pruning_args.prune_target_modules))
-        zeros, entries = sum(c[2] for c in counts.values()), sum(c[1] for c in counts.values())
-        logs = {"prune/sparsity": zeros / entries}
-        for group, (_, n, group_zeros) in counts.items():
-            logs[f"prune/sparsity_{group.replace('.', '_')}"] = group_zeros / n
-        return logs
-
-    def structure_logs(self, model: nn.Module) -> dict[str, float]:
-        """Units of each structure left per layer, whole layers removed, and the block FLOPs left (at
-        ``--flops_seq_len``)."""
-        adapter = get_adapter(model)
-        record = PruningRecord.from_config(model.config)
-        logs = {}
-        for structure in adapter.structures:
-            num_units = adapter.num_units(structure, model.config)
-            for layer in range(len(adapter.blocks(model))):
-                kept = record.kept(structure.name, layer, num_units)
-                logs[f"prune/{structure.name}_layer_{layer}"] = float(len(kept))
-        if record.removed_layers:
-            logs["prune/layers_removed"] = float(len(record.removed_layers))
-        logs["prune/flops_ratio"] = flops_ratio(model, self.pruning_args.flops_seq_len)
-        return logs
-
-    def _write_figures(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> None:
-        """The head-importance heatmap and the FFN sizes as TensorBoard figures, when TensorBoard reports."""
-        report_to = args.report_to if isinstance(args.report_to, list) else [args.report_to]
-        wanted = "tensorboard" in report_to or "all" in report_to
-        if (
-            not wanted
-            or not state.is_world_process_zero
-            or not self._pending_logs.keys() & {"prune/flops_ratio"}
-        ):
-            return
-        from ..io.figures import head_importance_figure, unit_sizes_figure
-
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # Beside the Trainer's own event files (which sit under output_dir/runs/<date_host>).
-            log_dir = os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(args.output_dir, "runs")
-            self._writer = SummaryWriter(log_dir=os.path.join(log_dir, "pruning"))
-        if self.head_importance is not None:
-            self._writer.add_figure(
-                "prune/head_importance", head_importance_figure(self.head_importance), state.global_step
-            )
-        for name, layers in PruningRecord.from_config(model.config).pruned.items():
-            if any(layers.values()):
-                self._writer.add_figure(
-                    f"prune/{name}_sizes", unit_sizes_figure(model, name), state.global_step
-                )
-        self._writer.flush()
-
-
-def _tag_pruned(model: nn.Module) -> None:
-    """Tag a transformers model as pruned: ``Trainer.push_to_hub`` (trl's too) merges a model's tags into
-    the card it writes, so a plain ``Trainer`` with the callback publishes a card that says so."""
-    from ..io.cards import CARD_TAGS
-
-    if callable(getattr(model, "add_model_tags", None)):
-        model.add_model_tags(list(CARD_TAGS))
-
-
-def zero_pruned_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, masks: dict) -> None:
-    """Zero the optimizer state (e.g. Adam moments) of pruned entries, so momentum cannot revive them."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    params = dict(model.named_parameters())
-    for name, mask in masks.items():
-        state = inner.state.get(params[name])
-        for value in (state or {}).values():
-            if torch.is_tensor(value) and value.shape == mask.shape:
-                local = local_part(mask, value) if is_sharded(value) else mask  # FSDP2: the shard's part
-                (value.to_local() if is_sharded(value) else value).mul_(local.to(value.device, value.dtype))
+        return target_weight_names(model, self.pruning_args.prune_target_modules)

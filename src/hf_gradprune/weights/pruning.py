@@ -23,7 +23,7 @@ from ..core.choices import (
     check_choice,
 )
 from ..core.masks import apply_masks, masks_of
-from ..core.sharding import whole
+from ..core.sharding import is_sharded, local_part, whole
 from .blockwise import prune_blockwise
 from .criteria import WEIGHT_CRITERIA, needs_calibration
 from .scoring import score_modules
@@ -196,3 +196,15 @@ def prune_weights(
     if not sequential:  # one shot: every group scored on the model as it came
         apply_masks(model, applied, copy=False)  # the masks returned are the model's: one copy
     return applied
+
+
+def zero_pruned_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, masks: dict) -> None:
+    """Zero the optimizer state (e.g. Adam moments) of pruned entries, so momentum cannot revive them."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        state = inner.state.get(params[name])
+        for value in (state or {}).values():
+            if torch.is_tensor(value) and value.shape == mask.shape:
+                local = local_part(mask, value) if is_sharded(value) else mask  # FSDP2: the shard's part
+                (value.to_local() if is_sharded(value) else value).mul_(local.to(value.device, value.dtype))
