@@ -19,11 +19,14 @@ marker whose file, key or value is wrong.
 A results file is stale when a module its benchmark measures (the script's ``MEASURES``) changed in a commit
 after the one the file records: those are listed as warnings, not errors.
 
-Run: ``.venv/bin/python benchmarks/figures.py`` (``make test`` runs it); exit status 1 on an error.
+Run: ``.venv/bin/python benchmarks/figures.py`` (``make test`` runs it); exit status 1 on an error. After a
+rerun, ``--update heads_curve.json ...`` rewrites the figures marked with those files at their printed digits
+and prints each change, for a reader to check the prose around it.
 """
 
 from __future__ import annotations
 
+import argparse
 import ast
 import json
 import operator
@@ -169,6 +172,33 @@ def check_document(document: Path, results: Path = RESULTS) -> list[Finding]:
     return errors
 
 
+def update_document(document: Path, files: set[str], results: Path = RESULTS) -> list[Finding]:
+    """Rewrite each figure of ``document`` marked with one of ``files`` to its source's value, at the
+    digits it is printed with; the changes, for a reader to check the prose around them."""
+    changes: list[Finding] = []
+    lines = document.read_text().splitlines(keepends=True)
+    name = document.relative_to(ROOT).as_posix() if document.is_relative_to(ROOT) else document.name
+    for index, line in enumerate(lines):
+        for marker in reversed(list(MARKER.finditer(line))):  # from the right: offsets to the left hold
+            file = marker.group("file")
+            printed = PRINTED.search(line[: marker.start()])
+            if file not in files or printed is None:
+                continue
+            value = evaluate(marker.group("expression"), json.loads((results / file).read_text()))
+            old = printed.group(1)
+            digits = old.lstrip("-−")
+            decimals = len(digits.split(".")[1]) if "." in digits else 0
+            new = f"{abs(value):{',' if ',' in digits else ''}.{decimals}f}"
+            new = old[: len(old) - len(digits)] + new  # the sign as printed
+            if new != old:
+                line = line[: printed.start(1)] + new + line[printed.end(1) :]
+                changes.append(Finding(f"{name}:{index + 1}", f"{old} -> {new} ({file})"))
+        lines[index] = line
+    if changes:
+        document.write_text("".join(lines))
+    return changes
+
+
 def _blank(match: re.Match) -> str:
     """Spaces in place of ``match``, so the positions of the rest of the line stay."""
     return " " * len(match.group(0))
@@ -239,15 +269,25 @@ def _git(root: Path, *command: str) -> str:
     return found.stdout.strip() if found.returncode == 0 else ""
 
 
-def main(root: Path = ROOT) -> int:
-    errors = [
-        e for document in DOCUMENTS if (root / document).is_file() for e in check_document(root / document)
-    ]
+def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
+    """Check the documents (exit status 1 on an error); ``--update FILE.json ...`` first rewrites the figures
+    marked with those results files (after a rerun), printing each change."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--update", nargs="+", default=[], metavar="FILE.json", help="results files rerun")
+    args = parser.parse_args(argv)
+    unknown = [f for f in args.update if not (root / "benchmarks" / "results" / f).is_file()]
+    if unknown:
+        parser.error(f"--update: {unknown} are not files of benchmarks/results/")
+    documents = [root / d for d in DOCUMENTS if (root / d).is_file()]
+    for document in documents if args.update else []:
+        for change in update_document(document, set(args.update), root / "benchmarks" / "results"):
+            print(f"updated: {change}")
+    errors = [e for document in documents for e in check_document(document)]
     for warning in stale_results(root / "benchmarks" / "results", root):
         print(f"warning: {warning}")
     for error in errors:
         print(f"error: {error}")
-    checked = sum(1 for d in DOCUMENTS if (root / d).is_file() for _ in markers(root / d))
+    checked = sum(1 for d in documents for _ in markers(d))
     print(f"figures: {checked} marked, {len(errors)} error(s)")
     return 1 if errors else 0
 

@@ -120,5 +120,19 @@ def test_a_results_file_older_than_the_code_it_measures_is_a_warning(figures, tm
     assert "2 later commit(s) changed what it measures (pkg/measured.py)" in str(warning)
 
 
+def test_update_rewrites_the_figures_of_a_rerun_file_at_their_printed_digits(figures, results, tmp_path):
+    other = tmp_path / "results" / "other.json"
+    other.write_text(json.dumps({"value": 2.0}))
+    document = tmp_path / "README.md"
+    document.write_text(f"**166.4**{MARK} and 3.4x{RATIO}, -1.50<!-- fig other.json value -->\n")
+    changes = figures.update_document(document, {"recovery.json"}, results)
+    assert [str(change) for change in changes] == ["README.md:1: 166.4 -> 166.5 (recovery.json)"]
+    # 3.37 printed with one decimal is 3.4 already; other.json was not named, so its figure stays.
+    assert document.read_text() == f"**166.5**{MARK} and 3.4x{RATIO}, -1.50<!-- fig other.json value -->\n"
+    assert check(figures, results, tmp_path, document.read_text()) == [
+        "README.md:1: prints -1.5, other.json gives 2"
+    ]
+
+
 def test_the_documents_of_this_repository_pass(figures):
-    assert figures.main() == 0
+    assert figures.main([]) == 0
