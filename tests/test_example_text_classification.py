@@ -11,7 +11,7 @@ import torch
 from hf_gradprune import load_pruned
 from hf_gradprune.core.masks import compute_sparsity
 from hf_gradprune.testing import LocalHub
-from hf_gradprune.testing.hub import _Store
+from hf_gradprune.testing.hub_store import Store
 from hf_gradprune.training.checkpoints import TRAINING_ARGS_JSON
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
@@ -159,7 +159,7 @@ def test_example_push_to_hub_makes_one_commit(tmp_path):
             [sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, timeout=900, env=env
         )
     assert result.returncode == 0, result.stderr[-4000:]
-    store = _Store(tmp_path / "hub")
+    store = Store(tmp_path / "hub")
     repo = store.repo("test-user/example")
     commits = list(store.history(repo, store.branch_head(repo, "main")))
     uploads = [commit for _, commit in commits if "model.safetensors" in commit["files"]]
