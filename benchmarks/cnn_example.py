@@ -32,6 +32,7 @@ MEASURES = (
     "src/hf_gradprune/core/batches.py",
     "src/hf_gradprune/weights/sparsity.py",
     "src/hf_gradprune/core/masks.py",
+    "src/hf_gradprune/core/mask_files.py",
     "src/hf_gradprune/training/trainer.py",
     "src/hf_gradprune/training/checkpoints.py",
     "src/hf_gradprune/training/callback.py",

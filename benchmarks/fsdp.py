@@ -48,6 +48,7 @@ MEASURES = (
     "src/hf_gradprune/weights/sparsity.py",
     "src/hf_gradprune/core/sharding.py",
     "src/hf_gradprune/core/masks.py",
+    "src/hf_gradprune/core/mask_files.py",
     "src/hf_gradprune/weights/criteria.py",
     "src/hf_gradprune/io/checkpoint.py",
     "src/hf_gradprune/io/folders.py",

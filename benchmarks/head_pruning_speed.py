@@ -56,6 +56,7 @@ MEASURES = (
     "src/hf_gradprune/structured/cutting.py",
     "src/hf_gradprune/weights/sparsity.py",
     "src/hf_gradprune/core/masks.py",
+    "src/hf_gradprune/core/mask_files.py",
     "src/hf_gradprune/weights/criteria.py",
 )
 RESULTS = Path(__file__).resolve().parent / "results"

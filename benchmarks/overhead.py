@@ -56,6 +56,7 @@ MEASURES = (
     "src/hf_gradprune/weights/scoring.py",
     "src/hf_gradprune/core/batches.py",
     "src/hf_gradprune/core/masks.py",
+    "src/hf_gradprune/core/mask_files.py",
     "src/hf_gradprune/weights/sparsity.py",
 )
 

@@ -67,6 +67,7 @@ MEASURES = (
     "src/hf_gradprune/io/folders.py",
     "src/hf_gradprune/io/saving.py",
     "src/hf_gradprune/core/masks.py",
+    "src/hf_gradprune/core/mask_files.py",
 )
 #: The passes measured each in a fresh process that loads the model from safetensors: (criterion,
 #: reconstruction, block by block, scoring passes), the rows of ``benchmarks/llm_blockwise.py``, and ``obd``

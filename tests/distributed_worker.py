@@ -42,7 +42,8 @@ import hf_gradprune.structured.importance
 import hf_gradprune.weights.scoring
 from hf_gradprune import GradientPruningCallback, PruningArguments, PruningRecord, PruningTrainer
 from hf_gradprune.core.batches import take_batches
-from hf_gradprune.core.masks import get_masks, save_masks
+from hf_gradprune.core.mask_files import save_masks
+from hf_gradprune.core.masks import get_masks
 from tests.helpers import VOCAB, build_tiny, leave_process_group
 
 NUM_ROWS, LENGTH, IMPORTANCE_BATCHES, MAX_STEPS = 64, 16, 2, 8

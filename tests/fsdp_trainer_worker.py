@@ -52,7 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import hf_gradprune.structured.importance
 import hf_gradprune.weights.scoring
 from hf_gradprune import GradientPruningCallback, PruningArguments, PruningTrainer
-from hf_gradprune.core.masks import get_masks, save_masks
+from hf_gradprune.core.mask_files import save_masks
+from hf_gradprune.core.masks import get_masks
 from hf_gradprune.core.sharding import local_part
 from tests.helpers import VOCAB, build_tiny, leave_process_group
 

@@ -28,7 +28,8 @@ from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_gradprune import compute_weight_importance, compute_weight_masks
-from hf_gradprune.core.masks import apply_masks, get_masks, reapply_masks, save_masks
+from hf_gradprune.core.mask_files import save_masks
+from hf_gradprune.core.masks import apply_masks, get_masks, reapply_masks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `tests.helpers`
 

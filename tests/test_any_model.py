@@ -22,7 +22,8 @@ from hf_gradprune import (
     save_pruned,
 )
 from hf_gradprune.core.adapters import weight_input_dims
-from hf_gradprune.core.masks import MASKS_FILENAME, apply_masks, get_masks, load_masks
+from hf_gradprune.core.mask_files import load_masks
+from hf_gradprune.core.masks import MASKS_FILENAME, apply_masks, get_masks
 from hf_gradprune.testing import load_mnist_5k
 
 from .helpers import run_fresh

@@ -7,7 +7,8 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
 from hf_gradprune import GradientPruningCallback, PruningArguments, PruningRecord, PruningTrainer
-from hf_gradprune.core.masks import MASKS_FILENAME, get_masks, load_masks
+from hf_gradprune.core.mask_files import load_masks
+from hf_gradprune.core.masks import MASKS_FILENAME, get_masks
 
 from .helpers import RAMP_PRUNING, build_tiny, tiny_dataset
 

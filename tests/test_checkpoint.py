@@ -8,7 +8,8 @@ from safetensors.torch import load_file, save_file
 from transformers import BertForSequenceClassification
 
 from hf_gradprune import load_pruned, prune_heads
-from hf_gradprune.core.masks import MASKS_FILENAME, apply_masks, get_masks, save_masks
+from hf_gradprune.core.mask_files import save_masks
+from hf_gradprune.core.masks import MASKS_FILENAME, apply_masks, get_masks
 from hf_gradprune.training.state import load_state, save_state
 
 from .helpers import build_tiny, fresh_reload_logits, logits, removable, tiny_batch

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from hf_gradprune.core.adapters import find_target_modules
-from hf_gradprune.core.masks import load_masks
+from hf_gradprune.core.mask_files import load_masks
 
 from .helpers import build_tiny
 

@@ -248,7 +248,7 @@ def test_load_without_the_masks_file_of_a_record_without_counts_is_an_error(tmp_
 
 
 def test_load_of_masks_from_another_save_is_an_error(tmp_path):
-    from hf_gradprune.core.masks import save_masks
+    from hf_gradprune.core.mask_files import save_masks
 
     folder, _ = pruned_masked_folder(tmp_path)
     name = "bert.encoder.layer.0.intermediate.dense.weight"

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from hf_gradprune.core.masks import load_masks
+from hf_gradprune.core.mask_files import load_masks
 
 from .test_distributed import torchrun
 

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from hf_gradprune import PruningRecord, load_pruned
-from hf_gradprune.core.masks import get_masks, load_masks
+from hf_gradprune.core.mask_files import load_masks
+from hf_gradprune.core.masks import get_masks
 from hf_gradprune.testing import LocalHub
 
 from .fsdp_trainer_worker import HUB_REPO, HUB_TOKEN

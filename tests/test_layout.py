@@ -11,6 +11,7 @@ import pytest
 #: Each 0.2 module and one name it held, with the module that holds the name now.
 MOVED = [
     ("masks", "get_masks", "core.masks"),
+    ("masks", "save_masks", "core.mask_files"),
     ("adapters", "register_adapter", "core.adapters.registry"),
     ("adapters.base", "Structure", "core.adapters.base"),
     ("importance", "batch_loss", "core.batches"),
@@ -53,9 +54,9 @@ def test_a_moved_module_is_one_module_under_both_names_in_a_fresh_process():
     # In a fresh process, the old name first: no second copy of the module (its registry) is made.
     code = (
         "import hf_gradprune.adapters.base as old, hf_gradprune.core.adapters.base as new\n"
-        "from hf_gradprune import masks\n"
-        "import hf_gradprune.core.masks as real\n"
-        "assert old is new and masks is real and real.__spec__.name == 'hf_gradprune.core.masks'\n"
+        "from hf_gradprune import record\n"
+        "import hf_gradprune.core.record as real\n"
+        "assert old is new and record is real and real.__spec__.name == 'hf_gradprune.core.record'\n"
         "from hf_gradprune.importance import gate_probe, limited\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -10,16 +10,15 @@ from safetensors.torch import save_file
 from transformers import BertForSequenceClassification
 
 from hf_gradprune.core.adapters import find_target_modules, weight_input_dims
+from hf_gradprune.core.mask_files import load_masks, save_masks
 from hf_gradprune.core.masks import (
     MASKS_FILENAME,
     apply_masks,
     compute_sparsity,
     get_masks,
     is_masked,
-    load_masks,
     reapply_masks,
     remove_masks,
-    save_masks,
 )
 from hf_gradprune.weights.scoring import compute_weight_importance
 from hf_gradprune.weights.sparsity import compute_weight_masks

@@ -130,7 +130,7 @@ _MOVED = {
     "importance": ("structured.importance", "weights.scoring", "core.batches"),
     "lora": ("training.lora",),
     "mask_tuning": ("structured.mask_tuning", "structured.least_squares_tuning"),
-    "masks": ("core.masks",),
+    "masks": ("core.masks", "core.mask_files"),
     "oneshot": ("structured.rounds", "weights.pruning"),
     "planning": ("training.planning",),
     "reconstruction": ("weights.reconstruction",),

@@ -20,7 +20,7 @@ every optimizer step.
 A new mask for a parameter replaces its old one, it is not combined with it: masks are expected to be
 monotone, so when pruning gradually pass the AND of the old and the new mask (entries a new mask keeps
 again resume training from zero). Masks are saved in a safetensors file of their own,
-:data:`MASKS_FILENAME`, next to the checkpoint.
+:data:`MASKS_FILENAME`, next to the checkpoint (:mod:`hf_gradprune.core.mask_files`).
 
 Under DDP the mask buffers, like every module buffer, are broadcast from rank 0 before each forward: masks
 must agree across ranks, which the pruning callback ensures by all-reducing importance before selection.
@@ -46,14 +46,10 @@ Example:
 
 from __future__ import annotations
 
-import os
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformers import PretrainedConfig
@@ -61,9 +57,9 @@ from transformers import PretrainedConfig
 from .record import CONFIG_KEY, PruningRecord
 from .sharding import is_sharded, local_part, whole
 
-MASKS_FILENAME = "pruning_masks.safetensors"
-_METADATA = {"format": "pt", "hf_gradprune": "weight_masks"}
 # Attribute of a masked module: parameter short name -> its _Hook.
+MASKS_FILENAME = "pruning_masks.safetensors"
+"""The masks file's name in a checkpoint folder (:func:`hf_gradprune.core.mask_files.save_masks`)."""
 _HOOKS = "_hf_gradprune_mask_hooks"
 
 
@@ -187,7 +183,7 @@ def masks_from_zeros(model: nn.Module, record: PruningRecord) -> dict[str, torch
     return masks
 
 
-def _check_mask(name: str, mask: object) -> None:
+def check_mask(name: str, mask: object) -> None:
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         kind = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise TypeError(f"The mask of {name!r} must be a torch.bool tensor (True keeps), got {kind}.")
@@ -256,7 +252,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], copy: bool 
     masks = {name: whole(mask) for name, mask in masks.items()}  # sharded masks (FSDP2) are kept whole
     owners: dict[str, tuple[nn.Module, str]] = {}
     for name, mask in masks.items():
-        _check_mask(name, mask)
+        check_mask(name, mask)
         param = params[name]
         if mask.shape != param.shape:
             raise ValueError(
@@ -414,52 +410,3 @@ def grouped_sparsity(model: nn.Module, groups: Mapping[str, str]) -> dict[str, t
         total[1] += param.numel()
         total[2] += int(whole((param == 0).sum()))
     return {group: (tensors, entries, zeros) for group, (tensors, entries, zeros) in totals.items()}
-
-
-def save_masks(masks: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write ``masks`` to a safetensors file, never half-written (temporary file, then ``os.replace``).
-
-    Masks are stored as uint8 with metadata ``{"format": "pt", "hf_gradprune": "weight_masks"}``;
-    :data:`MASKS_FILENAME` is the file's conventional name in a checkpoint folder.
-
-    Args:
-        masks (`Mapping[str, torch.Tensor]`): parameter name to bool mask, as from :func:`get_masks`.
-        path (`str` or `os.PathLike`): the file to write; its folder must exist.
-
-    Example:
-        >>> import tempfile
-        >>> with tempfile.TemporaryDirectory() as folder:
-        ...     save_masks({"weight": torch.tensor([True, False])}, Path(folder) / MASKS_FILENAME)
-        ...     load_masks(Path(folder) / MASKS_FILENAME)
-        {'weight': tensor([ True, False])}
-    """
-    for name, mask in masks.items():
-        _check_mask(name, mask)
-    tensors = {name: mask.detach().to("cpu", torch.uint8).contiguous() for name, mask in masks.items()}
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, partial, metadata=_METADATA)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read masks written by :func:`save_masks`: parameter name to bool mask on the CPU.
-
-    Args:
-        path (`str` or `os.PathLike`): the masks file.
-
-    Raises:
-        ValueError: the file was not written by :func:`save_masks`.
-    """
-    with safe_open(path, framework="pt") as masks_file:
-        metadata = masks_file.metadata() or {}
-        if metadata.get("hf_gradprune") != _METADATA["hf_gradprune"]:
-            raise ValueError(
-                f"{os.fspath(path)!r} is not a masks file of hf_gradprune (metadata {metadata}): "
-                "write it with `save_masks`."
-            )
-        names = masks_file.keys()
-        return {name: masks_file.get_tensor(name).bool() for name in names}

@@ -20,7 +20,8 @@ from transformers.models.auto.auto_factory import _BaseAutoModelClass
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_NAME
 
-from ..core.masks import MASKS_FILENAME, apply_masks, get_masks, load_masks, masks_from_zeros, save_masks
+from ..core.mask_files import load_masks, save_masks
+from ..core.masks import MASKS_FILENAME, apply_masks, get_masks, masks_from_zeros
 from ..core.record import PruningRecord, strip_record
 from ..structured.surgery import prune_to_record, prune_units
 from .folders import (

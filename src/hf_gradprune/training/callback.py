@@ -17,11 +17,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..core.adapters import HEADS, get_adapter
 from ..core.batches import prepare_batch, take_batches
+from ..core.mask_files import load_masks
 from ..core.masks import (
     MASKS_FILENAME,
     apply_masks,
     get_masks,
-    load_masks,
     reapply_masks,
 )
 from ..core.record import PruningRecord

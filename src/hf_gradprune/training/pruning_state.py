@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from ..core.masks import MASKS_FILENAME, save_masks
+from ..core.mask_files import save_masks
+from ..core.masks import MASKS_FILENAME
 from .arguments import PruningArguments
 
 STATE_FILENAME = "pruning_state.json"
