@@ -19,7 +19,7 @@ from ..core.choices import (
     WEIGHT_SOLVERS,
 )
 from ..weights.criteria import WEIGHT_CRITERIA, needs_calibration
-from .argument_checks import validate
+from .argument_checks import ArgumentChecks
 from .flag_values import UnitTarget, implied_sparsity, parse_steps, parse_unit_counts, parse_unit_fractions
 
 
@@ -45,7 +45,7 @@ LIVE_WEIGHT_METHODS = LiveChoices(lambda: (*WEIGHT_CRITERIA, *WEIGHT_SOLVERS))
 
 
 @dataclass
-class PruningArguments:
+class PruningArguments(ArgumentChecks):
     """What to prune, by which importance, and when.
 
     Example:
@@ -324,7 +324,7 @@ class PruningArguments:
         unset = self.weight_sparsity == 0.0 and not isinstance(self.weight_sparsity, bool)
         if implied is not None and unset:
             self.weight_sparsity = implied
-        validate(self)
+        self._validate_args()
 
     @property
     def prune_step_list(self) -> list[int]:
