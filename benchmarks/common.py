@@ -262,13 +262,18 @@ def source_state() -> dict[str, Any]:
     }
 
 
+#: The source a benchmark runs: read when it starts (this module is imported first), since the code it
+#: imported then is what it measures, whatever is committed while it runs.
+STARTED_FROM = source_state()
+
+
 def results_header(name: str, args: Any) -> dict[str, Any]:
     """The fields every results file starts with: benchmark, date, the commit, tree state and command line it
-    ran from, machine and settings."""
+    ran from (when it started), machine and settings."""
     return {
         "benchmark": name,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        **source_state(),
+        **STARTED_FROM,
         "machine": machine_info(),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
