@@ -169,6 +169,7 @@ ALLOWED = {
     "core/record.py": None,
     "training/arguments.py": None,
     "training/argument_checks.py": None,
+    "training/flag_values.py": None,
     "structured/surgery.py": {"prune_heads"},
     "structured/gates.py": {"UnitGates.__init__", "HeadGates.__init__"},
     "structured/importance.py": {"compute_unit_importance", "compute_head_importance"},

@@ -6,7 +6,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-from ..core.adapters.base import FFN, HEADS, LAYERS
 from ..core.choices import (
     HEAD_ACCUMULATIONS,
     HEAD_NORMALIZATIONS,
@@ -18,9 +17,9 @@ from ..core.choices import (
     SPARSITY_SCOPES,
     WEIGHT_SOLVERS,
 )
-from ..weights.criteria import WEIGHT_CRITERIA, needs_calibration
+from ..weights.criteria import WEIGHT_CRITERIA
 from .argument_checks import ArgumentChecks
-from .flag_values import UnitTarget, implied_sparsity, parse_steps, parse_unit_counts, parse_unit_fractions
+from .flag_values import FlagMeanings, implied_sparsity, parse_steps
 
 
 class LiveChoices(Sequence[str]):
@@ -45,7 +44,7 @@ LIVE_WEIGHT_METHODS = LiveChoices(lambda: (*WEIGHT_CRITERIA, *WEIGHT_SOLVERS))
 
 
 @dataclass
-class PruningArguments(ArgumentChecks):
+class PruningArguments(ArgumentChecks, FlagMeanings):
     """What to prune, by which importance, and when.
 
     Example:
@@ -325,149 +324,6 @@ class PruningArguments(ArgumentChecks):
         if implied is not None and unset:
             self.weight_sparsity = implied
         self._validate_args()
-
-    @property
-    def prune_step_list(self) -> list[int]:
-        """``prune_steps`` as sorted integers."""
-        return parse_steps(self.prune_steps)
-
-    @property
-    def flops_structures(self) -> list[str]:
-        """``--prune_flops_structures`` as a list of names."""
-        return [name.strip() for name in self.prune_flops_structures.split(",") if name.strip()]
-
-    def _budget_cuts(self, name: str) -> bool:
-        return self.prunes_by_flops and name in self.flops_structures
-
-    @property
-    def prunes_heads(self) -> bool:
-        """Whether heads are to be removed (by count, fraction or FLOPs budget)."""
-        return bool(self.prune_heads_per_layer) or bool(self.prune_heads_fraction) or self._budget_cuts(HEADS)
-
-    @property
-    def prunes_ffn(self) -> bool:
-        """Whether FFN neurons are to be removed (by fraction or FLOPs budget)."""
-        return bool(self.prune_ffn_fraction) or self._budget_cuts(FFN)
-
-    @property
-    def prunes_layers(self) -> bool:
-        """Whether whole layers are to be removed."""
-        return bool(self.prune_layers)
-
-    @property
-    def prunes_by_flops(self) -> bool:
-        """Whether heads and neurons are chosen together under a FLOPs budget."""
-        return self.target_flops_ratio is not None
-
-    @property
-    def unit_structures(self) -> list[str]:
-        """The structures whose units within layers are to be removed (``"heads"``, ``"ffn"``): those of the
-        FLOPs budget, or those the count and fraction flags name."""
-        if self.prunes_by_flops:
-            return [name for name in self.flops_structures if name != LAYERS]
-        return list(self.unit_targets)
-
-    def min_units_per_layer(self, name: str) -> int:
-        """Units (groups) of structure ``name`` every layer keeps: ``--prune_min_heads_per_layer`` for heads,
-        otherwise one, or none with ``--allow_empty_layers``."""
-        if name == HEADS:
-            return self.prune_min_heads_per_layer
-        return 0 if self.allow_empty_layers else 1
-
-    @property
-    def unit_targets(self) -> dict[str, UnitTarget]:
-        """Structure name to what the count and fraction flags ask of it (empty under a FLOPs budget, which
-        chooses the amounts itself).
-
-        Example:
-            >>> PruningArguments(prune_heads_per_layer=2, prune_ffn_fraction=0.5).unit_targets["ffn"]
-            UnitTarget(amount=0.5, fraction=True, across_layers=False, normalize='none')
-        """
-        targets = {}
-        if self.prune_heads_per_layer:
-            targets[HEADS] = UnitTarget(self.prune_heads_per_layer, False, False)
-        elif self.prune_heads_fraction:
-            targets[HEADS] = UnitTarget(
-                self.prune_heads_fraction, True, not self.uniform_per_layer, self.head_importance_normalize
-            )
-        if self.prune_ffn_fraction:
-            targets[FFN] = UnitTarget(self.prune_ffn_fraction, True, False)
-        for name, count in self.unit_counts.items():
-            if count:
-                targets[name] = UnitTarget(count, False, False)
-        for name, fraction in self.unit_fractions.items():
-            if fraction:
-                targets[name] = UnitTarget(fraction, True, False)
-        return targets
-
-    @property
-    def unit_counts(self) -> dict[str, int]:
-        """``--prune_units_per_layer`` as structure name to count (checked: identifiers, each once, >= 0).
-
-        Example:
-            >>> PruningArguments(prune_units_per_layer="ffn=64").unit_counts
-            {'ffn': 64}
-        """
-        return parse_unit_counts(self.prune_units_per_layer)
-
-    @property
-    def unit_fractions(self) -> dict[str, float]:
-        """``--prune_units_fraction`` as structure name to fraction (checked: identifiers, each once, in
-        [0, 1)).
-
-        Example:
-            >>> PruningArguments(prune_units_fraction="ffn=0.25, experts=0.5").unit_fractions
-            {'ffn': 0.25, 'experts': 0.5}
-        """
-        return parse_unit_fractions(self.prune_units_fraction)
-
-    @property
-    def prunes_structures(self) -> bool:
-        """Whether any structural unit (layer, head, FFN neuron) is to be removed."""
-        return (
-            self.prunes_layers
-            or self.prunes_heads
-            or self.prunes_ffn
-            or bool(self.unit_targets)
-            or self._budget_cuts(LAYERS)
-        )
-
-    @property
-    def layer_by_layer_flags(self) -> list[str]:
-        """The flags set that prune weights layer by layer (block by block) instead of in one shot."""
-        return [
-            flag
-            for flag, on in (
-                ("--sequential_calibration", self.sequential_calibration),
-                ("--weight_importance sparsegpt", self.weight_importance == "sparsegpt"),
-                (
-                    f"--weight_reconstruction {self.weight_reconstruction}",
-                    self.weight_reconstruction != "none",
-                ),
-                ("--weight_sparsity_allocation owl", self.weight_sparsity_allocation == "owl"),
-            )
-            if on
-        ]
-
-    @property
-    def distills(self) -> bool:
-        """Whether ``PruningTrainer`` adds a distillation term to its loss."""
-        return self.distill_alpha > 0.0
-
-    @property
-    def prunes_weights(self) -> bool:
-        """Whether any weight is to be masked."""
-        return self.weight_sparsity > 0.0
-
-    @property
-    def weights_read_data(self) -> bool:
-        """Whether weight pruning reads calibration batches: a criterion that declares it needs them,
-        SparseGPT, reconstruction or OWL's allocation."""
-        return (
-            needs_calibration(self.weight_importance)
-            or self.weight_reconstruction != "none"
-            or self.weight_sparsity_allocation != "uniform"
-        )
 
     def to_dict(self) -> dict[str, Any]:
         """The arguments as a JSON-ready dict (for model cards and logs)."""
