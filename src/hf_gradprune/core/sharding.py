@@ -8,7 +8,7 @@ their parameter, and the lowest ``k`` of sharded scores are found without gather
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -136,3 +136,50 @@ def lowest_across_shards(
         mask.view(-1)[tie.nonzero().squeeze(1)[:take]] = True
         before += int(table[rank:, index].sum())
     return lowest
+
+
+def rows_group(tensors: Sequence[torch.Tensor]) -> dist.ProcessGroup | None:
+    """The process group splitting every one of ``tensors`` by rows (FSDP2), ``None`` when none is sharded;
+    sharded tensors of any other layout are refused."""
+    if not any(is_sharded(tensor) for tensor in tensors):
+        return None
+    groups = {row_shard_group(tensor) if is_sharded(tensor) else None for tensor in tensors}
+    if len(groups) != 1 or None in groups:
+        raise ValueError(
+            "Sharded scores must all be split by rows over one process group (FSDP2's `fully_shard`), "
+            "with no whole tensor among them."
+        )
+    return groups.pop()
+
+
+def kept_above_lowest(
+    tensors: Sequence[DTensor],
+    count: int,
+    group: dist.ProcessGroup,
+    prepare: Callable[[torch.Tensor], torch.Tensor],
+) -> list[DTensor]:
+    """Keep-masks, sharded like ``tensors``, that drop the ``count`` lowest entries of ``prepare`` of their
+    local shards taken together (:func:`lowest_across_shards`): no tensor is gathered."""
+    lowest = lowest_across_shards([prepare(tensor.to_local()) for tensor in tensors], count, group)
+    return [shard_like(low.logical_not(), tensor) for low, tensor in zip(lowest, tensors, strict=True)]
+
+
+def on_rows(
+    compute: Callable[[torch.Tensor], torch.Tensor], tensor: torch.Tensor, rows_whole: bool
+) -> torch.Tensor:
+    """``compute(tensor)`` of a row-by-row result (a per-row or N:M mask): a tensor sharded by rows whose rows
+    are whole (``rows_whole``: no input axis is split) is computed shard by shard, with no communication;
+    any other sharded tensor is gathered, computed and split again."""
+    if not is_sharded(tensor):
+        return compute(tensor)
+    if rows_whole and row_shard_group(tensor) is not None:
+        return shard_like(compute(tensor.to_local()), tensor)
+    return shard_of(compute(tensor.full_tensor()), tensor)
+
+
+def shard_of(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` (the same on every rank) sharded as ``like`` is, when ``like`` is sharded and ``full`` not;
+    otherwise ``full`` itself."""
+    if not is_sharded(like) or is_sharded(full):
+        return full
+    return shard_like(local_part(full.to(like.device), like), like)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..core.choices import SPARSITY_SCHEDULES, SPARSITY_SCOPES, check_choice
-from ..core.sharding import is_sharded, local_part, lowest_across_shards, row_shard_group, shard_like
+from ..core.sharding import kept_above_lowest, on_rows, rows_group, shard_of
 
 
 def parse_sparsity_pattern(pattern: str) -> tuple[int, int] | None:
@@ -92,13 +92,10 @@ def _unstructured_masks(
 ) -> dict[str, torch.Tensor]:
     """Keep-masks of ``names`` pruning ``round(sparsity * n)`` of their ``n`` entries together."""
     count = round(sparsity * sum(scores[name].numel() for name in names))
-    group = _row_shard_group([scores[name] for name in names])
+    group = rows_group([scores[name] for name in names])
     if group is not None:  # FSDP2: the same masks from each rank's shards, never gathered
-        shards = [_comparable(scores[name].to_local()) for name in names]
-        lowest = lowest_across_shards(shards, count, group)
-        return {
-            name: shard_like(low.logical_not(), scores[name]) for name, low in zip(names, lowest, strict=True)
-        }
+        kept = kept_above_lowest([scores[name] for name in names], count, group, _comparable)
+        return dict(zip(names, kept, strict=True))
     device = scores[names[0]].device
     flat = torch.cat([_comparable(scores[name]).flatten().to(device) for name in names])
     parts = _lowest(flat, count).split([scores[name].numel() for name in names])
@@ -106,30 +103,6 @@ def _unstructured_masks(
         name: part.logical_not().view(scores[name].shape).to(scores[name].device)
         for name, part in zip(names, parts, strict=True)
     }
-
-
-def _row_shard_group(scores: Sequence[torch.Tensor]) -> Any:
-    """The process group splitting every one of ``scores`` by rows (FSDP2), ``None`` when none is sharded;
-    sharded scores of any other layout are refused."""
-    if not any(is_sharded(score) for score in scores):
-        return None
-    groups = {row_shard_group(score) if is_sharded(score) else None for score in scores}
-    if len(groups) != 1 or None in groups:
-        raise ValueError(
-            "Sharded scores must all be split by rows over one process group (FSDP2's `fully_shard`), "
-            "with no whole tensor among them."
-        )
-    return groups.pop()
-
-
-def _rowwise(name: str, score: torch.Tensor, dims: int | Sequence[int], mask_of: Any) -> torch.Tensor:
-    """``mask_of(score)`` for a per-row or N:M mask; a score sharded by rows is masked shard by shard when
-    its rows hold whole inputs (no communication), gathered otherwise."""
-    if not is_sharded(score):
-        return mask_of(score)
-    if row_shard_group(score) is not None and 0 not in _input_axes(name, score, dims):
-        return shard_like(mask_of(score.to_local()), score)
-    return shard_like(local_part(mask_of(score.full_tensor()), score), score)
 
 
 def _input_axes(name: str, score: torch.Tensor, dims: int | Sequence[int]) -> list[int]:
@@ -259,11 +232,10 @@ def compute_weight_masks(
                 f"got {sparsity}."
             )
         return {
-            name: _rowwise(
-                name,
-                s,
-                dims.get(name, -1),
+            name: on_rows(
                 lambda t, name=name: _n_m_mask(name, t, n, m, dims.get(name, -1), pattern),
+                s,
+                0 not in _input_axes(name, s, dims.get(name, -1)),
             )
             for name, s in scores.items()
         }
@@ -273,11 +245,10 @@ def compute_weight_masks(
         raise ValueError(f"`sparsity` must be in [0, 1), got {sparsity}.")
     if scope == "per_row":
         return {
-            name: _rowwise(
-                name,
-                s,
-                dims.get(name, -1),
+            name: on_rows(
                 lambda t, name=name: _per_row_mask(name, t, sparsity, dims.get(name, -1)),
+                s,
+                0 not in _input_axes(name, s, dims.get(name, -1)),
             )
             for name, s in scores.items()
         }
@@ -324,8 +295,7 @@ def masks_keeping(
     for name, mask in existing.items():
         if name in scores:
             score = scores[name]
-            if is_sharded(score) and not is_sharded(mask):
-                mask = shard_like(local_part(mask.to(score.device), score), score)
+            mask = shard_of(mask, score)
             scores[name] = score.masked_fill(~mask.to(score.device), float("-inf"))
     layout: dict[str, Any] = {}
     if scope == "per_layer" and pattern == "unstructured":
