@@ -127,6 +127,8 @@ class CheckpointMixin:
         return json.dumps(args, indent=2, sort_keys=True)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Overridden for the pickle-free policy and FSDP2: JSON + safetensors instead of ``optimizer.pt``,
+        and under FSDP2 the whole optimizer state by parameter name (the Trainer writes sharded files)."""
         if self.is_fsdp_enabled:  # every rank gives its shards, the first writes them whole (by name)
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             optimizer = get_optimizer_state_dict(self.model, self.optimizer.optimizer, options=options)
@@ -138,6 +140,8 @@ class CheckpointMixin:
         return None
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Reads what :meth:`_save_optimizer_and_scheduler` wrote (under FSDP2 every rank keeps its shards);
+        a plain ``Trainer``'s pickled checkpoint goes to the ``Trainer``."""
         if checkpoint is None or not has_state(checkpoint, "optimizer"):
             return super()._load_optimizer_and_scheduler(checkpoint)
         if self.is_fsdp_enabled:  # every rank reads the whole state and keeps its shards
@@ -169,6 +173,7 @@ class CheckpointMixin:
         return None
 
     def _rng_stem(self) -> str:
+        """The ``Trainer``'s name for this process's RNG file, without its ``.pth``."""
         return "rng_state" if self.args.world_size <= 1 else f"rng_state_{self.args.process_index}"
 
     def _save_rng_state(self, output_dir: str) -> None:
@@ -194,6 +199,7 @@ class CheckpointMixin:
         return None
 
     def _save_scaler(self, output_dir: str) -> None:
+        """Overridden for the pickle-free policy: the gradient scaler's state as JSON + safetensors."""
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is None:
             return super()._save_scaler(output_dir)
@@ -202,6 +208,8 @@ class CheckpointMixin:
         return None
 
     def _load_scaler(self, checkpoint: str | None) -> None:
+        """Reads what :meth:`_save_scaler` wrote; a plain ``Trainer``'s pickled scaler goes to the
+        ``Trainer``."""
         if checkpoint is None or not has_state(checkpoint, "scaler"):
             return super()._load_scaler(checkpoint)
         self.accelerator.scaler.load_state_dict(load_state(checkpoint, "scaler"))
