@@ -13,8 +13,6 @@ from transformers import TrainerState, TrainingArguments
 from ..core.adapters import find_target_modules, get_adapter, weight_layer_groups
 from ..core.masks import grouped_sparsity
 from ..core.record import PruningRecord
-from ..io.cards import CARD_TAGS
-from ..io.figures import head_importance_figure, unit_sizes_figure
 from ..structured.flops import flops_ratio
 
 PRUNING_METRICS = "prune/"
@@ -56,6 +54,8 @@ def structure_logs(model: nn.Module, seq_len: int) -> dict[str, float]:
 def tag_pruned(model: nn.Module) -> None:
     """Tag a transformers model as pruned: ``Trainer.push_to_hub`` (trl's too) merges a model's tags into
     the card it writes, so a plain ``Trainer`` with the callback publishes a card that says so."""
+    from ..io.cards import CARD_TAGS  # here: the cards load matplotlib, which a callback may never need
+
     if callable(getattr(model, "add_model_tags", None)):
         model.add_model_tags(list(CARD_TAGS))
 
@@ -78,6 +78,9 @@ class TensorBoardFigures:
         report_to = args.report_to if isinstance(args.report_to, list) else [args.report_to]
         if not ("tensorboard" in report_to or "all" in report_to) or not state.is_world_process_zero:
             return
+        # Here, not at import: matplotlib is only loaded by a run that draws figures.
+        from ..io.figures import head_importance_figure, unit_sizes_figure
+
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
